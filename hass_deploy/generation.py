@@ -1,0 +1,56 @@
+"""The Python API: load a target (and a draft), then generate from prompts, losslessly.
+
+    from hass_deploy import Pipeline
+    pipe = Pipeline.load("path/to/target", "path/to/draft")
+    result = pipe.generate(pipe.encode("Hello"))
+    print(pipe.decode(result.output_ids), result.tau)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hass_deploy.config import GenerationConfig, RuntimeConfig
+from hass_deploy.models.checkpoint import DraftMetadata, load_draft
+from hass_deploy.models.loading import TargetModel, load_target
+from hass_deploy.prompts import Prompt, encode
+from hass_deploy.runtime.backends import open_backends
+from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
+
+
+def default_max_seq_len(target: TargetModel) -> int:
+    return min(target.config.max_position_embeddings, 4096)
+
+
+@dataclass
+class Pipeline:
+    target: TargetModel
+    decoder: SpeculativeDecoder
+    draft_metadata: DraftMetadata | None
+    runtime: RuntimeConfig
+    max_seq_len: int
+
+    @classmethod
+    def load(cls, target_dir: str | Path, draft_dir: str | Path | None = None,
+             runtime: RuntimeConfig = RuntimeConfig(), generation: GenerationConfig = GenerationConfig()) -> "Pipeline":
+        """Load the models and allocate KV buffers once; `generation.tree` sizes the draft's tree rows."""
+        target = load_target(target_dir, runtime.dtype, runtime.device)
+        head, metadata = (None, None) if draft_dir is None else load_draft(draft_dir, target)
+        max_seq_len = runtime.max_seq_len or default_max_seq_len(target)
+        target_backend, draft_backend = open_backends(runtime.backend, target, head, max_seq_len,
+                                                      generation.tree.draft_rows)
+        return cls(target, SpeculativeDecoder(target_backend, draft_backend), metadata, runtime, max_seq_len)
+
+    def encode(self, prompt: str | Prompt, chat: bool | None = None) -> list[int]:
+        return encode(prompt if isinstance(prompt, Prompt) else Prompt(text=prompt), self.target.tokenizer, chat)
+
+    def decode(self, ids: list[int]) -> str | None:
+        tokenizer = self.target.tokenizer
+        return None if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompt_ids: list[int], config: GenerationConfig = GenerationConfig(),
+                 on_tokens=None) -> GenerationResult:
+        if not config.eos_token_ids:
+            config = replace(config, eos_token_ids=self.target.eos_token_ids)
+        return self.decoder.generate(prompt_ids, config, on_tokens)

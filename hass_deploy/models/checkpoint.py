@@ -1,0 +1,173 @@
+"""Draft-head directories in the EAGLE checkpoint format (algorithm.md §1.6–1.8), plus our metadata.
+
+    config.json        a Llama config with num_hidden_layers 1 and an explicit "bias" (fc bias)
+    model.safetensors  flat EAGLE keys: embed_tokens.weight, fc.weight[, fc.bias], layers.0.*
+    hass_deploy.json   format version, recipe, and the identity of the target it was made for
+
+Published EAGLE/HASS drafts (pytorch_model.bin or model.safetensors, with or without fc.bias, with a DDP
+`module.` prefix) load as they are. Pairing a draft with a target checks hidden size, vocabulary and the
+embedding table itself: an EAGLE draft carries a copy of its target's embedding, so a draft made for another
+model is caught even when the shapes agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from hass_deploy.errors import DraftMismatchError, HassDeployError, ModelLoadError
+from hass_deploy.models.draft import DraftHead
+from hass_deploy.models.loading import TargetModel, config_from_hf, read_json, read_state_dict
+from hass_deploy.models.target import ModelConfig
+
+FORMAT_VERSION = 1
+METADATA_FILE = "hass_deploy.json"
+
+
+@dataclass(frozen=True)
+class DraftMetadata:
+    format_version: int
+    recipe: str  # "random-init", "hass", "eagle2", or "external" for a published draft without our metadata
+    target: dict  # architecture, hidden_size, vocab_size, num_layers, path: what it was made for
+
+
+def target_identity(target: TargetModel) -> dict:
+    c = target.config
+    return {"architecture": c.architecture, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
+            "num_layers": c.num_layers, "path": str(target.path)}
+
+
+def draft_config_for(target: ModelConfig) -> ModelConfig:
+    """The draft layer mirrors the target's attention shape and rope; one layer."""
+    return replace(target, num_layers=1, sliding_window=None, qk_norm=False, tie_word_embeddings=False)
+
+
+def init_draft(target: TargetModel, seed: int = 0, fc_bias: bool = False) -> DraftHead:
+    """A randomly initialised draft head for `target`, with the target's embedding copied in.
+
+    fc is bias-free by default: vLLM's EAGLE loader rejects `fc.bias` (algorithm.md §1.8).
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        head = DraftHead(draft_config_for(target.config), fc_bias=fc_bias)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    with torch.no_grad():
+        head.embed_tokens.weight.copy_(target.module.embed_tokens.weight.float())
+    return head
+
+
+def _hf_draft_config(head: DraftHead) -> dict:
+    c = head.config
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "num_hidden_layers": 1,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_parameters.get("rope_theta", 10000.0),
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": False,
+        "bias": head.fc_bias,
+        "torch_dtype": str(head.fc.weight.dtype).removeprefix("torch."),
+    }
+    scaling = {k: v for k, v in c.rope_parameters.items() if k != "rope_theta"}
+    config["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    if c.qkv_bias:
+        config["qkv_bias"] = True  # EAGLE's loader checks this key by presence
+    return config
+
+
+def save_draft(head: DraftHead, out: str | Path, metadata: DraftMetadata) -> Path:
+    """Write a draft directory atomically: a crash leaves the previous directory (if any) untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(_hf_draft_config(head), indent=2) + "\n")
+        (tmp / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _draft_state(directory: Path) -> dict[str, torch.Tensor]:
+    # EAGLE's from_pretrained tries pytorch_model.bin first, then model.safetensors; read_state_dict prefers
+    # safetensors, and a directory holding both with different contents is not a format anyone writes.
+    state = read_state_dict(directory)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_draft(path: str | Path, target: TargetModel, dtype: torch.dtype | None = None) -> tuple[DraftHead, DraftMetadata]:
+    """Load a draft directory for `target`, refusing one made for another model."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: no such draft directory")
+    raw = read_json(directory / "config.json")
+    if raw.get("num_hidden_layers", 1) != 1:
+        raise ModelLoadError(f"{directory}: not an EAGLE/HASS draft head (num_hidden_layers = {raw['num_hidden_layers']})")
+    state = _draft_state(directory)
+    raw = {**raw, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    config = replace(config_from_hf(raw, str(directory / "config.json")),
+                     qkv_bias="layers.0.self_attn.q_proj.bias" in state, tie_word_embeddings=False)
+    _check_pair(directory, config, state, target)
+    if "embed_tokens.weight" not in state:  # some exports drop the frozen copy; the target's is the same table
+        state["embed_tokens.weight"] = target.module.embed_tokens.weight.detach()
+    dtype = dtype or target.module.embed_tokens.weight.dtype
+    with torch.device("meta"):
+        head = DraftHead(config, fc_bias="fc.bias" in state)
+    try:
+        head.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as err:
+        detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise ModelLoadError(f"{directory}: draft weights do not match its config.json ({detail})") from None
+    head.embed_tokens.weight.requires_grad_(False)
+    head.rotary = type(head.rotary)(config)
+    meta_path = directory / METADATA_FILE
+    metadata = DraftMetadata(**read_json(meta_path)) if meta_path.exists() else DraftMetadata(
+        format_version=FORMAT_VERSION, recipe="external", target={})
+    if metadata.format_version > FORMAT_VERSION:
+        raise HassDeployError(f"{directory}: draft format {metadata.format_version} is newer than this hass-deploy")
+    return head.eval(), metadata
+
+
+def _check_pair(directory: Path, config: ModelConfig, state: dict, target: TargetModel) -> None:
+    t = target.config
+    if config.hidden_size != t.hidden_size:
+        raise DraftMismatchError(
+            f"draft {directory} has hidden size {config.hidden_size}, target {target.path} has {t.hidden_size}")
+    if config.vocab_size != t.vocab_size:
+        raise DraftMismatchError(
+            f"draft {directory} has vocabulary {config.vocab_size}, target {target.path} has {t.vocab_size}")
+    embed = state.get("embed_tokens.weight")
+    if embed is None:
+        return
+    reference = target.module.embed_tokens.weight.detach().float()
+    # Tolerance covers a copy stored in fp16/bf16; a different model's table differs by O(its own scale).
+    if embed.shape != reference.shape or not torch.allclose(embed.float(), reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()):
+        raise DraftMismatchError(
+            f"draft {directory} was made for a different target: its embedding table differs from {target.path}'s")

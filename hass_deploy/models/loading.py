@@ -1,0 +1,221 @@
+"""Hugging Face model directory -> `ModelConfig` + our `Transformer` with its weights.
+
+The architecture table is data: a new Llama-family member is a row, not a file. Weights are read from
+`model.safetensors` (single or sharded through its index) or, as a fallback, `pytorch_model*.bin`; the module
+is built on the meta device and the tensors are assigned, so loading costs one read of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hass_deploy.errors import ModelLoadError
+from hass_deploy.models.target import ModelConfig, Rotary, Transformer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one HF architecture maps onto `ModelConfig` fields (config.json key names or constants)."""
+
+    qkv_bias: str | bool  # a config key to read, or a constant
+    o_bias: str | bool
+    qk_norm: bool
+    sliding_window: bool  # honour `sliding_window` (Mistral); others must not ask for it
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "LlamaForCausalLM": Architecture(qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=False, sliding_window=False),
+    "MistralForCausalLM": Architecture(qkv_bias=False, o_bias=False, qk_norm=False, sliding_window=True),
+    "Qwen2ForCausalLM": Architecture(qkv_bias=True, o_bias=False, qk_norm=False, sliding_window=False),
+    "Qwen3ForCausalLM": Architecture(qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=True, sliding_window=False),
+}
+
+
+@dataclass(frozen=True)
+class TargetModel:
+    """A loaded target: its config, module, stop tokens and (optional) tokenizer."""
+
+    path: Path
+    config: ModelConfig
+    module: Transformer
+    eos_token_ids: tuple[int, ...]
+    tokenizer: Any | None  # a transformers tokenizer, or None for a directory without one
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path.parent}: no {path.name} (not a Hugging Face model directory)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{path}: malformed JSON ({err})") from None
+
+
+def _flag(raw: dict, rule: str | bool) -> bool:
+    return bool(raw.get(rule, False)) if isinstance(rule, str) else rule
+
+
+def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
+    """Normalise a raw HF `config.json` dict into a `ModelConfig`, refusing what we do not implement."""
+    architectures = raw.get("architectures") or []
+    name = architectures[0] if architectures else None
+    if name not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"{source}: unsupported architecture {name!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+    arch = ARCHITECTURES[name]
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (silu only)")
+    if raw.get("use_sliding_window") and not arch.sliding_window:
+        raise ModelLoadError(f"{source}: {name} with use_sliding_window is not supported")
+    hf = _hf_config(raw, source)
+    try:
+        heads = raw["num_attention_heads"]
+        return ModelConfig(
+            architecture=name,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            rope_parameters=dict(hf.rope_parameters),
+            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            qkv_bias=_flag(raw, arch.qkv_bias),
+            o_bias=_flag(raw, arch.o_bias),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=arch.qk_norm,
+            sliding_window=raw.get("sliding_window") if arch.sliding_window else None,
+        )
+    except KeyError as err:
+        raise ModelLoadError(f"{source}: missing key {err.args[0]!r}") from None
+    except ValueError as err:
+        raise ModelLoadError(f"{source}: {err}") from None
+
+
+def _hf_config(raw: dict, source: str):
+    """transformers' own config class normalises rope settings (rope_scaling -> rope_parameters) and defaults."""
+    from transformers import AutoConfig
+
+    try:
+        fields = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "transformers_version")}
+        return AutoConfig.for_model(raw.get("model_type", "llama"), **fields)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"{source}: {err}") from None
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory: safetensors (single or sharded) first, then pytorch_model*.bin."""
+    from safetensors.torch import load_file
+
+    files: list[Path]
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = directory / index_name
+        if index.exists():
+            files = [directory / f for f in sorted(set(read_json(index).get("weight_map", {}).values()))]
+            break
+        if (directory / single).exists():
+            files = [directory / single]
+            break
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{directory}: no weights (model.safetensors or pytorch_model.bin)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                state.update(load_file(file))
+            else:
+                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except FileNotFoundError:
+            raise ModelLoadError(f"{directory}: weight shard {file.name} is missing") from None
+        except Exception as err:  # a truncated or foreign file: say which one, not a deep traceback
+            raise ModelLoadError(f"{file}: cannot read weights ({type(err).__name__}: {err})") from None
+    return state
+
+
+def _target_state(state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith("rotary_emb.inv_freq"):  # old checkpoints saved the RoPE buffer; we recompute it
+            continue
+        out[key.removeprefix("model.")] = tensor.to(dtype)
+    if config.tie_word_embeddings:
+        out["lm_head.weight"] = out.get("embed_tokens.weight")
+    return out
+
+
+def build_target(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu", source: str = "checkpoint") -> Transformer:
+    """Construct on the meta device and assign the checkpoint's tensors (strict: every key, every shape)."""
+    with torch.device("meta"):
+        module = Transformer(config)
+    tensors = _target_state(state, config, dtype)
+    try:
+        module.load_state_dict({k: v.to(device) for k, v in tensors.items() if v is not None}, strict=True, assign=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise ModelLoadError(f"{source}: weights do not match config.json ({first})") from None
+    if config.tie_word_embeddings:
+        module.lm_head.weight = module.embed_tokens.weight
+    module.rotary = Rotary(config).to(device)  # buffers built on meta hold no values; RoPE stays fp32
+    return module.eval()
+
+
+def load_tokenizer(directory: Path):
+    """The directory's tokenizer, or None when it ships none (token ids then come from --prompt-ids)."""
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"{directory}: cannot load tokenizer ({type(err).__name__}: {err})") from None
+
+
+def eos_ids(directory: Path, raw: dict) -> tuple[int, ...]:
+    """Stop tokens: generation_config.json wins (Llama-3 lists <|eot_id|> there), then config.json."""
+    ids: Any = None
+    if (directory / "generation_config.json").exists():
+        ids = read_json(directory / "generation_config.json").get("eos_token_id")
+    if ids is None:
+        ids = raw.get("eos_token_id")
+    if ids is None:
+        return ()
+    return tuple(ids) if isinstance(ids, list) else (int(ids),)
+
+
+def load_target(path: str | Path, dtype: str = "fp32", device: str = "cpu", tokenizer: bool = True) -> TargetModel:
+    """Load a local Hugging Face causal-LM directory as a target model."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: no such model directory")
+    raw = read_json(directory / "config.json")
+    config = config_from_hf(raw, str(directory / "config.json"))
+    module = build_target(config, read_state_dict(directory), parse_dtype(dtype), device, str(directory))
+    return TargetModel(
+        path=directory,
+        config=config,
+        module=module,
+        eos_token_ids=eos_ids(directory, raw),
+        tokenizer=load_tokenizer(directory) if tokenizer else None,
+    )

@@ -1,0 +1,299 @@
+"""One Llama-family decoder with explicit tensor I/O (DESIGN D1, D2).
+
+Llama 2/3, Mistral, Qwen2 and Qwen3 differ only in fields of `ModelConfig` (biases, q/k norm, rope, sliding
+window), never in code. A step takes token ids, explicit position ids, the number of rows already in the KV
+buffers (`cache_len`) and a tree mask, writes its new K/V rows at `cache_len .. cache_len + T` and reads the
+buffer under a mask built from those tensors. The same module serves hidden-state extraction (no cache),
+the torch runtime backend and ONNX export; `transformers` is only the oracle in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder, normalised from a Hugging Face `config.json` (see `loading.py`)."""
+
+    architecture: str  # the HF class name it came from, kept for manifests and error messages
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # < num_heads means grouped-query attention
+    head_dim: int  # explicit because Qwen3 decouples it from hidden_size / num_heads
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 always, Llama when attention_bias
+    o_bias: bool = False  # Llama/Qwen3 attention_bias also biases o_proj; Qwen2 does not
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
+    sliding_window: int | None = None  # Mistral: a query sees keys at most this many positions back
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+
+class KVStore(Protocol):
+    """Where a layer's K/V rows live. `runtime/kv.py` implements it with static buffers."""
+
+    def update(
+        self, layer: int, cache_len: int, k: torch.Tensor, v: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H_kv, T, D] at rows cache_len.. and return rows [0, kv_len) of the buffers."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, exactly as the HF Llama family does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _hf_rope_config(config: ModelConfig):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters=dict(config.rope_parameters),
+    )
+
+
+class Rotary(nn.Module):
+    """RoPE with the config's theta and scaling. Frequencies come from transformers' own rope table."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = config.rope_parameters
+        self.rope_type = params.get("rope_type", "default")
+        self.dim = config.head_dim
+        self.theta = float(params.get("rope_theta", 10000.0))
+        if self.rope_type == "default":
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float) / self.dim))
+            scaling = 1.0
+        elif self.rope_type in ROPE_INIT_FUNCTIONS:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](_hf_rope_config(config), None)
+        else:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}")
+        self.attention_scaling = float(scaling)
+        self.original_max = int(params.get("original_max_position_embeddings", config.max_position_embeddings))
+        self.factor = float(params.get("factor", 1.0))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def _dynamic_inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
+        # Dynamic NTK: the base grows with the longest position in this call, in tensor ops (no host sync, exportable).
+        # Below the original length it equals the plain frequencies, as in transformers.
+        seq_len = torch.clamp(position_ids.max().float() + 1, min=float(self.original_max))
+        base = self.theta * ((self.factor * seq_len / self.original_max) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float, device=position_ids.device) / self.dim
+        return 1.0 / base**exponents
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self._dynamic_inv_freq(position_ids) if self.rope_type == "dynamic" else self.inv_freq
+        freqs = position_ids[..., None].float() * inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D], cos/sin [B, T, D]."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def step_attention_mask(
+    cache_len: int | torch.Tensor,
+    tree_mask: torch.Tensor,
+    kv_len: int,
+    position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The one attention mask every backend uses.
+
+    The step writes T new rows at `cache_len .. cache_len + T`. `tree_mask [B, T, M]` (M >= T) says which of the
+    last M rows (ending at `cache_len + T`) each new row sees; every row before those is committed context and
+    visible to all (within the sliding window, if any). For the target M = T (a tree or a causal block); the
+    draft's tree levels use M > T to see earlier levels. Works with `cache_len` as an int or a 0-d tensor, so the
+    same function runs eagerly and in an exported graph.
+
+    Returns:
+        [B, 1, T, kv_len] bool, True = attend.
+    """
+    batch, steps, width = tree_mask.shape
+    cols = torch.arange(kv_len, device=tree_mask.device)  # [S]
+    end = cache_len + steps
+    start = end - width
+    rel = (cols - start).clamp(0, width - 1)  # [S] index into the tree mask's columns
+    in_tree = (cols >= start) & (cols < end)
+    tree_part = tree_mask.gather(-1, rel.expand(batch, steps, kv_len)) & in_tree  # [B, T, S]
+    allowed = (cols < start) | tree_part  # [B, T, S]
+    if sliding_window is not None and position_ids is not None:
+        # Row c holds position c for committed and causal rows; a tree row's position is <= c, and tree ancestors are
+        # a few positions back, far inside any real window, so comparing with c is exact for them too.
+        allowed = allowed & ((position_ids[..., None] - cols) < sliding_window)
+    return allowed[:, None]
+
+
+def causal_tree_mask(steps: int, device: torch.device | str = "cpu", batch: int = 1) -> torch.Tensor:
+    """[B, T, T] lower-triangular mask: a prefill block, or a chain."""
+    return torch.ones(steps, steps, dtype=torch.bool, device=device).tril().expand(batch, steps, steps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        hidden, q_out, kv_out = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(hidden, q_out, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_out, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_out, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_out, hidden, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        kv: KVStore | None,
+        cache_len: int,
+        kv_len: int,
+    ) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, nH, T, D]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, nKV, T, D]
+        v = v.transpose(1, 2)
+        if kv is not None:
+            k, v = kv.update(self.layer, cache_len, k, v, kv_len)  # [B, nKV, S, D], views of the static buffers
+        # Grouped-query attention without repeating K/V (that would copy the whole context every step): query head
+        # h uses KV head h // groups, so fold the groups into the query-row axis: [B, nKV, groups * T, D].
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(batch, self.num_kv_heads, groups * steps, self.head_dim)
+        mask = mask.repeat(1, 1, groups, 1)  # [B, 1, groups * T, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.reshape(batch, self.num_heads, steps, self.head_dim).transpose(1, 2).reshape(batch, steps, -1)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """A pre-norm Llama layer. The EAGLE/HASS draft's only layer has no input norm (`input_norm=False`)."""
+
+    def __init__(self, config: ModelConfig, layer: int, input_norm: bool = True):
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps) if input_norm else nn.Identity()
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, rope, mask, kv, cache_len, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv, cache_len, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def run_layers(
+    layers: nn.ModuleList,
+    rotary: Rotary,
+    x: torch.Tensor,
+    position_ids: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    kv: KVStore | None,
+    cache_len: int,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The decoder stack shared by the target and the draft head: x [B, T, H] -> [B, T, H]."""
+    batch, steps, _ = x.shape
+    if tree_mask is None:
+        tree_mask = causal_tree_mask(steps, x.device, batch)
+    kv_len = cache_len + steps
+    # Built once per step and shared by every layer: [B, 1, T, kv_len].
+    mask = step_attention_mask(cache_len, tree_mask, kv_len, position_ids, sliding_window)
+    rope = rotary(position_ids, x.dtype)
+    for layer in layers:
+        x = layer(x, rope, mask, kv, cache_len, kv_len)
+    return x
+
+
+class Transformer(nn.Module):
+    """The target model. Parameter names match Hugging Face checkpoints without their `model.` prefix."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        tree_mask: torch.Tensor | None = None,
+        kv: KVStore | None = None,
+        cache_len: int = 0,
+    ) -> torch.Tensor:
+        """Run T new tokens and return the post-final-norm hidden states [B, T, H] (the lm_head input, EAGLE's feature).
+
+        Args:
+            input_ids: [B, T] int64.
+            position_ids: [B, T] int64 RoPE positions (tree nodes share a position per depth).
+            tree_mask: [B, T, M] bool over the last M rows (see `step_attention_mask`); None = causal over the T tokens.
+            kv: static KV buffers to write rows cache_len.. into and attend over; None = no cache (training, extraction).
+            cache_len: rows already committed in `kv`.
+        """
+        x = self.embed_tokens(input_ids)
+        return self.norm(run_layers(self.layers, self.rotary, x, position_ids, tree_mask, kv, cache_len,
+                                    self.config.sliding_window))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,69 @@
+"""Prompts: files in EAGLE's question format or plain `{"prompt": ...}` lines, ids, and chat templates."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hass_deploy.errors import HassDeployError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str | None  # None when given as ids
+    ids: list[int] | None = None
+    question_id: Any = None
+
+
+def parse_prompt_ids(spec: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]."""
+    try:
+        ids = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise HassDeployError(f"--prompt-ids must be comma-separated integers, got {spec!r}") from None
+    if not ids:
+        raise HassDeployError("--prompt-ids is empty: give at least one token id")
+    return ids
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """EAGLE question files (`{"question_id", "turns": [...]}`, first turn) and `{"prompt": ...}` lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise HassDeployError(f"{path}: no such prompt file")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise HassDeployError(f"{path}:{number}: not a JSON line") from None
+        if isinstance(record, dict) and isinstance(record.get("turns"), list) and record["turns"]:
+            prompts.append(Prompt(text=str(record["turns"][0]), question_id=record.get("question_id")))
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            prompts.append(Prompt(text=record["prompt"], question_id=record.get("id", number)))
+        else:
+            raise HassDeployError(f"{path}:{number}: expected {{\"turns\": [...]}} or {{\"prompt\": ...}}")
+    if not prompts:
+        raise HassDeployError(f"{path}: no prompts")
+    return prompts
+
+
+def encode(prompt: Prompt, tokenizer: Any | None, chat: bool | None) -> list[int]:
+    """Token ids of a prompt. `chat=None` applies the tokenizer's chat template when it has one."""
+    if prompt.ids is not None:
+        return prompt.ids
+    if tokenizer is None:
+        raise HassDeployError("this model directory has no tokenizer: pass --prompt-ids instead of text")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat and not has_template:
+        raise HassDeployError("--chat was given but the tokenizer has no chat template")
+    if (chat is None and has_template) or chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return list(ids)
+    return list(tokenizer(prompt.text)["input_ids"])

@@ -1,0 +1,197 @@
+"""The one draft-then-verify loop (DESIGN D3), for greedy and sampled decoding, with or without a draft.
+
+Per round (algorithm.md §4.2):
+    tree  = draft grows an EAGLE-2 tree under the pending root token       (skipped without a draft)
+    out   = target verifies all tree nodes in one step                     [1, T, V], [1, T, H]
+    acc   = longest accepted path + bonus token (greedy or exact rejection sampling)
+    commit: compact the accepted KV rows, feed their verified features to the draft next round
+Plain decoding is the same loop with a root-only tree: one target step per token, through the same backend
+contract, which is what every speedup is measured against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from hass_deploy.config import GenerationConfig, TreeConfig
+from hass_deploy.errors import CacheCapacityError, HassDeployError
+from hass_deploy.runtime import sampling, tree as trees
+from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)  # new tokens only
+    accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per round
+    depth_attempts: list[int] = field(default_factory=list)  # [d] rounds whose tree reached depth d+1
+    depth_accepts: list[int] = field(default_factory=list)  # [d] rounds that accepted a token at depth d+1
+    stop_reason: str = ""  # "eos", "max_new_tokens" or "cache_full"
+    wall_s: float = 0.0
+
+    @property
+    def rounds(self) -> int:
+        return len(self.accept_lengths)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per round (accepted + 1): the paper's acceptance length for this prompt."""
+        return sum(a + 1 for a in self.accept_lengths) / max(self.rounds, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.output_ids) / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def depth_acceptance(self) -> list[float]:
+        """Per-depth acceptance rate: accepted at depth d / rounds whose tree reached depth d."""
+        return [a / n if n else 0.0 for a, n in zip(self.depth_accepts, self.depth_attempts)]
+
+
+class SpeculativeDecoder:
+    """Draft-then-verify generation over a target backend and an optional draft backend."""
+
+    def __init__(self, target: TargetBackend, draft: DraftBackend | None = None):
+        self.target = target
+        self.draft = draft
+
+    def generate(self, prompt_ids: list[int], config: GenerationConfig,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        """Generate until EOS, `max_new_tokens` or a full cache; `on_tokens` streams each round's new tokens."""
+        result = GenerationResult(prompt_ids=list(prompt_ids))
+        start = time.perf_counter()
+        for tokens in self.stream(prompt_ids, config, result):
+            if on_tokens is not None:
+                on_tokens(tokens)
+        result.wall_s = time.perf_counter() - start
+        return result
+
+    def stream(self, prompt_ids: list[int], config: GenerationConfig,
+               result: GenerationResult | None = None) -> Iterator[list[int]]:
+        """Yield the new tokens of each round; fills `result` (tokens, statistics, stop reason) as it goes."""
+        result = result if result is not None else GenerationResult(prompt_ids=list(prompt_ids))
+        prompt_len = len(prompt_ids)
+        self._check_prompt(prompt_ids)
+        device = self.target.device
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+        eos = set(config.eos_token_ids)
+
+        # Prefill: the prompt's KV rows and features; the first new token is the first root.
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, P]
+        out = self.target.step(ids, torch.arange(prompt_len, device=device)[None], 0, None, last_only=True)
+        root = self._choose(out.logits[0, -1], config, generator)  # 0-d
+        pending_features, pending_tokens = out.hidden, torch.cat([ids[0, 1:], root.view(1)])  # [1, P, H], [P]
+        cache_len, draft_len = prompt_len, 0
+        new = [int(root)]  # host sync: the token is output
+        while True:
+            new, stop = self._truncate(new, len(result.output_ids), config, eos)
+            result.output_ids.extend(new)
+            yield new
+            if stop is not None:
+                result.stop_reason = stop
+                return
+            room = self.target.max_len - cache_len
+            if room <= 0:
+                result.stop_reason = "cache_full"
+                return
+            if self.draft is not None and room > 1:
+                tree = self._grow(root, pending_features, pending_tokens, draft_len, config.tree, room)
+                draft_len = cache_len
+            else:
+                tree = trees.root_only(root.view(1))
+            out = self.target.step(tree.tokens[None], (cache_len + tree.depths)[None], cache_len, tree.mask[None])
+            logits = out.logits[0]  # [T, V]
+            if config.sampling.greedy:
+                accepted = sampling.accept_greedy(tree, logits.argmax(-1))
+            else:
+                accepted = sampling.accept_sampling(tree, sampling.target_probs(logits, config.sampling), generator)
+            self.target.compact(cache_len, accepted.path)
+            cache_len += accepted.path.numel()
+            pending_features = out.hidden[:, accepted.path]  # [1, a+1, H] verified features of the committed nodes
+            pending_tokens = torch.tensor(accepted.tokens[1:], dtype=torch.long, device=device)  # [a+1]
+            root = pending_tokens[-1]
+            self._record(result, tree, accepted.accepted)
+            new = accepted.tokens[1:]
+
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise HassDeployError("empty prompt: give at least one token")
+        if len(prompt_ids) > self.target.max_len:
+            raise CacheCapacityError(
+                f"prompt of {len(prompt_ids)} tokens is longer than the KV cache ({self.target.max_len} rows); "
+                "raise --max-seq-len or shorten the prompt")
+        bad = [t for t in prompt_ids if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise HassDeployError(f"token id {bad[0]} is outside the vocabulary (size {self.target.vocab_size})")
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator) -> torch.Tensor:
+        """The target's own next token from one row of logits [V]: argmax, or a draw from the warped distribution."""
+        if config.sampling.greedy:
+            return logits.argmax()
+        return sampling.sample_token(sampling.target_probs(logits, config.sampling), generator).reshape(())
+
+    @staticmethod
+    def _truncate(new: list[int], produced: int, config: GenerationConfig, eos: set[int]) -> tuple[list[int], str | None]:
+        """Cut a round's tokens at the first EOS (kept) or at the token budget, as plain decoding would stop."""
+        for i, token in enumerate(new):
+            if produced + i + 1 >= config.max_new_tokens:
+                return new[: i + 1], "eos" if token in eos else "max_new_tokens"
+            if token in eos:
+                return new[: i + 1], "eos"
+        return new, None
+
+    def _grow(self, root: torch.Tensor, features: torch.Tensor, tokens: torch.Tensor, draft_len: int,
+              config: TreeConfig, room: int) -> trees.DraftTree:
+        """EAGLE-2 tree growth (algorithm.md §4.3): a context pass over the newly committed pairs, then
+        `depth - 1` levels that each expand the `top_k` best nodes by cumulative draft log-probability."""
+        draft, device = self.draft, self.target.device
+        budget = min(config.tokens, room)  # the verify step must fit the target's KV buffers
+        depth = min(config.depth, budget - 1)
+        top_k = min(config.top_k, self.target.vocab_size)
+        n = tokens.numel()
+        # Context pass: pairs (f_t, x_{t+1}) at positions t; the draft's KV keeps only verified context.
+        out = draft.step(features, tokens[None], torch.arange(draft_len, draft_len + n, device=device)[None],
+                         draft_len, None, top_k)
+        committed = draft_len + n
+        scores, beam_tokens = out.logprobs[0, -1], out.tokens[0, -1]  # [K] children of the root
+        pool_tokens, pool_scores = [beam_tokens], [scores]
+        pool_parents = [torch.full((top_k,), -1, dtype=torch.long, device=device)]
+        beam_pool = torch.arange(top_k, device=device)  # pool index of each beam node
+        beam_features = out.hidden[:, -1:].expand(1, top_k, -1)  # [1, K, H] each node's parent output
+        level_mask = torch.eye(top_k, dtype=torch.bool, device=device)  # [K, K] rows of the current beam
+        pool_size = top_k
+        for level in range(1, depth):
+            # All K beam nodes of this level share position committed + level - 1; their rows go after earlier levels.
+            positions = torch.full((1, top_k), committed + level - 1, dtype=torch.long, device=device)
+            out = draft.step(beam_features, beam_tokens[None], positions, committed + (level - 1) * top_k,
+                             level_mask[None], top_k)
+            cumulative = (out.logprobs[0] + scores[:, None]).flatten()  # [K*K] path log-probs of all children
+            children = out.tokens[0].flatten()  # [K*K]
+            pool_tokens.append(children)
+            pool_scores.append(cumulative)
+            pool_parents.append(beam_pool.repeat_interleave(top_k))
+            best = trees.select_beam(cumulative, top_k)  # [K] next beam, as indices into this level's K*K
+            parent = best // top_k  # [K] which current beam node each comes from
+            scores, beam_tokens = cumulative[best], children[best]
+            beam_pool = pool_size + best
+            beam_features = out.hidden[:, parent]  # [1, K, H]
+            level_mask = torch.cat([level_mask[parent], torch.eye(top_k, dtype=torch.bool, device=device)], dim=1)
+            pool_size += top_k * top_k
+        return trees.build_tree(root.view(1), torch.cat(pool_tokens), torch.cat(pool_scores),
+                                torch.cat(pool_parents), budget)
+
+    @staticmethod
+    def _record(result: GenerationResult, tree: trees.DraftTree, accepted: int) -> None:
+        result.accept_lengths.append(accepted)
+        max_depth = tree.max_depth
+        while len(result.depth_attempts) < max_depth:
+            result.depth_attempts.append(0)
+            result.depth_accepts.append(0)
+        for d in range(max_depth):
+            result.depth_attempts[d] += 1
+            result.depth_accepts[d] += int(d < accepted)

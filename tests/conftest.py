@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random Llama-family targets written as Hugging Face directories, drafts for them,
+and an oracle draft backend that proposes the target's own tokens (so acceptance paths are long)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hass_deploy.models.checkpoint import init_draft
+from hass_deploy.models.loading import TargetModel, load_target
+from hass_deploy.models.random_target import random_hf_model
+from hass_deploy.runtime.backends.base import DraftOutput
+from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
+from hass_deploy.runtime.decoder import SpeculativeDecoder
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Each variant stresses a different field: GQA, tied embeddings, qkv bias, q/k norm, sliding window, rope scaling.
+VARIANTS = {
+    "llama": dict(tie_word_embeddings=True),
+    "mistral": dict(sliding_window=12),
+    "qwen2": dict(tie_word_embeddings=False),
+    "qwen3": dict(tie_word_embeddings=False, num_key_value_heads=1),
+}
+
+TINY = dict(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=95)
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random model directory per architecture, written by transformers."""
+    dirs = {}
+    for i, arch in enumerate(ARCHITECTURES):
+        path = tmp_path_factory.mktemp(arch)
+        random_hf_model(arch, "tiny", seed=i, **{**TINY, **VARIANTS[arch]}).save_pretrained(path)
+        dirs[arch] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def targets(hf_dirs) -> dict[str, TargetModel]:
+    return {arch: load_target(path) for arch, path in hf_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def hf_models(hf_dirs):
+    from transformers import AutoModelForCausalLM
+
+    return {arch: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for arch, path in hf_dirs.items()}
+
+
+def make_decoder(target: TargetModel, draft=None, max_len: int = 256, draft_rows: int = 64) -> SpeculativeDecoder:
+    backend = TorchTarget(target.module, max_len)
+    if draft is None:
+        return SpeculativeDecoder(backend, None)
+    if isinstance(draft, torch.nn.Module):
+        draft = TorchDraft(draft, target.module.lm_head, max_len + draft_rows)
+    return SpeculativeDecoder(backend, draft)
+
+
+@pytest.fixture(scope="session")
+def random_drafts(targets):
+    return {arch: init_draft(target, seed=7) for arch, target in targets.items()}
+
+
+class OracleDraft:
+    """A DraftBackend test double that proposes the target's own greedy continuation, optionally with noise.
+
+    It rebuilds each node's token path from the rows and masks the decoder hands it (row t holds x_{t+1} for
+    committed pairs; tree rows see their ancestors through the mask), runs the target without a cache, and
+    returns the target's log-probs (plus Gumbel noise of `noise` times their spread) as its proposals. With noise = 0 every
+    greedy proposal is accepted, which exercises long accepted paths, compaction and budget edges.
+    """
+
+    def __init__(self, target: TargetModel, first_token: int, max_len: int, noise: float = 0.0, seed: int = 0):
+        self.module = target.module
+        self.device = torch.device("cpu")
+        self.max_len = max_len
+        self.noise = noise
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows: dict[int, list[int]] = {}  # row -> token path x_0..x_{t+1} that row stands for
+        self.first_token = first_token
+
+    def step(self, features, input_ids, position_ids, cache_len, tree_mask, top_k) -> DraftOutput:
+        steps = input_ids.shape[1]
+        paths = []
+        for i in range(steps):
+            token = int(input_ids[0, i])
+            row = cache_len + i
+            if tree_mask is None:  # committed pairs: row t continues row t-1
+                prefix = self.rows[row - 1] if row > 0 else [self.first_token]
+            else:
+                width = tree_mask.shape[-1]
+                start = cache_len + steps - width
+                ancestors = [start + j for j in range(width) if bool(tree_mask[0, i, j]) and start + j != row]
+                prefix = self.rows[max(ancestors)] if ancestors else self.rows[start - 1]
+            self.rows[row] = prefix + [token]
+            paths.append(self.rows[row])
+        logprobs = []
+        with torch.no_grad():
+            for path in paths:
+                ids = torch.tensor([path])
+                hidden = self.module(ids, torch.arange(len(path))[None])
+                logp = torch.log_softmax(self.module.logits(hidden[0, -1]).float(), -1)
+                if self.noise:
+                    gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=self.generator).clamp_min(1e-9)))
+                    logp = torch.log_softmax(logp + self.noise * logp.std() * gumbel, -1)
+                logprobs.append(logp)
+        top = torch.topk(torch.stack(logprobs)[None], top_k, dim=-1)
+        return DraftOutput(hidden=torch.zeros(1, steps, self.module.config.hidden_size),
+                           logprobs=top.values, tokens=top.indices)

@@ -1,0 +1,148 @@
+"""The decode loop is lossless: greedy speculative output is token-identical to plain decoding and to
+`transformers` generate, for every architecture, tree shape, prompt length and draft quality, including
+generation that runs into the cache capacity; the target KV cache holds exactly the committed context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, OracleDraft, make_decoder
+from hass_deploy.config import GenerationConfig, TreeConfig
+from hass_deploy.errors import CacheCapacityError, HassDeployError
+from hass_deploy.runtime.backends.torch import TorchTarget
+
+TREES = {
+    "chain": TreeConfig(tokens=5, depth=4, top_k=1),
+    "wide": TreeConfig(tokens=12, depth=2, top_k=8),
+    "deep": TreeConfig(tokens=16, depth=8, top_k=2),
+    "two-nodes": TreeConfig(tokens=2, depth=3, top_k=3),
+    "paper": TreeConfig(tokens=60, depth=6, top_k=10),
+}
+
+
+def prompt(length: int, seed: int, vocab: int = 95) -> list[int]:
+    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy(tree: TreeConfig = TreeConfig(), max_new_tokens: int = 40, eos=(95,)) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, tree=tree, eos_token_ids=eos)
+
+
+def hf_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                         pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_plain_greedy_matches_transformers(arch, targets, hf_models):
+    for length in (1, 7, 30):
+        ids = prompt(length, seed=length)
+        result = make_decoder(targets[arch]).generate(ids, greedy(max_new_tokens=24, eos=()))
+        assert result.output_ids == hf_greedy(hf_models[arch], ids, 24)
+        assert result.stop_reason == "max_new_tokens"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("shape", TREES)
+def test_speculative_greedy_is_token_identical(arch, shape, targets, random_drafts, hf_models):
+    target, tree = targets[arch], TREES[shape]
+    for length in (3, 21):
+        ids = prompt(length, seed=100 + length)
+        plain = make_decoder(target).generate(ids, greedy(tree, eos=()))
+        random_draft = make_decoder(target, random_drafts[arch]).generate(ids, greedy(tree, eos=()))
+        oracle = make_decoder(target, OracleDraft(target, ids[0], 256 + tree.draft_rows, noise=0.3, seed=length))
+        guided = oracle.generate(ids, greedy(tree, eos=()))
+        assert random_draft.output_ids == plain.output_ids
+        assert guided.output_ids == plain.output_ids
+        assert plain.output_ids == hf_greedy(hf_models[arch], ids, 40)
+        if tree.tokens > 2 and tree.depth > 1:
+            assert max(guided.accept_lengths) >= 2, "the noisy oracle should get multi-token acceptances"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_generation_runs_into_cache_capacity(arch, targets, random_drafts):
+    """With S_max rows the target can emit S_max - P + 1 tokens; speculative decoding shrinks its last trees."""
+    target, tree, max_len = targets[arch], TreeConfig(tokens=8, depth=4, top_k=3), 29
+    ids = prompt(9, seed=3)
+    config = greedy(tree, max_new_tokens=500, eos=())
+    plain = make_decoder(target, max_len=max_len).generate(ids, config)
+    oracle = OracleDraft(target, ids[0], max_len + tree.draft_rows, noise=0.0)
+    spec = make_decoder(target, oracle, max_len=max_len).generate(ids, config)
+    spec_random = make_decoder(target, random_drafts[arch], max_len=max_len).generate(ids, config)
+    assert len(plain.output_ids) == max_len - len(ids) + 1
+    assert spec.output_ids == plain.output_ids == spec_random.output_ids
+    assert spec.stop_reason == plain.stop_reason == "cache_full"
+    assert min(spec.accept_lengths[:-1]) >= 1  # a perfect draft's first proposal is always accepted
+
+
+def test_perfect_draft_accepts_full_depth(targets):
+    target, tree = targets["llama"], TreeConfig(tokens=6, depth=5, top_k=1)
+    ids = prompt(5, seed=9)
+    oracle = OracleDraft(target, ids[0], 256 + tree.draft_rows)
+    result = make_decoder(target, oracle).generate(ids, greedy(tree, max_new_tokens=31, eos=()))
+    assert result.accept_lengths[:5] == [5] * 5  # every round accepts depth tokens + 1 bonus
+    assert result.tau == pytest.approx(sum(a + 1 for a in result.accept_lengths) / result.rounds)
+    assert result.depth_acceptance[0] == 1.0
+
+
+def test_eos_and_budget_truncate_like_plain_decoding(targets, random_drafts):
+    target = targets["qwen2"]
+    ids = prompt(6, seed=11)
+    plain = make_decoder(target).generate(ids, greedy(max_new_tokens=30, eos=()))
+    eos = plain.output_ids[7]  # pretend a token in the middle is EOS
+    tree = TreeConfig(tokens=8, depth=4, top_k=2)
+    oracle = OracleDraft(target, ids[0], 256 + tree.draft_rows)
+    stopped = make_decoder(target, oracle).generate(ids, greedy(tree, max_new_tokens=30, eos=(eos,)))
+    first = plain.output_ids.index(eos)
+    assert stopped.output_ids == plain.output_ids[: first + 1] and stopped.stop_reason == "eos"
+    for budget in (1, 2, 5, 13):
+        cut = make_decoder(target, OracleDraft(target, ids[0], 256 + tree.draft_rows)).generate(
+            ids, greedy(tree, max_new_tokens=budget, eos=()))
+        assert cut.output_ids == plain.output_ids[:budget]
+
+
+class CheckedTarget(TorchTarget):
+    """Checks the KV invariant at every step: rows [0, cache_len) equal a fresh prefill of the committed tokens."""
+
+    def __init__(self, module, max_len, prompt_ids, emitted):
+        super().__init__(module, max_len)
+        self.prompt_ids, self.emitted, self.checks = prompt_ids, emitted, 0
+
+    def step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False):
+        if cache_len > 0:
+            committed = (self.prompt_ids + self.emitted)[:cache_len]
+            reference = TorchTarget(self.module, cache_len)
+            reference.step(torch.tensor([committed]), torch.arange(cache_len)[None], 0, None)
+            keys, values = self.kv.rows(cache_len)
+            ref_keys, ref_values = reference.kv.rows(cache_len)
+            torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+            self.checks += 1
+        return super().step(input_ids, position_ids, cache_len, tree_mask, last_only)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_kv_cache_holds_exactly_the_committed_context(arch, targets):
+    target, tree = targets[arch], TreeConfig(tokens=10, depth=4, top_k=3)
+    ids = prompt(8, seed=5)
+    emitted: list[int] = []
+    backend = CheckedTarget(target.module, 128, ids, emitted)
+    from hass_deploy.runtime.decoder import SpeculativeDecoder
+
+    decoder = SpeculativeDecoder(backend, OracleDraft(target, ids[0], 128 + tree.draft_rows, noise=0.3))
+    result = decoder.generate(ids, greedy(tree, max_new_tokens=30, eos=()), on_tokens=emitted.extend)
+    assert backend.checks == result.rounds
+    assert any(a > 0 for a in result.accept_lengths)
+
+
+def test_bad_requests_are_one_line_errors(targets):
+    decoder = make_decoder(targets["llama"], max_len=16)
+    with pytest.raises(HassDeployError, match="empty prompt"):
+        decoder.generate([], greedy())
+    with pytest.raises(CacheCapacityError, match="longer than the KV cache"):
+        decoder.generate(list(range(17)), greedy())
+    with pytest.raises(HassDeployError, match="outside the vocabulary"):
+        decoder.generate([1, 2, 96], greedy())
