@@ -24,7 +24,8 @@ _TREE, _SAMPLING, _GEN, _RUNTIME = TreeConfig(), SamplingConfig(), GenerationCon
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    # One line, whatever the message: some carry a library's multi-line text (a config validation, a torch error).
+    typer.echo("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), err=True)
     raise typer.Exit(1)
 
 
@@ -69,6 +70,8 @@ def init_draft_command(
     from hass_deploy.models.checkpoint import DraftMetadata, FORMAT_VERSION, init_draft, save_draft, target_identity
     from hass_deploy.models.loading import load_target
 
+    if out.exists() and not out.is_dir():  # iterdir() would raise NotADirectoryError
+        _fail(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         _fail(f"{out} exists and is not empty (use --force to overwrite)")
     model = load_target(target, tokenizer=False)
@@ -86,7 +89,8 @@ def generate(
     prompt: Optional[str] = typer.Option(None, help="Prompt text (needs a tokenizer)."),
     prompt_ids: Optional[str] = typer.Option(None, help="Prompt token ids, comma-separated."),
     prompts: Optional[Path] = typer.Option(None, help="JSONL prompts: EAGLE questions or {\"prompt\": ...} lines."),
-    max_new_tokens: int = typer.Option(_GEN.max_new_tokens, min=1),
+    # No click `min=`: its usage error exits 2 with a multi-line box; GenerationConfig refuses < 1 in one line.
+    max_new_tokens: int = typer.Option(_GEN.max_new_tokens),
     temperature: float = typer.Option(_SAMPLING.temperature, help="0 = greedy."),
     top_p: float = typer.Option(_SAMPLING.top_p),
     top_k: int = typer.Option(_SAMPLING.top_k, help="0 = off."),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from hass_deploy.errors import HassDeployError
+from hass_deploy.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,11 @@ class TreeConfig:
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
-            raise HassDeployError(f"--tree-tokens must be >= 1, got {self.tokens}")
+            raise ConfigError(f"--tree-tokens must be >= 1, got {self.tokens}")
         if self.depth < 1:
-            raise HassDeployError(f"--tree-depth must be >= 1, got {self.depth}")
+            raise ConfigError(f"--tree-depth must be >= 1, got {self.depth}")
         if self.top_k < 1:
-            raise HassDeployError(f"--tree-top-k must be >= 1, got {self.top_k}")
+            raise ConfigError(f"--tree-top-k must be >= 1, got {self.top_k}")
 
     @property
     def draft_rows(self) -> int:
@@ -35,20 +36,30 @@ class TreeConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.0  # 0 = greedy, the setting on which lossless means token-identical
-    top_p: float = 1.0  # nucleus mass kept; 1.0 disables
-    top_k: int = 0  # keep the k most likely tokens; 0 disables
+    """How the target's next token is chosen.
+
+    Attributes:
+        temperature: logits are divided by it; 0 means greedy (argmax). Greedy is the default because greedy
+            output is what "lossless" is checked on, token for token.
+        top_p: nucleus mass kept; 1.0 disables.
+        top_k: keep the k most likely tokens; 0 disables.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise HassDeployError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise HassDeployError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise HassDeployError(f"--top-k must be >= 0, got {self.top_k}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ConfigError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:
+        """True when the next token is the argmax rather than a sample."""
         return self.temperature == 0
 
 
@@ -62,7 +73,7 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise HassDeployError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)

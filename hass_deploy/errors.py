@@ -20,3 +20,7 @@ class DraftMismatchError(HassDeployError):
 
 class CacheCapacityError(HassDeployError):
     """A prompt or request does not fit the static KV buffers."""
+
+
+class ConfigError(HassDeployError, ValueError):
+    """An option or configuration value out of range."""

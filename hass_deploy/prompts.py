@@ -33,8 +33,12 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise HassDeployError(f"{path}: no such prompt file")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise HassDeployError(f"{path}: not a UTF-8 text file") from None
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -15,6 +15,9 @@ from hass_deploy.runtime.backends.base import DraftOutput
 from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
 
+# Tiny models: thread start-up costs more than the maths, and two test processes may share the 2 cores.
+torch.set_num_threads(1)
+
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Each variant stresses a different field: GQA, tied embeddings, qkv bias, q/k norm, sliding window, rope scaling.
@@ -75,8 +78,10 @@ class OracleDraft:
     greedy proposal is accepted, which exercises long accepted paths, compaction and budget edges.
     """
 
-    def __init__(self, target: TargetModel, first_token: int, max_len: int, noise: float = 0.0, seed: int = 0):
+    def __init__(self, target: TargetModel, first_token: int, max_len: int, noise: float = 0.0, seed: int = 0,
+                 adversarial: bool = False):
         self.module = target.module
+        self.adversarial = adversarial  # propose the target's *least* likely tokens
         self.device = torch.device("cpu")
         self.max_len = max_len
         self.noise = noise
@@ -108,7 +113,7 @@ class OracleDraft:
                 if self.noise:
                     gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=self.generator).clamp_min(1e-9)))
                     logp = torch.log_softmax(logp + self.noise * logp.std() * gumbel, -1)
-                logprobs.append(logp)
+                logprobs.append(torch.log_softmax(-logp, -1) if self.adversarial else logp)
         top = torch.topk(torch.stack(logprobs)[None], top_k, dim=-1)
         return DraftOutput(hidden=torch.zeros(1, steps, self.module.config.hidden_size),
                            logprobs=top.values, tokens=top.indices)

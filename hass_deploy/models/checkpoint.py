@@ -45,8 +45,13 @@ def target_identity(target: TargetModel) -> dict:
 
 
 def draft_config_for(target: ModelConfig) -> ModelConfig:
-    """The draft layer mirrors the target's attention shape and rope; one layer."""
-    return replace(target, num_layers=1, sliding_window=None, qk_norm=False, tie_word_embeddings=False)
+    """The draft layer mirrors the target's attention shape and rope; one layer.
+
+    Only q/k/v may carry a bias (EAGLE's `qkv_bias`); o_proj and the MLP never do (algorithm.md §1.2), and the
+    saved config.json has no key that could say otherwise.
+    """
+    return replace(target, num_layers=1, sliding_window=None, qk_norm=False, tie_word_embeddings=False,
+                   o_bias=False, mlp_bias=False)
 
 
 def init_draft(target: TargetModel, seed: int = 0, fc_bias: bool = False) -> DraftHead:
@@ -106,7 +111,11 @@ def save_draft(head: DraftHead, out: str | Path, metadata: DraftMetadata) -> Pat
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # put the previous draft back rather than leave `out` missing
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -132,14 +141,21 @@ def load_draft(path: str | Path, target: TargetModel, dtype: torch.dtype | None 
         raise ModelLoadError(f"{directory}: not an EAGLE/HASS draft head (num_hidden_layers = {raw['num_hidden_layers']})")
     state = _draft_state(directory)
     raw = {**raw, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    # Biases follow the weights, as EAGLE's `qkv_bias` presence check does: a draft whose config.json was copied
+    # from a target with attention_bias/mlp_bias must not make the strict load expect biases it never had.
     config = replace(config_from_hf(raw, str(directory / "config.json")),
-                     qkv_bias="layers.0.self_attn.q_proj.bias" in state, tie_word_embeddings=False)
+                     qkv_bias="layers.0.self_attn.q_proj.bias" in state,
+                     o_bias="layers.0.self_attn.o_proj.bias" in state,
+                     mlp_bias="layers.0.mlp.down_proj.bias" in state, tie_word_embeddings=False)
     _check_pair(directory, config, state, target)
     if "embed_tokens.weight" not in state:  # some exports drop the frozen copy; the target's is the same table
         state["embed_tokens.weight"] = target.module.embed_tokens.weight.detach()
     dtype = dtype or target.module.embed_tokens.weight.dtype
-    with torch.device("meta"):
-        head = DraftHead(config, fc_bias="fc.bias" in state)
+    try:
+        with torch.device("meta"):
+            head = DraftHead(config, fc_bias="fc.bias" in state)
+    except ValueError as err:  # e.g. a rope_type that Rotary does not implement
+        raise ModelLoadError(f"{directory}: {err}") from None
     try:
         head.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     except RuntimeError as err:
@@ -148,8 +164,13 @@ def load_draft(path: str | Path, target: TargetModel, dtype: torch.dtype | None 
     head.embed_tokens.weight.requires_grad_(False)
     head.rotary = type(head.rotary)(config)
     meta_path = directory / METADATA_FILE
-    metadata = DraftMetadata(**read_json(meta_path)) if meta_path.exists() else DraftMetadata(
-        format_version=FORMAT_VERSION, recipe="external", target={})
+    try:
+        metadata = DraftMetadata(**read_json(meta_path)) if meta_path.exists() else DraftMetadata(
+            format_version=FORMAT_VERSION, recipe="external", target={})
+    except TypeError as err:  # missing or unknown fields
+        raise ModelLoadError(f"{meta_path}: malformed draft metadata ({err})") from None
+    if not isinstance(metadata.format_version, int):
+        raise ModelLoadError(f"{meta_path}: malformed draft metadata (format_version {metadata.format_version!r})")
     if metadata.format_version > FORMAT_VERSION:
         raise HassDeployError(f"{directory}: draft format {metadata.format_version} is newer than this hass-deploy")
     return head.eval(), metadata

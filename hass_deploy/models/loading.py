@@ -8,6 +8,8 @@ is built on the meta device and the tensors are assigned, so loading costs one r
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +59,14 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelLoadError(f"{path.parent}: no {path.name} (not a Hugging Face model directory)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{path}: malformed JSON ({err})") from None
+    if not isinstance(data, dict):  # every file read here is an object; a list would fail later with a traceback
+        raise ModelLoadError(f"{path}: malformed JSON (expected an object, got {type(data).__name__})")
+    return data
 
 
 def _flag(raw: dict, rule: str | bool) -> bool:
@@ -81,6 +86,10 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         raise ModelLoadError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (silu only)")
     if raw.get("use_sliding_window") and not arch.sliding_window:
         raise ModelLoadError(f"{source}: {name} with use_sliding_window is not supported")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        # a null, a string or a 0 here would otherwise surface as a transformers validation error or a ZeroDivisionError
+        if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], int) or raw[key] < 1):
+            raise ModelLoadError(f"{source}: {key} must be a positive integer, got {raw[key]!r}")
     hf = _hf_config(raw, source)
     try:
         heads = raw["num_attention_heads"]
@@ -111,13 +120,14 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
 
 def _hf_config(raw: dict, source: str):
     """transformers' own config class normalises rope settings (rope_scaling -> rope_parameters) and defaults."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         fields = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "transformers_version")}
         return AutoConfig.for_model(raw.get("model_type", "llama"), **fields)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ModelLoadError(f"{source}: {err}") from None
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as err:  # strict-dataclass type checks of a field
+        raise ModelLoadError(f"{source}: {' '.join(str(err).split())}") from None
 
 
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
@@ -129,7 +139,10 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = directory / index_name
         if index.exists():
-            files = [directory / f for f in sorted(set(read_json(index).get("weight_map", {}).values()))]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ModelLoadError(f"{index}: malformed index (no \"weight_map\" object of tensor -> file)")
+            files = [directory / f for f in sorted(set(weight_map.values()))]
             break
         if (directory / single).exists():
             files = [directory / single]
@@ -144,9 +157,13 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
             if file.suffix == ".safetensors":
                 state.update(load_file(file))
             else:
-                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+                # mmap needs the zip format; a legacy (pre-1.6) torch.save file is still a valid checkpoint
+                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)))
         except FileNotFoundError:
             raise ModelLoadError(f"{directory}: weight shard {file.name} is missing") from None
+        except pickle.UnpicklingError:  # torch's message is a multi-paragraph how-to for unsafe loading
+            raise ModelLoadError(f"{file}: cannot read weights (it pickles Python objects other than tensors; "
+                                 "only weights_only checkpoints are loaded)") from None
         except Exception as err:  # a truncated or foreign file: say which one, not a deep traceback
             raise ModelLoadError(f"{file}: cannot read weights ({type(err).__name__}: {err})") from None
     return state
@@ -166,8 +183,11 @@ def _target_state(state: dict[str, torch.Tensor], config: ModelConfig, dtype: to
 def build_target(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str = "cpu", source: str = "checkpoint") -> Transformer:
     """Construct on the meta device and assign the checkpoint's tensors (strict: every key, every shape)."""
-    with torch.device("meta"):
-        module = Transformer(config)
+    try:
+        with torch.device("meta"):
+            module = Transformer(config)
+    except ValueError as err:  # e.g. a rope_type that Rotary does not implement
+        raise ModelLoadError(f"{source}: {err}") from None
     tensors = _target_state(state, config, dtype)
     try:
         module.load_state_dict({k: v.to(device) for k, v in tensors.items() if v is not None}, strict=True, assign=True)

@@ -12,36 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hass_deploy.config import SamplingConfig
 from hass_deploy.runtime.tree import DraftTree
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How the target's next token is chosen.
-
-    Attributes:
-        temperature: logits are divided by it; 0 means greedy (argmax). Greedy is the default because greedy
-            output is what "lossless" is checked on, token for token.
-        top_p: nucleus mass kept; 1.0 disables.
-        top_k: keep the k most likely tokens; 0 disables.
-    """
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-
-    @property
-    def greedy(self) -> bool:
-        """True when the next token is the argmax rather than a sample."""
-        return self.temperature == 0
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: a generated __eq__ would compare the path tensor elementwise

@@ -13,9 +13,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from hass_deploy.config import SamplingConfig
 from hass_deploy.runtime import sampling
 from hass_deploy.runtime.sampling import (
-    SamplingConfig,
     accept_greedy,
     accept_sampling,
     sample_token,
