@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hass_deploy.config import GenerationConfig, TreeConfig
-from hass_deploy.errors import CacheCapacityError, HassDeployError
+from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError
 from hass_deploy.runtime import sampling, tree as trees
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 
@@ -28,8 +28,8 @@ class GenerationResult:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)  # new tokens only
     accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per round
-    depth_attempts: list[int] = field(default_factory=list)  # [d] rounds whose tree reached depth d+1
-    depth_accepts: list[int] = field(default_factory=list)  # [d] rounds that accepted a token at depth d+1
+    depth_attempts: list[int] = field(default_factory=list)  # [d] rounds that tried a token at depth d+1
+    depth_accepts: list[int] = field(default_factory=list)  # [d] rounds that accepted one there
     stop_reason: str = ""  # "eos", "max_new_tokens" or "cache_full"
     wall_s: float = 0.0
 
@@ -48,7 +48,7 @@ class GenerationResult:
 
     @property
     def depth_acceptance(self) -> list[float]:
-        """Per-depth acceptance rate: accepted at depth d / rounds whose tree reached depth d."""
+        """Per-depth acceptance rate: P(accept at depth d | depths < d accepted and the tree reached d)."""
         return [a / n if n else 0.0 for a, n in zip(self.depth_accepts, self.depth_attempts)]
 
 
@@ -75,7 +75,7 @@ class SpeculativeDecoder:
         """Yield the new tokens of each round; fills `result` (tokens, statistics, stop reason) as it goes."""
         result = result if result is not None else GenerationResult(prompt_ids=list(prompt_ids))
         prompt_len = len(prompt_ids)
-        self._check_prompt(prompt_ids)
+        self._check_request(prompt_ids, config)
         device = self.target.device
         generator = torch.Generator(device=device).manual_seed(config.seed)
         eos = set(config.eos_token_ids)
@@ -114,16 +114,21 @@ class SpeculativeDecoder:
             pending_features = out.hidden[:, accepted.path]  # [1, a+1, H] verified features of the committed nodes
             pending_tokens = torch.tensor(accepted.tokens[1:], dtype=torch.long, device=device)  # [a+1]
             root = pending_tokens[-1]
-            self._record(result, tree, accepted.accepted)
+            self._record(result, tree, accepted.path)
             new = accepted.tokens[1:]
 
-    def _check_prompt(self, prompt_ids: list[int]) -> None:
+    def _check_request(self, prompt_ids: list[int], config: GenerationConfig) -> None:
         if not prompt_ids:
             raise HassDeployError("empty prompt: give at least one token")
         if len(prompt_ids) > self.target.max_len:
             raise CacheCapacityError(
                 f"prompt of {len(prompt_ids)} tokens is longer than the KV cache ({self.target.max_len} rows); "
                 "raise --max-seq-len or shorten the prompt")
+        if self.draft is not None and self.draft.max_len < self.target.max_len + config.tree.draft_rows:
+            raise ConfigError(
+                f"a tree of depth {config.tree.depth} and top-k {config.tree.top_k} needs "
+                f"{self.target.max_len + config.tree.draft_rows} draft KV rows, the draft backend has "
+                f"{self.draft.max_len}: build the backends with this tree configuration")
         bad = [t for t in prompt_ids if not 0 <= t < self.target.vocab_size]
         if bad:
             raise HassDeployError(f"token id {bad[0]} is outside the vocabulary (size {self.target.vocab_size})")
@@ -186,12 +191,15 @@ class SpeculativeDecoder:
                                 torch.cat(pool_parents), budget)
 
     @staticmethod
-    def _record(result: GenerationResult, tree: trees.DraftTree, accepted: int) -> None:
+    def _record(result: GenerationResult, tree: trees.DraftTree, path: torch.Tensor) -> None:
+        """Accept length, and per-depth acceptance conditioned on reaching that depth (EAGLE's n-alpha)."""
+        accepted = path.numel() - 1
         result.accept_lengths.append(accepted)
-        max_depth = tree.max_depth
-        while len(result.depth_attempts) < max_depth:
+        # Depth accepted + 1 was tried only if the last accepted node has children (host sync, [T] bools).
+        reached = accepted + int(bool((tree.parents == path[-1]).any()))
+        while len(result.depth_attempts) < reached:
             result.depth_attempts.append(0)
             result.depth_accepts.append(0)
-        for d in range(max_depth):
+        for d in range(reached):
             result.depth_attempts[d] += 1
             result.depth_accepts[d] += int(d < accepted)
