@@ -54,6 +54,8 @@ def init_target(
     """Write a randomly initialised Llama-family model directory (for smoke tests before a real target)."""
     from hass_deploy.models.random_target import write_random_target
 
+    if out.exists() and not out.is_dir():  # write_random_target's iterdir() would raise NotADirectoryError
+        _fail(f"{out} exists and is not a directory")
     path = write_random_target(out, architecture, size, seed, force)
     typer.echo(str(path))
 

@@ -51,6 +51,17 @@ class TargetModel:
     tokenizer: Any | None  # a transformers tokenizer, or None for a directory without one
 
 
+def target_fingerprint(module: Transformer) -> str:
+    """A short hash of the target's embedding table (a strided sample of it, in fp32): the identity that draft
+    heads and training data are checked against, cheap even for 100k-token vocabularies."""
+    import hashlib
+
+    table = module.embed_tokens.weight.detach()
+    stride = max(1, table.shape[0] // 4096)
+    sample = table[::stride].float().contiguous().cpu()
+    return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ModelLoadError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")

@@ -180,6 +180,29 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
 
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """x [B, T, H] -> q [B, nH, T, D], k and v [B, nKV, T, D], RoPE applied."""
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        return apply_rotary(q.transpose(1, 2), cos, sin), apply_rotary(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [B, nH, T, D] over k, v [B, nKV, S, D] under mask [B, 1, T, S] -> [B, T, H] (o_proj applied)."""
+        batch, _, steps, _ = q.shape
+        # Grouped-query attention without repeating K/V (that would copy the whole context every step): query head
+        # h uses KV head h // groups, so fold the groups into the query-row axis: [B, nKV, groups * T, D].
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(batch, self.num_kv_heads, groups * steps, self.head_dim)
+        mask = mask.repeat(1, 1, groups, 1)  # [B, 1, groups * T, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.reshape(batch, self.num_heads, steps, self.head_dim).transpose(1, 2).reshape(batch, steps, -1)
+        return self.o_proj(out)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -189,26 +212,10 @@ class Attention(nn.Module):
         cache_len: int,
         kv_len: int,
     ) -> torch.Tensor:
-        batch, steps, _ = x.shape
-        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, nH, T, D]
-        k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, nKV, T, D]
-        v = v.transpose(1, 2)
+        q, k, v = self.project(x, rope)
         if kv is not None:
             k, v = kv.update(self.layer, cache_len, k, v, kv_len)  # [B, nKV, S, D], views of the static buffers
-        # Grouped-query attention without repeating K/V (that would copy the whole context every step): query head
-        # h uses KV head h // groups, so fold the groups into the query-row axis: [B, nKV, groups * T, D].
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(batch, self.num_kv_heads, groups * steps, self.head_dim)
-        mask = mask.repeat(1, 1, groups, 1)  # [B, 1, groups * T, S]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.reshape(batch, self.num_heads, steps, self.head_dim).transpose(1, 2).reshape(batch, steps, -1)
-        return self.o_proj(out)
+        return self.attend(q, k, v, mask)
 
 
 class MLP(nn.Module):

@@ -47,6 +47,9 @@ def _variant(source: Path, tmp_path: Path, name: str = "variant") -> Path:
     return out
 
 
+_DELETE = object()  # a value for _edit_config: remove the key
+
+
 def _edit_config(directory: Path, **changes) -> Path:
     path = directory / "config.json"
     raw = json.loads(path.read_text())
@@ -57,9 +60,6 @@ def _edit_config(directory: Path, **changes) -> Path:
             raw[key] = value
     path.write_text(json.dumps(raw))
     return directory
-
-
-_DELETE = object()
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
