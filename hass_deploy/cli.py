@@ -14,13 +14,14 @@ from typing import Optional
 
 import typer
 
-from hass_deploy.config import GenerationConfig, RuntimeConfig, SamplingConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, RuntimeConfig, SamplingConfig, TrainConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, export and serve HASS speculative-decoding draft heads, losslessly.")
 
 _TREE, _SAMPLING, _GEN, _RUNTIME = TreeConfig(), SamplingConfig(), GenerationConfig(), RuntimeConfig()
+_TRAIN = TrainConfig()
 
 
 def _fail(message: str) -> None:
@@ -167,8 +168,50 @@ def _text_streamer(pipe):
     return on_tokens
 
 
+@app.command()
+@_user_errors
+def train(
+    target: Path = typer.Option(..., help="Target model directory the data was generated from."),
+    data: Path = typer.Option(..., help="Hidden-state data directory (from `hass-deploy data`)."),
+    out: Path = typer.Option(..., help="Draft directory to write (checkpointed every epoch)."),
+    recipe: str = typer.Option(_TRAIN.recipe, help="hass, or eagle2 (the baseline: one step, no Top-K loss)."),
+    align_steps: int = typer.Option(_TRAIN.align_steps, help="HASS harmonized forward passes per batch."),
+    topk: int = typer.Option(_TRAIN.topk, help="K of the Top-K distillation loss."),
+    topk_weight: float = typer.Option(_TRAIN.phases[0].topk_weight, help="Weight of the Top-K loss."),
+    epochs: int = typer.Option(_TRAIN.phases[0].epochs),
+    lr: float = typer.Option(_TRAIN.phases[0].lr),
+    batch_size: int = typer.Option(_TRAIN.batch_size, help="Global batch (split across torchrun ranks)."),
+    max_length: int = typer.Option(_TRAIN.max_length),
+    precision: str = typer.Option(_TRAIN.precision, help="bf16 (autocast) or fp32."),
+    schedule: str = typer.Option("single", help="single (the options above) or reference (HASS's two phases)."),
+    seed: int = typer.Option(_TRAIN.seed),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
+    force: bool = typer.Option(False, help="Overwrite a non-empty --out."),
+) -> None:
+    """Train a HASS (or EAGLE-2) draft head on target hidden states."""
+    from hass_deploy.config import REFERENCE_SCHEDULE, Phase, TrainConfig
+    from hass_deploy.training.trainer import train as run_training
+
+    if schedule not in ("single", "reference"):
+        _fail(f"--schedule must be single or reference, got {schedule!r}")
+    phases = REFERENCE_SCHEDULE if schedule == "reference" else (Phase(epochs, lr, topk_weight),)
+    config = TrainConfig(recipe=recipe, align_steps=align_steps, topk=topk, phases=phases, batch_size=batch_size,
+                         max_length=max_length, precision=precision, seed=seed)
+    metrics = run_training(target, data, out, config, resume=resume, force=force)
+    typer.echo(json.dumps({"out": str(out), **{k: v for k, v in metrics.items() if k.startswith("eval_")}}))
+
+
 def main(argv: list[str] | None = None) -> None:
-    app(args=argv)
+    """The console script: usage mistakes (an unknown option, a value of the wrong type) are one line, exit 1."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except typer.Abort:
+        sys.exit(1)
+    except typer.TyperException as err:  # typer's click: UsageError, BadParameter, ...
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        typer.echo(f"error: {' '.join(message.split())}", err=True)
+        sys.exit(1)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,66 @@ class RuntimeConfig:
     dtype: str = "fp32"  # the precision in which greedy output is checked token for token against transformers
     device: str = "cpu"
     max_seq_len: int | None = None  # KV rows; None = min(the target's max_position_embeddings, 4096)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training with its own optimizer and schedule (the reference restarts both per phase)."""
+
+    epochs: int
+    lr: float
+    topk_weight: float  # weight of the Top-K distillation loss in this phase
+
+
+# The HASS reference schedule (algorithm.md §3.7): 40(+1) epochs of alignment only, then 10(+1) with Top-K
+# distillation, at GPU-cluster learning rates. Meant for ShareGPT-scale data, not for a CPU.
+REFERENCE_SCHEDULE = (Phase(epochs=41, lr=3e-5, topk_weight=0.0), Phase(epochs=11, lr=1e-5, topk_weight=1.0))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = "hass"  # "hass", or "eagle2": one step and no Top-K loss, everything else shared (the baseline)
+    align_steps: int = 3  # HASS forward passes per batch; the paper's 3 (EAGLE-2 uses 1)
+    topk: int = 10  # K of the Top-K distillation loss, the paper's value
+    # CPU-scale default: a few epochs at a learning rate small datasets need; REFERENCE_SCHEDULE for GPU scale
+    phases: tuple[Phase, ...] = (Phase(epochs=4, lr=1e-3, topk_weight=1.0),)
+    feature_weight: float = 1.0  # SmoothL1 on the next feature (reference v_w)
+    ce_weight: float = 0.1  # soft cross-entropy against the target distribution (reference p_w)
+    step_weights: tuple[float, ...] = ()  # per-step loss weights; () = 1.0 for every step, the reference's sum
+    batch_size: int = 8  # global batch in samples; split across data-parallel ranks
+    max_length: int = 512  # samples are truncated to this many tokens
+    warmup_fraction: float = 0.05  # linear warm-up, then linear decay to 0 (reference: 1%, over far more steps)
+    weight_decay: float = 0.01  # AdamW's torch default, as in the reference
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 0.5  # element-wise value clipping, as the reference
+    feature_noise: float = 0.1  # uniform noise amplitude on input features (train split only): reference at N=512
+    precision: str = "bf16"  # autocast dtype on CPU and GPU; "fp32" disables autocast
+    eval_depth: int = 5  # draft depths measured on the held-out split each epoch (the reference's getkacc: 5)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.recipe not in ("hass", "eagle2"):
+            raise ConfigError(f"--recipe must be hass or eagle2, got {self.recipe!r}")
+        if self.align_steps < 1:
+            raise ConfigError(f"--align-steps must be >= 1, got {self.align_steps}")
+        if self.topk < 1:
+            raise ConfigError(f"--topk must be >= 1, got {self.topk}")
+        if not self.phases or any(p.epochs < 1 or not p.lr > 0 or p.topk_weight < 0 for p in self.phases):
+            raise ConfigError("every training phase needs epochs >= 1, lr > 0 and a Top-K weight >= 0")
+        if self.batch_size < 1 or self.max_length < 2:
+            raise ConfigError("--batch-size must be >= 1 and --max-length >= 2")
+        if self.step_weights and len(self.step_weights) != self.steps:
+            raise ConfigError(f"{len(self.step_weights)} step weights given for {self.steps} alignment steps")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+
+    @property
+    def steps(self) -> int:
+        """Forward passes per batch: the recipe decides (EAGLE-2 trains the plain one-step draft)."""
+        return 1 if self.recipe == "eagle2" else self.align_steps
+
+    def topk_weight(self, phase: Phase) -> float:
+        return 0.0 if self.recipe == "eagle2" else phase.topk_weight
+
+    def step_weight(self, step: int) -> float:
+        return self.step_weights[step] if self.step_weights else 1.0

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from hass_deploy.errors import DraftMismatchError, HassDeployError, ModelLoadError
 from hass_deploy.models.draft import DraftHead
-from hass_deploy.models.loading import TargetModel, config_from_hf, read_json, read_state_dict
+from hass_deploy.models.loading import TargetHead, TargetModel, config_from_hf, target_fingerprint, read_json, read_state_dict
 from hass_deploy.models.target import ModelConfig
 
 FORMAT_VERSION = 1
@@ -38,10 +38,10 @@ class DraftMetadata:
     target: dict  # architecture, hidden_size, vocab_size, num_layers, path: what it was made for
 
 
-def target_identity(target: TargetModel) -> dict:
+def target_identity(target: TargetModel | TargetHead) -> dict:
     c = target.config
     return {"architecture": c.architecture, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
-            "num_layers": c.num_layers, "path": str(target.path)}
+            "num_layers": c.num_layers, "path": str(target.path), "fingerprint": target_fingerprint(target.embedding)}
 
 
 def draft_config_for(target: ModelConfig) -> ModelConfig:
@@ -54,7 +54,7 @@ def draft_config_for(target: ModelConfig) -> ModelConfig:
                    o_bias=False, mlp_bias=False)
 
 
-def init_draft(target: TargetModel, seed: int = 0, fc_bias: bool = False) -> DraftHead:
+def init_draft(target: TargetModel | TargetHead, seed: int = 0, fc_bias: bool = False) -> DraftHead:
     """A randomly initialised draft head for `target`, with the target's embedding copied in.
 
     fc is bias-free by default: vLLM's EAGLE loader rejects `fc.bias` (algorithm.md §1.8).
@@ -66,7 +66,7 @@ def init_draft(target: TargetModel, seed: int = 0, fc_bias: bool = False) -> Dra
     finally:
         torch.random.set_rng_state(generator_state)
     with torch.no_grad():
-        head.embed_tokens.weight.copy_(target.module.embed_tokens.weight.float())
+        head.embed_tokens.weight.copy_(target.embedding.float())
     return head
 
 
@@ -97,8 +97,12 @@ def _hf_draft_config(head: DraftHead) -> dict:
     return config
 
 
-def save_draft(head: DraftHead, out: str | Path, metadata: DraftMetadata) -> Path:
-    """Write a draft directory atomically: a crash leaves the previous directory (if any) untouched."""
+def save_draft(head: DraftHead, out: str | Path, metadata: DraftMetadata,
+               extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a draft directory atomically: a crash leaves the previous directory (if any) untouched.
+
+    `extra_files` (name -> bytes) travel in the same atomic replacement, e.g. a trainer's resumable state.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -107,6 +111,8 @@ def save_draft(head: DraftHead, out: str | Path, metadata: DraftMetadata) -> Pat
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(_hf_draft_config(head), indent=2) + "\n")
         (tmp / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -131,7 +137,7 @@ def _draft_state(directory: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_draft(path: str | Path, target: TargetModel, dtype: torch.dtype | None = None) -> tuple[DraftHead, DraftMetadata]:
+def load_draft(path: str | Path, target: TargetModel | TargetHead, dtype: torch.dtype | None = None) -> tuple[DraftHead, DraftMetadata]:
     """Load a draft directory for `target`, refusing one made for another model."""
     directory = Path(path)
     if not directory.is_dir():
@@ -149,8 +155,8 @@ def load_draft(path: str | Path, target: TargetModel, dtype: torch.dtype | None 
                      mlp_bias="layers.0.mlp.down_proj.bias" in state, tie_word_embeddings=False)
     _check_pair(directory, config, state, target)
     if "embed_tokens.weight" not in state:  # some exports drop the frozen copy; the target's is the same table
-        state["embed_tokens.weight"] = target.module.embed_tokens.weight.detach()
-    dtype = dtype or target.module.embed_tokens.weight.dtype
+        state["embed_tokens.weight"] = target.embedding.detach()
+    dtype = dtype or target.embedding.dtype
     try:
         with torch.device("meta"):
             head = DraftHead(config, fc_bias="fc.bias" in state)
@@ -187,7 +193,7 @@ def _check_pair(directory: Path, config: ModelConfig, state: dict, target: Targe
     embed = state.get("embed_tokens.weight")
     if embed is None:
         return
-    reference = target.module.embed_tokens.weight.detach().float()
+    reference = target.embedding.detach().float()
     # Tolerance covers a copy stored in fp16/bf16; a different model's table differs by O(its own scale).
     if embed.shape != reference.shape or not torch.allclose(embed.float(), reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()):
         raise DraftMismatchError(

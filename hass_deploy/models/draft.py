@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hass_deploy.models.target import DecoderLayer, KVStore, ModelConfig, Rotary, run_layers
+from hass_deploy.models.target import DecoderLayer, KVStore, ModelConfig, ReadOnlyKV, Rotary, run_layers
 
 
 class DraftHead(nn.Module):
@@ -41,7 +41,7 @@ class DraftHead(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         tree_mask: torch.Tensor | None = None,
-        kv: KVStore | None = None,
+        kv: KVStore | ReadOnlyKV | None = None,
         cache_len: int = 0,
     ) -> torch.Tensor:
         """Predict the next target features.

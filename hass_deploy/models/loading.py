@@ -50,15 +50,35 @@ class TargetModel:
     eos_token_ids: tuple[int, ...]
     tokenizer: Any | None  # a transformers tokenizer, or None for a directory without one
 
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self.module.embed_tokens.weight
 
-def target_fingerprint(module: Transformer) -> str:
-    """A short hash of the target's embedding table (a strided sample of it, in fp32): the identity that draft
+    @property
+    def lm_head(self) -> torch.Tensor:
+        return self.module.lm_head.weight
+
+
+@dataclass(frozen=True)
+class TargetHead:
+    """The parts of a target a draft trainer needs: its config, embedding and lm_head (fp32), nothing else."""
+
+    path: Path
+    config: ModelConfig
+    embedding: torch.Tensor  # [V, H]
+    lm_head: torch.Tensor  # [V, H]
+
+
+def target_fingerprint(embedding: torch.Tensor | Transformer) -> str:
+    """A short hash of the target's embedding table [V, H] (a strided sample, in fp32): the identity that draft
     heads and training data are checked against, cheap even for 100k-token vocabularies."""
     import hashlib
 
-    table = module.embed_tokens.weight.detach()
-    stride = max(1, table.shape[0] // 4096)
-    sample = table[::stride].float().contiguous().cpu()
+    if isinstance(embedding, Transformer):
+        embedding = embedding.embed_tokens.weight
+
+    stride = max(1, embedding.shape[0] // 4096)
+    sample = embedding.detach()[::stride].float().contiguous().cpu()
     return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
 
 
@@ -141,9 +161,11 @@ def _hf_config(raw: dict, source: str):
         raise ModelLoadError(f"{source}: {' '.join(str(err).split())}") from None
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: safetensors (single or sharded) first, then pytorch_model*.bin."""
-    from safetensors.torch import load_file
+def read_state_dict(directory: Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory (all, or only `names`): safetensors (single or sharded) first, then
+    pytorch_model*.bin. Selected safetensors tensors are read alone, so a trainer that needs only the embedding
+    and lm_head of a 70B target does not read the 70B."""
+    from safetensors import safe_open
 
     files: list[Path]
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
@@ -166,7 +188,8 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     for file in files:
         try:
             if file.suffix == ".safetensors":
-                state.update(load_file(file))
+                with safe_open(file, framework="pt") as handle:
+                    state.update({k: handle.get_tensor(k) for k in handle.keys() if names is None or k in names})
             else:
                 # mmap needs the zip format; a legacy (pre-1.6) torch.save file is still a valid checkpoint
                 state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)))
@@ -177,7 +200,7 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
                                  "only weights_only checkpoints are loaded)") from None
         except Exception as err:  # a truncated or foreign file: say which one, not a deep traceback
             raise ModelLoadError(f"{file}: cannot read weights ({type(err).__name__}: {err})") from None
-    return state
+    return state if names is None else {k: v for k, v in state.items() if k in names}
 
 
 def _target_state(state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -250,3 +273,21 @@ def load_target(path: str | Path, dtype: str = "fp32", device: str = "cpu", toke
         eos_token_ids=eos_ids(directory, raw),
         tokenizer=load_tokenizer(directory) if tokenizer else None,
     )
+
+
+def load_target_head(path: str | Path) -> TargetHead:
+    """Read only the embedding and lm_head of a target directory (for draft training)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: no such model directory")
+    raw = read_json(directory / "config.json")
+    config = config_from_hf(raw, str(directory / "config.json"))
+    names = {"model.embed_tokens.weight", "lm_head.weight"}
+    state = {k.removeprefix("model."): v.float() for k, v in read_state_dict(directory, names).items()}
+    if "embed_tokens.weight" not in state:
+        raise ModelLoadError(f"{directory}: no model.embed_tokens.weight in the checkpoint")
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    if "lm_head.weight" not in state:
+        raise ModelLoadError(f"{directory}: no lm_head.weight in the checkpoint (and embeddings are not tied)")
+    return TargetHead(directory, config, state["embed_tokens.weight"], state["lm_head.weight"])

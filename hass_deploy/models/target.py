@@ -54,6 +54,27 @@ class KVStore(Protocol):
         ...
 
 
+class ReadOnlyKV:
+    """K/V rows the step only reads; its own new rows are handed back instead of written (ONNX export).
+
+    A base class rather than a Protocol: attention branches on `isinstance`, which torch.export traces only for
+    ordinary classes.
+
+    In an exported step graph the committed rows are inputs bound to the runtime's static buffers and the new rows
+    are outputs that the runtime writes into them itself, O(new rows). Attention then reads the buffer and the new
+    rows as two blocks under one softmax (`blocked_attention`), so the graph never concatenates or copies anything
+    whose size grows with the context.
+    """
+
+    def committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V buffers [B, H_kv, S, D] of `layer`; rows at and after cache_len are stale and masked out."""
+        raise NotImplementedError
+
+    def emit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Receive the step's new rows k, v [B, H_kv, T, D] of `layer` (they belong at cache_len ..)."""
+        raise NotImplementedError
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -145,19 +166,80 @@ def step_attention_mask(
     Returns:
         [B, 1, T, kv_len] bool, True = attend.
     """
-    batch, steps, width = tree_mask.shape
     cols = torch.arange(kv_len, device=tree_mask.device)  # [S]
+    return columns_attention_mask(cols, cache_len, tree_mask, position_ids, sliding_window)
+
+
+def columns_attention_mask(
+    cols: torch.Tensor,
+    cache_len: int | torch.Tensor,
+    tree_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """`step_attention_mask` restricted to the KV rows `cols` [S] (any row indices, not only 0 .. kv_len).
+
+    Returns:
+        [B, 1, T, S] bool, True = attend.
+    """
+    batch, steps, width = tree_mask.shape
     end = cache_len + steps
     start = end - width
     rel = (cols - start).clamp(0, width - 1)  # [S] index into the tree mask's columns
     in_tree = (cols >= start) & (cols < end)
-    tree_part = tree_mask.gather(-1, rel.expand(batch, steps, kv_len)) & in_tree  # [B, T, S]
+    tree_part = tree_mask.gather(-1, rel.expand(batch, steps, cols.shape[0])) & in_tree  # [B, T, S]
     allowed = (cols < start) | tree_part  # [B, T, S]
     if sliding_window is not None and position_ids is not None:
         # Row c holds position c for committed and causal rows; a tree row's position is <= c, and tree ancestors are
         # a few positions back, far inside any real window, so comparing with c is exact for them too.
         allowed = allowed & ((position_ids[..., None] - cols) < sliding_window)
     return allowed[:, None]
+
+
+def read_only_masks(
+    cache_len: int | torch.Tensor,
+    tree_mask: torch.Tensor,
+    buffer_len: int,
+    position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step mask split into its two blocks for `ReadOnlyKV`: the buffer's rows and the T new rows.
+
+    Returns:
+        ([B, 1, T, buffer_len], [B, 1, T, T]) bool: buffer rows below cache_len under the step mask (rows at and
+        after cache_len are stale), and the new rows, which sit at cache_len .. cache_len + T.
+    """
+    steps = tree_mask.shape[1]
+    rows = torch.arange(buffer_len, device=tree_mask.device)  # [S]
+    past = columns_attention_mask(rows, cache_len, tree_mask, position_ids, sliding_window) & (rows < cache_len)
+    new_rows = torch.arange(steps, device=tree_mask.device) + cache_len  # [T]
+    return past, columns_attention_mask(new_rows, cache_len, tree_mask, position_ids, sliding_window)
+
+
+def blocked_attention(q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Scaled dot-product attention over several K/V blocks under one softmax, without concatenating K or V.
+
+    Plain MatMul/Softmax ops, so an exported graph needs no fused attention kernel and the tree mask stays an
+    ordinary input. Scores and probabilities are float32 whatever the model dtype (half-precision exports).
+
+    Args:
+        q: [B, H_kv, R, D] queries (grouped-query heads folded into the rows R).
+        blocks: (k [B, H_kv, S_i, D], v [B, H_kv, S_i, D], mask [B, 1, R, S_i] bool) per block.
+
+    Returns:
+        [B, H_kv, R, D] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = [torch.where(mask, torch.matmul(q, k.transpose(-1, -2)).float() * scale, float("-inf"))
+              for k, _, mask in blocks]  # [B, H_kv, R, S_i] each
+    probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)  # the scores' concat is O(R * S), no K/V copy
+    out, start = None, 0
+    for (_, v, _), score in zip(blocks, scores):
+        width = score.shape[-1]
+        part = torch.matmul(probs[..., start:start + width].to(v.dtype), v)  # [B, H_kv, R, D]
+        out = part if out is None else out + part
+        start += width
+    return out.to(q.dtype)
 
 
 def causal_tree_mask(steps: int, device: torch.device | str = "cpu", batch: int = 1) -> torch.Tensor:
@@ -250,7 +332,7 @@ def run_layers(
     x: torch.Tensor,
     position_ids: torch.Tensor,
     tree_mask: torch.Tensor | None,
-    kv: KVStore | None,
+    kv: KVStore | ReadOnlyKV | None,
     cache_len: int,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
@@ -259,8 +341,11 @@ def run_layers(
     if tree_mask is None:
         tree_mask = causal_tree_mask(steps, x.device, batch)
     kv_len = cache_len + steps
-    # Built once per step and shared by every layer: [B, 1, T, kv_len].
-    mask = step_attention_mask(cache_len, tree_mask, kv_len, position_ids, sliding_window)
+    # Built once per step and shared by every layer: [B, 1, T, kv_len], or the (buffer, new rows) blocks.
+    if isinstance(kv, ReadOnlyKV):
+        mask = read_only_masks(cache_len, tree_mask, kv.committed(0)[0].shape[2], position_ids, sliding_window)
+    else:
+        mask = step_attention_mask(cache_len, tree_mask, kv_len, position_ids, sliding_window)
     rope = rotary(position_ids, x.dtype)
     for layer in layers:
         x = layer(x, rope, mask, kv, cache_len, kv_len)
@@ -286,7 +371,7 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         tree_mask: torch.Tensor | None = None,
-        kv: KVStore | None = None,
+        kv: KVStore | ReadOnlyKV | None = None,
         cache_len: int = 0,
     ) -> torch.Tensor:
         """Run T new tokens and return the post-final-norm hidden states [B, T, H] (the lm_head input, EAGLE's feature).
@@ -295,7 +380,8 @@ class Transformer(nn.Module):
             input_ids: [B, T] int64.
             position_ids: [B, T] int64 RoPE positions (tree nodes share a position per depth).
             tree_mask: [B, T, M] bool over the last M rows (see `step_attention_mask`); None = causal over the T tokens.
-            kv: static KV buffers to write rows cache_len.. into and attend over; None = no cache (training, extraction).
+            kv: static KV buffers to write rows cache_len.. into and attend over (`KVStore`), buffers to read whose new
+                rows are handed back (`ReadOnlyKV`, ONNX export), or None = no cache (training, extraction).
             cache_len: rows already committed in `kv`.
         """
         x = self.embed_tokens(input_ids)

@@ -24,6 +24,7 @@ from hass_deploy.models.checkpoint import (
     save_draft,
     target_identity,
 )
+from hass_deploy.models.loading import target_fingerprint
 from hass_deploy.models.loading import load_target
 from hass_deploy.models.random_target import random_hf_model
 
@@ -143,7 +144,8 @@ def test_saved_config_and_metadata(targets, tmp_path):
     assert meta["format_version"] == FORMAT_VERSION
     assert meta["recipe"] == "random-init"
     assert meta["target"] == {"architecture": "LlamaForCausalLM", "hidden_size": 64, "vocab_size": 512,
-                              "num_layers": 2, "path": str(target.path)}
+                              "num_layers": 2, "path": str(target.path),
+                              "fingerprint": target_fingerprint(target.embedding)}
 
     with_bias = save_draft(init_draft(target, fc_bias=True), tmp_path / "biased", _metadata(target))
     assert json.loads((with_bias / "config.json").read_text())["bias"] is True

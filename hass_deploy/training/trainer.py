@@ -1,0 +1,354 @@
+"""The draft-head training loop: HASS (harmonized context alignment + Top-K distillation) or the EAGLE-2
+baseline, single process or data-parallel under torchrun, checkpointed every epoch and resumable.
+
+One `step()` serves training and evaluation: it runs the aligned forward passes of a batch and returns each
+step's outputs; training turns them into losses, evaluation into per-depth acceptance (algorithm.md §3.8).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from hass_deploy.config import Phase, TrainConfig
+from hass_deploy.errors import HassDeployError
+from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, load_draft, save_draft, target_identity
+from hass_deploy.models.draft import DraftHead
+from hass_deploy.models.loading import TargetHead, load_target_head
+from hass_deploy.training.alignment import HarmonizedDraft, shift_predictions
+from hass_deploy.training.data import HiddenStateDataset, check_data_matches_target
+from hass_deploy.training.losses import feature_regression_loss, masked_sum, soft_cross_entropy, topk_distillation_loss
+
+STATE_FILE = "training_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A right-padded batch in the draft's training layout (algorithm.md §3.1)."""
+
+    features: torch.Tensor  # [B, N, H] f_0..f_{N-1}: the draft's input features
+    input_ids: torch.Tensor  # [B, N] x_1..x_N: the token after each feature (0 past the end)
+    targets: torch.Tensor  # [B, N, H] f_1..f_N: the features to predict (0 past the end)
+    loss_mask: torch.Tensor  # [B, N] float: 1 where the predicted token is a trained (assistant) token
+    valid: torch.Tensor  # [B, N] bool: real positions
+
+    @property
+    def tokens(self) -> int:
+        return int(self.valid.sum())
+
+
+def collate(samples: list[dict[str, torch.Tensor]], max_length: int) -> Batch:
+    """Position t pairs (f_t, x_{t+1}) and predicts f_{t+1}; it is trained where x_{t+1} is an assistant token."""
+    lengths = [min(len(s["input_ids"]), max_length) for s in samples]
+    batch, width, hidden = len(samples), max(lengths), samples[0]["hidden"].shape[-1]
+    features = torch.zeros(batch, width, hidden)
+    targets = torch.zeros(batch, width, hidden)
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    loss_mask = torch.zeros(batch, width)
+    valid = torch.zeros(batch, width, dtype=torch.bool)
+    for row, (sample, n) in enumerate(zip(samples, lengths)):
+        f, x, m = sample["hidden"][:n].float(), sample["input_ids"][:n], sample["loss_mask"][:n]
+        features[row, :n] = f
+        targets[row, : n - 1] = f[1:]
+        input_ids[row, : n - 1] = x[1:]
+        loss_mask[row, : n - 1] = m[1:].float()  # the last position has no next feature
+        valid[row, :n] = True
+    return Batch(features, input_ids, targets, loss_mask, valid)
+
+
+def step(model: torch.nn.Module, batch: Batch, steps: int, noise: torch.Tensor | None = None, on_step=None):
+    """Run `steps` aligned forward passes; return each step's predicted features [B, N, H].
+
+    `on_step(s, out)` is called after pass s (training backpropagates there, so each pass's graph is freed
+    before the next, as in the reference); predictions are fed forward detached either way.
+    """
+    first = batch.features if noise is None else batch.features + noise
+    sets, outputs = [first], []
+    for s in range(steps):
+        out = model(sets, batch.input_ids, batch.valid)
+        if on_step is not None:
+            on_step(s, out)
+        outputs.append(out.detach())
+        sets.append(shift_predictions(sets[-1], out))
+    return outputs
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_environment(cls) -> "Distributed":
+        """torchrun sets WORLD_SIZE/RANK; gloo on CPU, NCCL on GPU."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(rank=int(os.environ.get("RANK", "0")), world=world)
+
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(value)
+        return value
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+@dataclass
+class TrainState:
+    phase: int = 0
+    epoch: int = 0  # epochs finished within the phase
+    global_step: int = 0
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
+def _noise(batch: Batch, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Uniform feature noise, training only (algorithm.md §3.6, without the reference's length dependence)."""
+    noise = (torch.rand(batch.features.shape, generator=generator) - 0.5) * (2 * config.feature_noise)
+    return noise * batch.valid[..., None]
+
+
+def _schedule(optimizer, total_steps: int, config: TrainConfig):
+    warmup = max(1, int(total_steps * config.warmup_fraction))
+
+    def factor(i: int) -> float:
+        return (i + 1) / warmup if i < warmup else max(0.0, (total_steps - i) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _batches(count: int, config: TrainConfig, epoch_seed: int, world: int) -> list[list[int]]:
+    """A deterministic order per epoch: global batches of `batch_size` samples; each rank takes every world-th."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+    batches = [order[i : i + config.batch_size] for i in range(0, count, config.batch_size)]
+    return [b for b in batches if len(b) >= world]  # a rank must never get an empty share
+
+
+def train_losses(model, lm_head: torch.Tensor, batch: Batch, config: TrainConfig, phase: Phase,
+                 noise: torch.Tensor | None, denominator: float, world: int, device: torch.device) -> dict[str, float]:
+    """Forward and backward of one batch; returns the logged per-step losses (normalised by the global count)."""
+    with torch.no_grad():
+        target_probs = torch.softmax(batch.targets @ lm_head.T, dim=-1)  # [B, N, V] p, from clean features
+    topk_weight = config.topk_weight(phase)
+    logged: dict[str, float] = {}
+
+    def backward(s: int, out: torch.Tensor) -> None:
+        draft_logprobs = torch.log_softmax((out.float() @ lm_head.T), dim=-1)  # [B, N, V] log q
+        regression = masked_sum(feature_regression_loss(out, batch.targets), batch.loss_mask)
+        cross_entropy = masked_sum(soft_cross_entropy(draft_logprobs, target_probs), batch.loss_mask)
+        total = config.feature_weight * regression + config.ce_weight * cross_entropy
+        if topk_weight:
+            total = total + topk_weight * masked_sum(
+                topk_distillation_loss(draft_logprobs, target_probs, config.topk), batch.loss_mask)
+        # DDP averages gradients over ranks; scaling by world / global count makes that the global mean.
+        (config.step_weight(s) * total * world / denominator).backward()
+        logged[f"loss_{s}"] = float(total) / denominator
+        logged[f"top1_{s}"] = float(masked_sum((draft_logprobs.argmax(-1) == target_probs.argmax(-1)).float(),
+                                               batch.loss_mask)) / denominator
+
+    if isinstance(model, DistributedDataParallel):
+        # Gradients are reduced once, on the last pass: earlier passes accumulate locally.
+        def on_step(s, out):
+            if s < config.steps - 1:
+                with model.no_sync():
+                    backward(s, out)
+            else:
+                backward(s, out)
+    else:
+        on_step = backward
+    with _autocast(config, device):
+        step(model, batch, config.steps, noise, on_step)
+    return logged
+
+
+@torch.no_grad()
+def evaluate(head: DraftHead, lm_head: torch.Tensor, dataset: HiddenStateDataset, config: TrainConfig) -> dict:
+    """Per-depth acceptance of the draft rolled out on its own features over the held-out split.
+
+    From every anchor position a inside the trained region the draft predicts depth i from its own i earlier
+    predictions (the aligned pass i); depth i is correct if it equals the target's greedy token there. Reports
+    cumulative acceptance P(depths 0..i all correct), the conditional per-depth rates, and the expected
+    tokens per round of a chain draft, 1 + sum_i P(0..i correct).
+    """
+    model = HarmonizedDraft(head).eval()
+    depth = config.eval_depth
+    accepted = torch.zeros(depth)
+    anchors = 0
+    for start in range(0, len(dataset), config.batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + config.batch_size, len(dataset)))],
+                        config.max_length)
+        outputs = step(model, batch, depth)
+        target_tokens = (batch.features @ lm_head.T).argmax(-1)  # [B, N] y_t: the target's greedy next token
+        seq = batch.valid.shape[1]
+        chain = batch.loss_mask[:, : seq].bool()  # anchor a needs the first predicted token to be trained
+        for i, out in enumerate(outputs):
+            predicted = (out @ lm_head.T).argmax(-1)  # [B, N] token after position t + 1
+            # Depth i from anchor a uses out_i[a + i] and the target's y[a + i + 1].
+            correct = torch.zeros_like(chain)
+            if seq - 1 - i > 0:
+                hit = predicted[:, i : seq - 1] == target_tokens[:, i + 1 :]
+                in_range = batch.valid[:, i + 1 :]
+                correct[:, : seq - 1 - i] = hit & in_range
+            chain = chain & correct
+            accepted[i] += chain.sum()
+        anchors += int(batch.loss_mask.bool().sum())
+    cumulative = (accepted / max(anchors, 1)).tolist()
+    conditional = [cumulative[0]] + [c / p if p else 0.0 for p, c in zip(cumulative, cumulative[1:])]
+    return {"acceptance": cumulative, "depth_acceptance": conditional, "expected_tau": 1 + sum(cumulative),
+            "anchors": anchors}
+
+
+def _save(head: DraftHead, out: Path, target: TargetHead, config: TrainConfig, state: TrainState,
+          optimizer, scheduler, metrics: list[dict]) -> None:
+    """Draft files + optimizer/scheduler state + metrics, replacing `out` atomically."""
+    buffer = io.BytesIO()
+    torch.save({"state": asdict(state), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "config": json.dumps(asdict(config))}, buffer)
+    metadata = DraftMetadata(FORMAT_VERSION, config.recipe, target_identity(target))
+    save_draft(head, out, metadata, extra_files={
+        STATE_FILE: buffer.getvalue(),
+        METRICS_FILE: "".join(json.dumps(m) + "\n" for m in metrics).encode(),
+    })
+
+
+def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config: TrainConfig = TrainConfig(),
+          resume: bool = False, force: bool = False, progress: bool = True) -> dict:
+    """Train a draft head for `target_dir` on hidden states in `data_dir`; `out` becomes a loadable draft.
+
+    Returns the last epoch's evaluation metrics.
+    """
+    out = Path(out)
+    env = Distributed.from_environment()
+    device = torch.device("cpu")
+    target = load_target_head(target_dir)
+    train_set, eval_set = HiddenStateDataset(data_dir, "train"), HiddenStateDataset(data_dir, "eval")
+    check_data_matches_target(train_set.manifest, target)
+    if len(train_set) < env.world:
+        raise HassDeployError(f"{data_dir}: {len(train_set)} training samples cannot feed {env.world} ranks")
+    lm_head = target.lm_head.to(device)
+
+    state, metrics = TrainState(), []
+    saved_state = None
+    if resume and (out / STATE_FILE).exists():
+        head, _ = load_draft(out, target, dtype=torch.float32)
+        saved_state = torch.load(out / STATE_FILE, weights_only=True)
+        if json.loads(saved_state["config"]) != json.loads(json.dumps(asdict(config))):
+            raise HassDeployError(f"{out} was trained with different settings; resume with the same options")
+        state = TrainState(**saved_state["state"])
+        metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
+    else:
+        if out.exists() and any(out.iterdir()) and not force and not resume:
+            raise HassDeployError(f"{out} exists and is not empty (use --resume to continue or --force to overwrite)")
+        head = init_draft(target, seed=config.seed)
+    head = head.float().to(device).train()
+    head.embed_tokens.weight.requires_grad_(False)
+    model = HarmonizedDraft(head)
+    if env.world > 1:
+        model = DistributedDataParallel(model)
+
+    for phase_index in range(state.phase, len(config.phases)):
+        phase = config.phases[phase_index]
+        trainable = [p for p in head.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=phase.lr, betas=config.betas, weight_decay=config.weight_decay)
+        steps_per_epoch = len(_batches(len(train_set), config, 0, env.world))
+        scheduler = _schedule(optimizer, steps_per_epoch * phase.epochs, config)
+        if saved_state is not None and phase_index == state.phase:
+            optimizer.load_state_dict(saved_state["optimizer"])
+            scheduler.load_state_dict(saved_state["scheduler"])
+        first_epoch = state.epoch if phase_index == state.phase else 0
+        for epoch in range(first_epoch, phase.epochs):
+            epoch_seed = config.seed * 1_000_003 + phase_index * 10_007 + epoch
+            noise_generator = torch.Generator().manual_seed(epoch_seed * 7 + env.rank)
+            logged: list[dict] = []
+            batches = _batches(len(train_set), config, epoch_seed, env.world)
+            with _progress(progress and env.rank == 0, f"phase {phase_index + 1} epoch {epoch + 1}/{phase.epochs}",
+                           len(batches)) as advance:
+                for indices in batches:
+                    local = indices[env.rank :: env.world]
+                    batch = collate([train_set[i] for i in local], config.max_length)
+                    count = env.all_sum(torch.tensor(float(batch.loss_mask.sum())))
+                    if float(count) == 0:
+                        continue
+                    noise = _noise(batch, config, noise_generator) if config.feature_noise else None
+                    logged.append(train_losses(model, lm_head, batch, config, phase, noise, float(count), env.world,
+                                               device))
+                    for p in trainable:
+                        if p.grad is not None:
+                            p.grad.clamp_(-config.grad_clip, config.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.global_step += 1
+                    advance(batch.tokens * env.world, logged[-1].get("loss_0", 0.0))
+            record = {"phase": phase_index, "epoch": epoch + 1, "step": state.global_step,
+                      "lr": scheduler.get_last_lr()[0],
+                      **{k: sum(d[k] for d in logged) / len(logged) for k in (logged[0] if logged else {})}}
+            if env.rank == 0:
+                record.update({f"eval_{k}": v for k, v in evaluate(head, lm_head, eval_set, config).items()})
+                metrics.append(record)
+            state = TrainState(phase_index, epoch + 1, state.global_step)
+            if env.rank == 0:
+                _save(head, out, target, config, state, optimizer, scheduler, metrics)
+                if progress:
+                    _report(record)
+            env.barrier()
+        state = TrainState(phase_index + 1, 0, state.global_step)
+        saved_state = None
+    if env.world > 1:
+        dist.destroy_process_group()
+    return metrics[-1] if metrics else {}
+
+
+def _report(record: dict) -> None:
+    from rich.console import Console
+
+    depths = " ".join(f"{a:.2f}" for a in record.get("eval_depth_acceptance", []))
+    Console(stderr=True).print(
+        f"epoch {record['epoch']}: loss {record.get('loss_0', float('nan')):.4f}  top1 {record.get('top1_0', 0):.3f}  "
+        f"eval tau {record.get('eval_expected_tau', float('nan')):.3f}  per-depth acceptance [{depths}]")
+
+
+class _progress:
+    """A rich progress bar with tokens/s and ETA (silent when disabled, e.g. on non-zero ranks)."""
+
+    def __init__(self, enabled: bool, title: str, total: int):
+        self.enabled, self.title, self.total = enabled, title, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda tokens, loss: None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("{task.fields[rate]:.0f} tok/s  loss {task.fields[loss]:.4f}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+        self.bar.__enter__()
+        task = self.bar.add_task(self.title, total=self.total, rate=0.0, loss=math.nan)
+        seen = {"tokens": 0}
+
+        def advance(tokens: int, loss: float) -> None:
+            seen["tokens"] += tokens
+            elapsed = self.bar.tasks[0].elapsed or 1e-9
+            self.bar.update(task, advance=1, rate=seen["tokens"] / elapsed, loss=loss)
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False
