@@ -116,9 +116,16 @@ def _autocast(config: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 
-def _noise(batch: Batch, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Uniform feature noise, training only (algorithm.md §3.6, without the reference's length dependence)."""
-    noise = (torch.rand(batch.features.shape, generator=generator) - 0.5) * (2 * config.feature_noise)
+def _noise(batch: Batch, indices: list[int], config: TrainConfig, epoch_seed: int) -> torch.Tensor:
+    """Uniform feature noise, training only (algorithm.md §3.6, without the reference's length dependence).
+
+    Seeded per (epoch, sample), so a sample gets the same noise whichever rank or batch it lands in: data-parallel
+    and resumed runs then reproduce single-process, uninterrupted ones.
+    """
+    noise = torch.zeros_like(batch.features)
+    for row, index in enumerate(indices):
+        generator = torch.Generator().manual_seed(epoch_seed * 1_000_003 + index)
+        noise[row] = (torch.rand(noise.shape[1:], generator=generator) - 0.5) * (2 * config.feature_noise)
     return noise * batch.valid[..., None]
 
 
@@ -273,7 +280,6 @@ def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config:
         first_epoch = state.epoch if phase_index == state.phase else 0
         for epoch in range(first_epoch, phase.epochs):
             epoch_seed = config.seed * 1_000_003 + phase_index * 10_007 + epoch
-            noise_generator = torch.Generator().manual_seed(epoch_seed * 7 + env.rank)
             logged: list[dict] = []
             batches = _batches(len(train_set), config, epoch_seed, env.world)
             with _progress(progress and env.rank == 0, f"phase {phase_index + 1} epoch {epoch + 1}/{phase.epochs}",
@@ -284,7 +290,7 @@ def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config:
                     count = env.all_sum(torch.tensor(float(batch.loss_mask.sum())))
                     if float(count) == 0:
                         continue
-                    noise = _noise(batch, config, noise_generator) if config.feature_noise else None
+                    noise = _noise(batch, local, config, epoch_seed) if config.feature_noise else None
                     logged.append(train_losses(model, lm_head, batch, config, phase, noise, float(count), env.world,
                                                device))
                     for p in trainable:
