@@ -285,16 +285,30 @@ class Attention(nn.Module):
         out = out.reshape(batch, self.num_heads, steps, self.head_dim).transpose(1, 2).reshape(batch, steps, -1)
         return self.o_proj(out)
 
+    def attend_blocks(self, q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """`attend` over several K/V blocks (k, v [B, nKV, S_i, D], mask [B, 1, T, S_i]) under one softmax."""
+        batch, _, steps, _ = q.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(batch, self.num_kv_heads, groups * steps, self.head_dim)  # [B, nKV, groups * T, D], as in attend
+        out = blocked_attention(q, [(k, v, mask.repeat(1, 1, groups, 1)) for k, v, mask in blocks])
+        out = out.reshape(batch, self.num_heads, steps, self.head_dim).transpose(1, 2).reshape(batch, steps, -1)
+        return self.o_proj(out)
+
     def forward(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        kv: KVStore | None,
+        mask: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        kv: KVStore | ReadOnlyKV | None,
         cache_len: int,
         kv_len: int,
     ) -> torch.Tensor:
         q, k, v = self.project(x, rope)
+        if isinstance(kv, ReadOnlyKV):
+            # mask is the (buffer, new rows) pair from `read_only_masks`; the buffer is read, never written.
+            kv.emit(self.layer, k, v)
+            past_k, past_v = kv.committed(self.layer)  # [B, nKV, S, D]
+            return self.attend_blocks(q, [(past_k, past_v, mask[0]), (k, v, mask[1])])
         if kv is not None:
             k, v = kv.update(self.layer, cache_len, k, v, kv_len)  # [B, nKV, S, D], views of the static buffers
         return self.attend(q, k, v, mask)

@@ -163,7 +163,7 @@ def train_losses(model, lm_head: torch.Tensor, batch: Batch, config: TrainConfig
                 topk_distillation_loss(draft_logprobs, target_probs, config.topk), batch.loss_mask)
         # DDP averages gradients over ranks; scaling by world / global count makes that the global mean.
         (config.step_weight(s) * total * world / denominator).backward()
-        logged[f"loss_{s}"] = float(total) / denominator
+        logged[f"loss_{s}"] = float(total.detach()) / denominator
         logged[f"top1_{s}"] = float(masked_sum((draft_logprobs.argmax(-1) == target_probs.argmax(-1)).float(),
                                                batch.loss_mask)) / denominator
 

@@ -1,0 +1,320 @@
+"""Training data for draft heads: the target's hidden states over a dataset, as sharded safetensors plus an index.
+
+    generate_data(target_dir, dataset, out, DataConfig(...)) -> DataManifest      (`hass-deploy data`)
+    HiddenStateDataset(out, "train" | "eval")[i] -> {"input_ids", "loss_mask", "hidden"}
+
+What the reference does (algorithm.md §2): one torch.save file per conversation, fp16 features, loss masks from
+hard-coded tokenizer offsets, four processes over contiguous slices. Here: masks from the chat template
+(`chat.py`), shards of several samples (`shards.py`), right-padded batched target passes under a token budget,
+resumable (a shard is written atomically and a rerun skips it), and sharded over torchrun ranks (rank r makes the
+shards k with k % world == r; rank 0 writes manifest.json after a barrier).
+
+The assignment of records to shards depends only on the dataset and the settings: the usable records are shuffled
+with the seed, truncated to --max-samples, the first `eval` of them form the held-out split, and each split is cut
+into shards of --shard-size records. A shard's bytes depend only on its records, so an interrupted run plus a
+rerun, or a run over several ranks, writes the same files as one uninterrupted process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hass_deploy.errors import ConfigError, HassDeployError
+from hass_deploy.training import shards as fmt
+from hass_deploy.training.chat import FORMATS
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Settings of `hass-deploy data` (each default defined here once; the CLI reads them)."""
+
+    format: str = "sharegpt"  # sharegpt | text | prompts (needs --regenerate) | ids (pre-tokenized)
+    max_samples: int | None = None  # records used after the seeded shuffle; None = all
+    max_length: int = 2048  # tokens per sample, longer ones truncated (the reference's max_len; capped at the
+    # target's max_position_embeddings)
+    regenerate: bool = False  # the target writes the responses (self-distillation)
+    max_new_tokens: int | None = None  # per regenerated turn; None = up to max_length
+    temperature: float = 0.0  # of regenerated responses; 0 = greedy, the target's most likely answer
+    dtype: str = "bf16"  # stored hidden states: half the bytes of fp32, the precision the trainer computes in
+    compute_dtype: str = "fp32"  # the target's weights and activations while extracting (bf16 for large targets)
+    device: str = "cpu"  # "cuda" uses cuda:LOCAL_RANK under torchrun
+    eval_fraction: float = 0.05  # held-out records (the reference's 95/5 split), at least 1 when there are >= 2
+    shard_size: int = 64  # records per shard: ~0.5 GB of bf16 features for a 4096-wide target at 1k tokens
+    seed: int = 0  # the shuffle (record -> split, shard) and regeneration sampling
+    batch_tokens: int = 4096  # padded tokens per target pass (batch size x longest sample)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format == "prompts" and not self.regenerate:
+            raise ConfigError("--format prompts needs --regenerate: prompt files hold no responses, "
+                              "so the target has to write them")
+        if self.format in ("text", "ids") and self.regenerate:
+            raise ConfigError(f"--regenerate applies to sharegpt and prompts data, not to --format {self.format}")
+        for name in ("dtype", "compute_dtype"):
+            if getattr(self, name) not in fmt.STORAGE_DTYPES:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(fmt.STORAGE_DTYPES)}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("shard_size", "batch_tokens", "max_samples", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings the stored bytes depend on (not the batch budget or device), compared on a rerun."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batch_tokens", "device")}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    split: str
+    records: int  # dataset records assigned to it
+    samples: int  # samples stored (a record may give none, or several; see chat.chain_turns)
+    tokens: int
+    loss_tokens: int
+    bytes: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataManifest:
+    """manifest.json: which target and settings produced the shards, and the shards themselves."""
+
+    target_fingerprint: str
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    max_length: int
+    architecture: str
+    target_path: str
+    dataset: dict[str, Any]  # path, format, sha256
+    settings: dict[str, Any]
+    shards: tuple[ShardInfo, ...]
+    totals: dict[str, Any]
+    complete: bool
+    directory: Path | None = None  # where it was read from (not stored)
+
+    def split_shards(self, split: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.split == split]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "complete": self.complete,
+            "target": {"fingerprint": self.target_fingerprint, "architecture": self.architecture,
+                       "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "path": self.target_path},
+            "dtype": self.dtype, "max_length": self.max_length, "dataset": self.dataset, "settings": self.settings,
+            "tensors": {"input_ids": "int64 [tokens]", "loss_mask": "uint8 [tokens]",
+                        "hidden": f"{self.dtype} [tokens, {self.hidden_size}]", "offsets": "int64 [samples + 1]",
+                        "record_index": "int64 [samples]"},
+            "shards": [asdict(s) for s in self.shards],
+            "totals": self.totals,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any, source: Path, directory: Path | None = None) -> "DataManifest":
+        if not isinstance(raw, dict) or raw.get("format") != fmt.FORMAT:
+            raise HassDeployError(f"{source}: not a hass-deploy data manifest")
+        if raw.get("format_version") != fmt.FORMAT_VERSION:
+            raise HassDeployError(f"{source}: data format version {raw.get('format_version')!r}, this hass-deploy "
+                                  f"reads version {fmt.FORMAT_VERSION}; regenerate the data")
+        try:
+            target = raw["target"]
+            return cls(
+                target_fingerprint=str(target["fingerprint"]), hidden_size=int(target["hidden_size"]),
+                vocab_size=int(target["vocab_size"]), dtype=str(raw["dtype"]), max_length=int(raw["max_length"]),
+                architecture=str(target["architecture"]), target_path=str(target["path"]),
+                dataset=dict(raw["dataset"]), settings=dict(raw["settings"]),
+                shards=tuple(ShardInfo(**s) for s in raw["shards"]), totals=dict(raw["totals"]),
+                complete=bool(raw["complete"]), directory=directory,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise HassDeployError(f"{source}: malformed manifest ({type(err).__name__}: {err})") from None
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "DataManifest":
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise HassDeployError(f"{directory}: no {MANIFEST} (not a directory written by hass-deploy data)")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise HassDeployError(f"{path}: malformed JSON ({err})") from None
+        manifest = cls.from_json(raw, path, directory)
+        if manifest.dtype not in fmt.STORAGE_DTYPES:
+            raise HassDeployError(f"{path}: unknown dtype {manifest.dtype!r}")
+        return manifest
+
+
+def check_data_matches_target(manifest: DataManifest, target) -> None:
+    """Refuse data made from another target. `target` is a TargetModel or anything with `config`, `path` and an
+    `embedding` table (the trainer's TargetHead)."""
+    from hass_deploy.models.loading import target_fingerprint
+
+    embedding = target.embedding if hasattr(target, "embedding") else target.module.embed_tokens.weight
+    fingerprint = target_fingerprint(embedding)
+    config = target.config
+    if (fingerprint, config.hidden_size, config.vocab_size) != (
+            manifest.target_fingerprint, manifest.hidden_size, manifest.vocab_size):
+        raise HassDeployError(
+            f"data in {manifest.directory} was generated from another target ({manifest.target_path}, fingerprint "
+            f"{manifest.target_fingerprint}, hidden size {manifest.hidden_size}, vocab {manifest.vocab_size}; "
+            f"{target.path} has {fingerprint}, {config.hidden_size}, {config.vocab_size}); regenerate it with "
+            f"hass-deploy data --target {target.path}")
+
+
+class HiddenStateDataset(torch.utils.data.Dataset):
+    """One split of a data directory, read lazily: shard headers are checked up front, tensors are memory-mapped
+    slices read per sample, so datasets larger than RAM work. Safe to use with DataLoader workers (handles are
+    reopened in each process)."""
+
+    def __init__(self, directory: str | Path, split: str = "train"):
+        if split not in fmt.SPLITS:
+            raise HassDeployError(f"unknown split {split!r}; choose one of {', '.join(fmt.SPLITS)}")
+        self.directory = Path(directory)
+        self.split = split
+        self.manifest = DataManifest.read(self.directory)
+        if not self.manifest.complete:
+            raise HassDeployError(f"{self.directory}: the data is incomplete (an interrupted run?); rerun "
+                                  "hass-deploy data with the same options to finish it")
+        self.shards = self.manifest.split_shards(split)
+        self._offsets: list[torch.Tensor] = []
+        self._starts: list[int] = []  # global index of each shard's first sample
+        total = 0
+        for shard in self.shards:
+            self._offsets.append(self._inspect(shard))
+            self._starts.append(total)
+            total += shard.samples
+        self._length = total
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def _inspect(self, shard: ShardInfo) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.directory / shard.file
+        if not path.is_file():
+            raise HassDeployError(f"{path}: shard missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != shard.bytes:
+            raise HassDeployError(f"{path}: truncated or corrupted shard ({size} bytes, {MANIFEST} says {shard.bytes})")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return fmt.check_tensors(path, handle, shard.samples, shard.tokens, self.manifest.hidden_size,
+                                         self.manifest.dtype)
+        except HassDeployError:
+            raise
+        except Exception as err:
+            raise HassDeployError(f"{path}: corrupted shard ({' '.join(str(err).split())})") from None
+
+    def __len__(self) -> int:
+        return self._length
+
+    def lengths(self) -> list[int]:
+        """Tokens per sample, in index order (for length-bucketed batching)."""
+        return [n for offsets in self._offsets for n in (offsets[1:] - offsets[:-1]).tolist()]
+
+    def record_indices(self) -> list[int]:
+        """The dataset-file record (0-based) each sample came from, in index order."""
+        return [r for shard in range(len(self.shards)) for r in self._handle(shard).get_tensor("record_index").tolist()]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError(f"sample {index} out of range for {self._length} samples")
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return shard, index - self._starts[shard]
+
+    def _handle(self, shard: int):
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # a forked DataLoader worker must not share its parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.directory / self.shards[shard].file), framework="pt")
+        return self._handles[shard]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        shard, local = self._locate(index)
+        start, end = self._offsets[shard][local : local + 2].tolist()
+        path = self.directory / self.shards[shard].file
+        try:
+            handle = self._handle(shard)
+            sample = {
+                "input_ids": handle.get_slice("input_ids")[start:end],  # [N] int64
+                "loss_mask": handle.get_slice("loss_mask")[start:end].bool(),  # [N] bool
+                "hidden": handle.get_slice("hidden")[start:end],  # [N, H] stored dtype
+            }
+        except Exception as err:
+            raise HassDeployError(f"{path}: corrupted shard ({' '.join(str(err).split())})") from None
+        ids = sample["input_ids"]
+        if int(ids.min()) < 0 or int(ids.max()) >= self.manifest.vocab_size:
+            raise HassDeployError(f"{path}: corrupted shard (token ids outside the vocabulary in sample {local})")
+        return sample
+
+    def verify(self) -> None:
+        """Re-hash every shard's tensors against the hash stored at writing time (reads all the data)."""
+        from safetensors.torch import load_file
+
+        for shard in self.shards:
+            path = self.directory / shard.file
+            if fmt.content_hash(load_file(str(path))) != fmt.read_metadata(path).get("content_sha256"):
+                raise HassDeployError(f"{path}: corrupted shard (its contents do not match their stored hash)")
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handles": {}}
+
+
+def generate_data(target_dir: str | Path, dataset: str | Path, out: str | Path, config: DataConfig = DataConfig(),
+                  force: bool = False, progress: bool = False) -> DataManifest:
+    """Tokenize `dataset`, run the target over it and write its hidden states to `out` (see the module doc).
+
+    Args:
+        force: replace data in `out` made from another target or with other settings (otherwise refused).
+        progress: show a progress bar (rank 0) with tokens/s and ETA on stderr.
+    Returns:
+        The manifest of the finished directory.
+    """
+    from hass_deploy.training.extract import run
+
+    return run(Path(target_dir), Path(dataset), Path(out), config, force, progress)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def count_split(shards: list[ShardInfo]) -> dict[str, int]:
+    return {"shards": len(shards), "records": sum(s.records for s in shards), "samples": sum(s.samples for s in shards),
+            "tokens": sum(s.tokens for s in shards), "loss_tokens": sum(s.loss_tokens for s in shards)}
+
+
+def merge_skipped(*counts: dict[str, int]) -> dict[str, int]:
+    total: Counter = Counter()
+    for c in counts:
+        total.update(c)
+    return dict(sorted(total.items()))
