@@ -45,6 +45,10 @@ class Batch:
     def tokens(self) -> int:
         return int(self.valid.sum())
 
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.features, self.input_ids, self.targets,
+                                                                    self.loss_mask, self.valid)))
+
 
 def collate(samples: list[dict[str, torch.Tensor]], max_length: int) -> Batch:
     """Position t pairs (f_t, x_{t+1}) and predicts f_{t+1}; it is trained where x_{t+1} is an assistant token."""
@@ -193,11 +197,11 @@ def evaluate(head: DraftHead, lm_head: torch.Tensor, dataset: HiddenStateDataset
     """
     model = HarmonizedDraft(head).eval()
     depth = config.eval_depth
-    accepted = torch.zeros(depth)
+    accepted = torch.zeros(depth, device=lm_head.device)
     anchors = 0
     for start in range(0, len(dataset), config.batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + config.batch_size, len(dataset)))],
-                        config.max_length)
+                        config.max_length).to(lm_head.device)
         outputs = step(model, batch, depth)
         target_tokens = (batch.features @ lm_head.T).argmax(-1)  # [B, N] y_t: the target's greedy next token
         seq = batch.valid.shape[1]
@@ -213,7 +217,7 @@ def evaluate(head: DraftHead, lm_head: torch.Tensor, dataset: HiddenStateDataset
             chain = chain & correct
             accepted[i] += chain.sum()
         anchors += int(batch.loss_mask.bool().sum())
-    cumulative = (accepted / max(anchors, 1)).tolist()
+    cumulative = (accepted.cpu() / max(anchors, 1)).tolist()
     conditional = [cumulative[0]] + [c / p if p else 0.0 for p, c in zip(cumulative, cumulative[1:])]
     return {"acceptance": cumulative, "depth_acceptance": conditional, "expected_tau": 1 + sum(cumulative),
             "anchors": anchors}
@@ -234,14 +238,14 @@ def _save(head: DraftHead, out: Path, target: TargetHead, config: TrainConfig, s
 
 
 def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config: TrainConfig = TrainConfig(),
-          resume: bool = False, force: bool = False, progress: bool = True) -> dict:
+          resume: bool = False, force: bool = False, progress: bool = True, device: str = "cpu") -> dict:
     """Train a draft head for `target_dir` on hidden states in `data_dir`; `out` becomes a loadable draft.
 
     Returns the last epoch's evaluation metrics.
     """
     out = Path(out)
     env = Distributed.from_environment()
-    device = torch.device("cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device)
     target = load_target_head(target_dir)
     train_set, eval_set = HiddenStateDataset(data_dir, "train"), HiddenStateDataset(data_dir, "eval")
     check_data_matches_target(train_set.manifest, target)
@@ -266,7 +270,7 @@ def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config:
     head.embed_tokens.weight.requires_grad_(False)
     model = HarmonizedDraft(head)
     if env.world > 1:
-        model = DistributedDataParallel(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     for phase_index in range(state.phase, len(config.phases)):
         phase = config.phases[phase_index]
@@ -287,10 +291,11 @@ def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config:
                 for indices in batches:
                     local = indices[env.rank :: env.world]
                     batch = collate([train_set[i] for i in local], config.max_length)
-                    count = env.all_sum(torch.tensor(float(batch.loss_mask.sum())))
+                    noise = _noise(batch, local, config, epoch_seed).to(device) if config.feature_noise else None
+                    batch = batch.to(device)
+                    count = env.all_sum(batch.loss_mask.sum().double())  # NCCL needs it on the device
                     if float(count) == 0:
                         continue
-                    noise = _noise(batch, local, config, epoch_seed) if config.feature_noise else None
                     logged.append(train_losses(model, lm_head, batch, config, phase, noise, float(count), env.world,
                                                device))
                     for p in trainable:
