@@ -14,14 +14,20 @@ from typing import Optional
 
 import typer
 
+from hass_deploy.bench.config import BenchConfig
 from hass_deploy.config import GenerationConfig, RuntimeConfig, SamplingConfig, TrainConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
+from hass_deploy.export.config import ExportConfig
+from hass_deploy.training.data import DataConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, export and serve HASS speculative-decoding draft heads, losslessly.")
 
 _TREE, _SAMPLING, _GEN, _RUNTIME = TreeConfig(), SamplingConfig(), GenerationConfig(), RuntimeConfig()
 _TRAIN = TrainConfig()
+_BENCH = BenchConfig()
+_EXPORT = ExportConfig()
+_DATA = DataConfig()
 
 
 def _fail(message: str) -> None:
@@ -102,7 +108,8 @@ def generate(
     tree_depth: int = typer.Option(_TREE.depth, help="Draft levels per round."),
     tree_top_k: int = typer.Option(_TREE.top_k, help="Children per node and beam width."),
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
-    backend: str = typer.Option(_RUNTIME.backend, help="Runtime backend."),
+    backend: str = typer.Option(_RUNTIME.backend, help="Runtime backend: torch or onnxruntime."),
+    artifacts: Optional[Path] = typer.Option(None, help="`hass-deploy export` directory (--backend onnxruntime)."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache rows (default: min(max_position_embeddings, 4096))."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if present)."),
     json_output: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout."),
@@ -130,7 +137,7 @@ def generate(
         items = [Prompt(text=prompt)]
     else:
         items = read_prompt_file(prompts)
-    pipe = Pipeline.load(target, draft, runtime, config)
+    pipe = Pipeline.load(target, draft, runtime, config, artifacts)
     for item in items:
         ids = pipe.encode(item, chat)
         stream = None if json_output or len(items) > 1 or pipe.target.tokenizer is None else _text_streamer(pipe)
@@ -187,6 +194,7 @@ def train(
     seed: int = typer.Option(_TRAIN.seed),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, help="Overwrite a non-empty --out."),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun)."),
 ) -> None:
     """Train a HASS (or EAGLE-2) draft head on target hidden states."""
     from hass_deploy.config import REFERENCE_SCHEDULE, Phase, TrainConfig
@@ -197,8 +205,153 @@ def train(
     phases = REFERENCE_SCHEDULE if schedule == "reference" else (Phase(epochs, lr, topk_weight),)
     config = TrainConfig(recipe=recipe, align_steps=align_steps, topk=topk, phases=phases, batch_size=batch_size,
                          max_length=max_length, precision=precision, seed=seed)
-    metrics = run_training(target, data, out, config, resume=resume, force=force)
+    metrics = run_training(target, data, out, config, resume=resume, force=force, device=device)
     typer.echo(json.dumps({"out": str(out), **{k: v for k, v in metrics.items() if k.startswith("eval_")}}))
+
+
+@app.command()
+@_user_errors
+def data(
+    target: Path = typer.Option(..., help="Target model directory (Hugging Face format, with a tokenizer)."),
+    dataset: Path = typer.Option(..., help="ShareGPT JSON/JSONL, {\"text\"} or {\"ids\"} JSONL, or prompts."),
+    out: Path = typer.Option(..., help="Directory for the shards and manifest.json (reruns resume)."),
+    data_format: str = typer.Option(_DATA.format, "--format", help="sharegpt, text, ids, or prompts (+ --regenerate)."),
+    max_samples: Optional[int] = typer.Option(_DATA.max_samples, help="Records used after the seeded shuffle."),
+    max_length: int = typer.Option(_DATA.max_length, help="Tokens per sample; longer ones are truncated."),
+    regenerate: bool = typer.Option(_DATA.regenerate, help="The target writes the responses (self-distillation)."),
+    max_new_tokens: Optional[int] = typer.Option(_DATA.max_new_tokens, help="Per regenerated turn (default: up "
+                                                 "to --max-length)."),
+    temperature: float = typer.Option(_DATA.temperature, help="Of regenerated responses; 0 = greedy."),
+    dtype: str = typer.Option(_DATA.dtype, help="Stored hidden states: bf16, fp16 or fp32."),
+    compute_dtype: str = typer.Option(_DATA.compute_dtype, help="The target's precision while extracting."),
+    device: str = typer.Option(_DATA.device, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)."),
+    eval_fraction: float = typer.Option(_DATA.eval_fraction, help="Held-out share (at least 1 record of >= 2)."),
+    shard_size: int = typer.Option(_DATA.shard_size, help="Records per shard."),
+    seed: int = typer.Option(_DATA.seed, help="Shuffle and sampling seed."),
+    batch_tokens: int = typer.Option(_DATA.batch_tokens, help="Padded tokens per target pass."),
+    force: bool = typer.Option(False, help="Replace data in --out from another target or other settings."),
+) -> None:
+    """Store a target's hidden states over a dataset for draft training (sharded safetensors + manifest.json)."""
+    import os
+
+    from hass_deploy.training.data import generate_data
+
+    config = DataConfig(format=data_format, max_samples=max_samples, max_length=max_length, regenerate=regenerate,
+                        max_new_tokens=max_new_tokens, temperature=temperature, dtype=dtype,
+                        compute_dtype=compute_dtype, device=device, eval_fraction=eval_fraction,
+                        shard_size=shard_size, seed=seed, batch_tokens=batch_tokens)
+    manifest = generate_data(target, dataset, out, config, force=force, progress=True)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    totals = manifest.totals
+    skipped = ", ".join(f"{n} {reason}" for reason, n in totals["skipped"].items())
+    typer.echo(f"train: {totals['train']['samples']} samples, {totals['train']['tokens']} tokens; eval: "
+               f"{totals['eval']['samples']} samples, {totals['eval']['tokens']} tokens"
+               + (f"; skipped: {skipped}" if skipped else ""), err=True)
+    typer.echo(str(out))
+
+
+@app.command()
+@_user_errors
+def export(
+    target: Path = typer.Option(..., help="Target model directory (Hugging Face format)."),
+    draft: Optional[Path] = typer.Option(None, help="Draft head directory (EAGLE/HASS format)."),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Export the target graph only (plain decoding)."),
+    out: Path = typer.Option(..., help="Artifacts directory to write (graphs + manifest.json)."),
+    engine: str = typer.Option(_EXPORT.engine, help="onnx (trt comes in a later release)."),
+    dtype: str = typer.Option(_EXPORT.dtype, help="Weights and KV precision: fp32, fp16 or bf16."),
+    max_seq_len: Optional[int] = typer.Option(None, help="KV rows S_max (default: min(max_position_embeddings, 4096))."),
+    max_tree_tokens: int = typer.Option(_EXPORT.max_tree_tokens, help="Tree budget: most nodes one verify step takes."),
+    max_top_k: int = typer.Option(_EXPORT.max_top_k, help="K of the draft graph's in-graph top-k."),
+    prefill_chunk: int = typer.Option(_EXPORT.prefill_chunk, help="Longer prompts run as chunks of this many rows."),
+    opset: int = typer.Option(_EXPORT.opset, help="ONNX opset."),
+    force: bool = typer.Option(False, help="Overwrite a non-empty --out."),
+) -> None:
+    """Export the target and draft step graphs (ONNX, static KV buffers, tree-mask inputs) with a manifest."""
+    from hass_deploy.export.onnx import export_artifacts
+
+    if (draft is None) == (not no_draft):
+        _fail("give exactly one of --draft DIR or --no-draft")
+    config = ExportConfig(engine=engine, dtype=dtype, max_seq_len=max_seq_len, max_tree_tokens=max_tree_tokens,
+                          max_top_k=max_top_k, prefill_chunk=prefill_chunk, opset=opset)
+    manifest = export_artifacts(target, draft, out, config, force, log=lambda line: typer.echo(line, err=True))
+    unsupported = sorted({op for graph in manifest.graphs.values() for op in graph.tensorrt_unsupported})
+    if unsupported:
+        typer.echo(f"warning: TensorRT's ONNX parser would reject: {', '.join(unsupported)}", err=True)
+    typer.echo(str(out))
+
+
+@app.command()
+@_user_errors
+def validate(
+    artifacts: Path = typer.Option(..., help="`hass-deploy export` directory."),
+    target: Path = typer.Option(..., help="The target model directory the graphs were exported from."),
+    draft: Optional[Path] = typer.Option(None, help="The draft head directory (when the artifacts hold a draft)."),
+    prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: seeded token-id prompts)."),
+    max_new_tokens: int = typer.Option(32, help="Tokens generated per prompt in the end-to-end check."),
+) -> None:
+    """Check the exported graphs against PyTorch: per-graph parity, then greedy token identity end to end."""
+    from hass_deploy.export.parity import validate_artifacts
+
+    ids = None
+    if prompts is not None:
+        from hass_deploy.models.loading import load_tokenizer
+        from hass_deploy.prompts import encode, read_prompt_file
+
+        tokenizer = load_tokenizer(target)
+        ids = [encode(item, tokenizer, None) for item in read_prompt_file(prompts)]
+    report = validate_artifacts(artifacts, target, draft, ids, max_new_tokens)
+    typer.echo(report.render())
+    if not report.passed:
+        _fail("validation failed" if report.validated else "nothing could be validated on this machine (see above)")
+
+
+@app.command()
+@_user_errors
+def bench(
+    target: Path = typer.Option(..., help="Target model directory (Hugging Face format)."),
+    draft: Path = typer.Option(..., help="Draft head directory (EAGLE/HASS format)."),
+    baseline_draft: Optional[Path] = typer.Option(None, help="A second draft to compare, e.g. an EAGLE-2 one."),
+    prompts: list[Path] = typer.Option(..., help="JSONL prompts (EAGLE questions or {\"prompt\"} lines); repeatable."),
+    backend: str = typer.Option(_RUNTIME.backend, help="Runtime backend: torch or onnxruntime."),
+    artifacts: Optional[Path] = typer.Option(None, help="`hass-deploy export` directory (--backend onnxruntime)."),
+    baseline_artifacts: Optional[Path] = typer.Option(None, help="The baseline draft's export (onnxruntime)."),
+    max_new_tokens: int = typer.Option(_BENCH.max_new_tokens),
+    temperature: float = typer.Option(_SAMPLING.temperature, help="0 = greedy (outputs checked against plain)."),
+    max_prompts: Optional[int] = typer.Option(_BENCH.max_prompts, help="First N prompts of each file (default: all)."),
+    warmup: int = typer.Option(_BENCH.warmup, help="Untimed runs per method on the first prompt."),
+    tree: Optional[str] = typer.Option(None, help="auto: choose the tree from measured costs and acceptance."),
+    tree_tokens: Optional[int] = typer.Option(None, help=f"Tree nodes verified per round (default {_TREE.tokens})."),
+    tree_depth: Optional[int] = typer.Option(None, help=f"Draft levels per round (default {_TREE.depth})."),
+    tree_top_k: Optional[int] = typer.Option(None, help=f"Children per node and beam width (default {_TREE.top_k})."),
+    dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
+    max_seq_len: Optional[int] = typer.Option(None, help="KV cache rows (default: min(max_position_embeddings, 4096))."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if present)."),
+    seed: int = typer.Option(_BENCH.seed, help="Prompt i samples with seed + i."),
+    out: Path = typer.Option(..., help="Directory for bench.json, bench.md and bench.png."),
+) -> None:
+    """Benchmark speculative against plain decoding: tau, per-depth acceptance, tokens/s, speedup, lossless check."""
+    from hass_deploy.bench import run_bench
+
+    explicit = (tree_tokens, tree_depth, tree_top_k)
+    if tree is not None and tree != "auto":
+        _fail(f"--tree takes only `auto`, got {tree!r} (a fixed tree is --tree-tokens/--tree-depth/--tree-top-k)")
+    if tree == "auto" and any(v is not None for v in explicit):
+        _fail("--tree auto chooses tokens, depth and top-k itself: drop --tree-tokens/--tree-depth/--tree-top-k")
+    if out.exists() and not out.is_dir():
+        _fail(f"{out} exists and is not a directory")
+    if max_seq_len is not None and max_seq_len < 1:
+        _fail(f"--max-seq-len must be >= 1, got {max_seq_len}")
+    fixed = None if tree == "auto" else TreeConfig(*(d if v is None else v for v, d in zip(
+        explicit, (_TREE.tokens, _TREE.depth, _TREE.top_k))))
+    config = BenchConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), tree=fixed,
+                         max_prompts=max_prompts, warmup=warmup, seed=seed, chat=chat,
+                         runtime=RuntimeConfig(backend=backend, dtype=dtype, max_seq_len=max_seq_len))
+    report = run_bench(target, draft, prompts, config, baseline_draft, artifacts, baseline_artifacts, out,
+                       log=lambda line: typer.echo(line, err=True))
+    typer.echo((out / "bench.md").read_text())
+    if report.lossless is False:
+        _fail(report.lossless_line())
 
 
 def main(argv: list[str] | None = None) -> None:

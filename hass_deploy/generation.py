@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hass_deploy.config import GenerationConfig, RuntimeConfig
+from hass_deploy.errors import HassDeployError
 from hass_deploy.models.checkpoint import DraftMetadata, load_draft
 from hass_deploy.models.loading import TargetModel, load_target
 from hass_deploy.prompts import Prompt, encode
@@ -21,6 +22,24 @@ from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
 
 def default_max_seq_len(target: TargetModel) -> int:
     return min(target.config.max_position_embeddings, 4096)
+
+
+def _load_for_artifacts(target_dir, draft_dir, runtime: RuntimeConfig, generation: GenerationConfig,
+                        artifacts) -> tuple[TargetModel, int]:
+    """The target (fp32, CPU) and the KV rows for an exported pipeline, after checking the request fits it."""
+    from hass_deploy.export.manifest import check_capacity, read_manifest
+
+    if artifacts is None:
+        raise HassDeployError("--backend onnxruntime needs --artifacts DIR (made by `hass-deploy export`)")
+    manifest = read_manifest(artifacts)
+    if runtime.dtype not in (RuntimeConfig().dtype, manifest.dtype):
+        raise HassDeployError(f"the artifacts are {manifest.dtype}: their precision is fixed at export "
+                              f"(drop --dtype {runtime.dtype}, or export again with --dtype {runtime.dtype})")
+    max_seq_len = runtime.max_seq_len or manifest.max_seq_len
+    with_draft = draft_dir is not None
+    check_capacity(manifest, max_seq_len, generation.tree.tokens if with_draft else None,
+                   generation.tree.top_k if with_draft else None)
+    return load_target(target_dir, "fp32", "cpu"), max_seq_len
 
 
 @dataclass
@@ -33,13 +52,22 @@ class Pipeline:
 
     @classmethod
     def load(cls, target_dir: str | Path, draft_dir: str | Path | None = None,
-             runtime: RuntimeConfig = RuntimeConfig(), generation: GenerationConfig = GenerationConfig()) -> "Pipeline":
-        """Load the models and allocate KV buffers once; `generation.tree` sizes the draft's tree rows."""
-        target = load_target(target_dir, runtime.dtype, runtime.device)
+             runtime: RuntimeConfig = RuntimeConfig(), generation: GenerationConfig = GenerationConfig(),
+             artifacts: str | Path | None = None) -> "Pipeline":
+        """Load the models and allocate KV buffers once; `generation.tree` sizes the draft's tree rows.
+
+        With `runtime.backend == "onnxruntime"`, `artifacts` is the `hass-deploy export` directory: the graphs
+        run there, and the models given are loaded in fp32 on the CPU only to check that the graphs were
+        exported from them (and for the tokenizer and stop tokens).
+        """
+        if runtime.backend == "onnxruntime":
+            target, max_seq_len = _load_for_artifacts(target_dir, draft_dir, runtime, generation, artifacts)
+        else:
+            target = load_target(target_dir, runtime.dtype, runtime.device)
+            max_seq_len = runtime.max_seq_len or default_max_seq_len(target)
         head, metadata = (None, None) if draft_dir is None else load_draft(draft_dir, target)
-        max_seq_len = runtime.max_seq_len or default_max_seq_len(target)
         target_backend, draft_backend = open_backends(runtime.backend, target, head, max_seq_len,
-                                                      generation.tree.draft_rows)
+                                                      generation.tree.draft_rows, artifacts, runtime.device)
         return cls(target, SpeculativeDecoder(target_backend, draft_backend), metadata, runtime, max_seq_len)
 
     def encode(self, prompt: str | Prompt, chat: bool | None = None) -> list[int]:

@@ -6,21 +6,47 @@ without them; a backend whose engine is missing fails with the extra to install,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hass_deploy.errors import HassDeployError
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.loading import TargetModel
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 
 
 def open_backends(name: str, target: TargetModel, draft: DraftHead | None, max_len: int,
-                  draft_extra_rows: int) -> tuple[TargetBackend, DraftBackend | None]:
-    """Build the step backends, allocating KV buffers of `max_len` rows (plus the draft's tree rows)."""
+                  draft_extra_rows: int, artifacts: str | Path | None = None,
+                  device: str = "cpu") -> tuple[TargetBackend, DraftBackend | None]:
+    """Build the step backends, allocating KV buffers of `max_len` rows (plus the draft's tree rows).
+
+    Args:
+        name: one of BACKENDS.
+        target, draft: the loaded models (torch runs them; onnxruntime checks the artifacts were made from them).
+        max_len: target KV rows; the draft gets `draft_extra_rows` more for its tree levels.
+        artifacts: the `hass-deploy export` directory (onnxruntime only).
+        device: where the onnxruntime backend runs ("cpu", "cuda[:N]"); torch runs where the models are.
+    """
     if name == "torch":
+        if artifacts is not None:
+            raise HassDeployError("--artifacts is for --backend onnxruntime; the torch backend runs the models directly")
         from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
 
         target_backend = TorchTarget(target.module, max_len)
         draft_backend = None if draft is None else TorchDraft(draft, target.module.lm_head, max_len + draft_extra_rows)
         return target_backend, draft_backend
+    if name == "onnxruntime":
+        from hass_deploy.export.manifest import check_capacity, check_draft, check_target, draft_identity, read_manifest
+        from hass_deploy.models.checkpoint import target_identity
+        from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends
+
+        if artifacts is None:
+            raise HassDeployError("the onnxruntime backend needs --artifacts DIR (made by `hass-deploy export`)")
+        manifest = read_manifest(artifacts)
+        check_target(manifest, target_identity(target), str(target.path))
+        check_draft(manifest, None if draft is None else draft_identity(draft), "the given draft")
+        check_capacity(manifest, max_len, None, None)
+        return open_ort_backends(Path(artifacts), manifest, draft is not None, max_len, draft_extra_rows,
+                                 OrtConfig(device=device))
     raise HassDeployError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

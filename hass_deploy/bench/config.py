@@ -1,0 +1,70 @@
+"""What a benchmark run measures and how `--tree auto` searches: frozen dataclasses, each default defined once
+(the CLI reads them from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hass_deploy.config import GenerationConfig, RuntimeConfig, SamplingConfig, TreeConfig
+from hass_deploy.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TreeSearchConfig:
+    """The candidate grid and calibration budget of `--tree auto` (DESIGN D4; method in `tree_search.py`).
+
+    The grid covers the regime `cpu-notes.md` §2 says pays on a few CPU cores (4-16 verified tokens, shallow or
+    narrow drafting) plus chains; GPU-sized trees (60 tokens) are slower than plain decoding there.
+    """
+
+    tokens: tuple[int, ...] = (3, 4, 6, 8, 12, 16)  # verified nodes per round, root included
+    depths: tuple[int, ...] = (2, 3, 4, 5, 6)  # draft levels
+    top_ks: tuple[int, ...] = (2, 4)  # beam widths of the trees (chains are top-k 1, below)
+    chain_depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # chains (top-k 1, tokens = depth + 1) also tried
+    prompts: int = 4  # calibration prompts; the one-prompt screen uses the first of them
+    max_new_tokens: int = 48  # per calibration generation: ~20-50 rounds, enough for a stable tau per prompt
+    finalists: int = 6  # best screened candidates re-measured on every calibration prompt
+    repeats: int = 15  # interleaved timing repeats per step size of the cost curve (medians are reported)
+
+    def __post_init__(self) -> None:
+        sizes = (*self.tokens, *self.depths, *self.top_ks, *self.chain_depths)
+        if not (self.tokens and self.depths) or any(not isinstance(v, int) or v < 1 for v in sizes):
+            raise ConfigError("the --tree auto grid needs positive integers for tokens, depths and top-k")
+        if self.prompts < 1 or self.max_new_tokens < 2 or self.finalists < 1 or self.repeats < 1:
+            raise ConfigError("--tree auto needs >= 1 calibration prompt, >= 2 new tokens, >= 1 finalist and repeat")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark: plain vs speculative decoding (vs a baseline draft) on the same prompts, same process.
+
+    Attributes:
+        tree: the draft tree used by the draft and the baseline (equal decoding settings, as the paper compares);
+            None chooses it from measured costs and acceptance (`--tree auto`).
+    """
+
+    max_new_tokens: int = GenerationConfig().max_new_tokens
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # greedy: the lossless check applies
+    tree: TreeConfig | None = field(default_factory=TreeConfig)
+    max_prompts: int | None = None  # first N prompts of each file; None = all (the paper uses all 80)
+    warmup: int = 3  # untimed runs per method on the first prompt: the paper's 3 warm-up runs
+    seed: int = 0  # prompt i samples with seed + i, the same for every method (the paper seeds per question)
+    chat: bool | None = None  # apply the tokenizer's chat template; None = if it has one
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    search: TreeSearchConfig = field(default_factory=TreeSearchConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"--max-prompts must be >= 1, got {self.max_prompts}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+
+    @property
+    def auto_tree(self) -> bool:
+        return self.tree is None
+
+    def generation(self, tree: TreeConfig, seed: int, eos_token_ids: tuple[int, ...]) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, sampling=self.sampling, tree=tree, seed=seed,
+                                eos_token_ids=eos_token_ids)

@@ -1,0 +1,319 @@
+"""`run_bench`: plain decoding, the draft and the baseline draft on the same prompts, in one process.
+
+Protocol (DESIGN §4, the paper's algorithm.md §5 adapted to one CPU process):
+    * the target is loaded once; plain decoding and each draft are decoders over its backend (an ONNX Runtime
+      baseline draft has its own export, and so its own target session);
+    * `warmup` untimed generations per method on the first prompt (the paper's 3), then every prompt runs
+      every method back to back, the method order rotating from one prompt to the next so that no method
+      always runs first (or right after another) — slow drift on shared cores cancels in the paired ratios;
+    * prompt i of the run decodes with seed `seed + i` for every method (the paper seeds per question);
+    * greedy runs are compared with plain decoding token for token, on every prompt.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from hass_deploy.bench.config import BenchConfig
+from hass_deploy.bench.metrics import first_mismatch
+from hass_deploy.bench.results import (OVERALL, PLAIN, AutoOutcome, BenchReport, Method, PromptRun, summarise)
+from hass_deploy.bench.tree_search import (TreeChoice, candidate_grid, grid_envelope,
+                                           predict_generation_tokens_per_s, search_tree)
+from hass_deploy.config import GenerationConfig, TreeConfig
+from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
+from hass_deploy.prompts import Prompt, read_prompt_file
+from hass_deploy.runtime.decoder import GenerationResult
+
+Log = Callable[[str], None]
+RECIPE_NAMES = {"hass": "HASS", "eagle2": "EAGLE-2", "random-init": "random draft", "external": "draft"}
+
+
+class Decoder(Protocol):
+    def generate(self, prompt_ids: list[int], config: GenerationConfig) -> GenerationResult: ...
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str  # the file's stem, made unique
+    prompts: tuple[Prompt, ...]  # benchmarked
+    spare: tuple[Prompt, ...]  # beyond --max-prompts: calibration prompts for --tree auto
+
+
+@dataclass(frozen=True)
+class EncodedSet:
+    name: str
+    prompts: tuple[tuple[Prompt, list[int]], ...]
+
+
+def load_prompt_sets(files: Sequence[str | Path], max_prompts: int | None) -> tuple[PromptSet, ...]:
+    """Read every prompt file (EAGLE questions or {"prompt"} lines) before any model is loaded."""
+    if not files:
+        raise HassDeployError("give at least one --prompts FILE")
+    sets, names = [], set()
+    for file in files:
+        prompts = read_prompt_file(file)
+        name, n = Path(file).stem, 2
+        while name in names:
+            name, n = f"{Path(file).stem}-{n}", n + 1
+        names.add(name)
+        keep = len(prompts) if max_prompts is None else max_prompts
+        sets.append(PromptSet(name, tuple(prompts[:keep]), tuple(prompts[keep:])))
+    return tuple(sets)
+
+
+def encode_prompt(prompt: Prompt, tokenizer, vocab_size: int, chat: bool | None) -> tuple[list[int], str]:
+    """Token ids and how they were made. A target without a tokenizer (a random smoke-test target) gets the
+    prompt's UTF-8 bytes modulo the vocabulary: fine for timing and acceptance, meaningless as text."""
+    from hass_deploy.prompts import encode
+
+    if prompt.ids is not None:
+        return list(prompt.ids), "ids"
+    if tokenizer is None:
+        return [b % vocab_size for b in prompt.text.encode()] or [0], "bytes"
+    templated = (chat is None and bool(getattr(tokenizer, "chat_template", None))) or bool(chat)
+    return encode(prompt, tokenizer, chat), "chat template" if templated else "tokenizer"
+
+
+def bench_decoders(sets: Sequence[EncodedSet], decoders: Mapping[str, Decoder], config: BenchConfig,
+                   tree: TreeConfig, eos_token_ids: tuple[int, ...], log: Log = lambda line: None) -> tuple[PromptRun, ...]:
+    """Warm up, then run every prompt with every decoder, alternating; records per prompt and method.
+
+    Args:
+        decoders: method key -> decoder, "plain" first; the others are checked against it when greedy.
+    """
+    keys = list(decoders)
+    if keys[0] != PLAIN:
+        raise ValueError("the plain decoder comes first: speculative outputs are checked against it")
+    first = next((ids for s in sets for _, ids in s.prompts), None)
+    if first is None:
+        raise HassDeployError("no prompts to benchmark")
+    for _ in range(config.warmup):
+        for key in keys:
+            decoders[key].generate(first, config.generation(tree, config.seed, eos_token_ids))
+    runs: list[PromptRun] = []
+    count = 0
+    total = sum(len(s.prompts) for s in sets)
+    for prompt_set in sets:
+        for index, (prompt, ids) in enumerate(prompt_set.prompts):
+            gen = config.generation(tree, config.seed + count, eos_token_ids)
+            shift = count % len(keys)
+            results = {key: decoders[key].generate(ids, gen) for key in keys[shift:] + keys[:shift]}
+            reference = results[PLAIN].output_ids
+            for key in keys:
+                result = results[key]
+                mismatch = first_mismatch(result.output_ids, reference)
+                checked = config.sampling.greedy and key != PLAIN
+                runs.append(PromptRun(
+                    prompt_set=prompt_set.name, index=index, question_id=prompt.question_id, method=key,
+                    prompt_tokens=len(ids), new_tokens=len(result.output_ids), wall_s=result.wall_s,
+                    accept_lengths=tuple(result.accept_lengths), depth_attempts=tuple(result.depth_attempts),
+                    depth_accepts=tuple(result.depth_accepts), stop_reason=result.stop_reason,
+                    matches_plain=(mismatch is None) if checked else None,
+                    first_mismatch=mismatch if checked else None))
+                if checked and mismatch is not None:
+                    log(f"MISMATCH: {key} differs from plain decoding on {prompt_set.name}#{prompt.question_id} "
+                        f"at new token {mismatch}")
+            count += 1
+            if count % 10 == 0 or count == total:
+                log(f"bench: {count}/{total} prompts")
+    return tuple(runs)
+
+
+def summarise_runs(runs: Sequence[PromptRun], set_names: Sequence[str], keys: Sequence[str],
+                   greedy: bool) -> dict[str, dict[str, object]]:
+    """Per prompt set and overall (every prompt of every set weighing the same), per method."""
+    out = {}
+    for name in (*set_names, OVERALL):
+        chosen = [r for r in runs if name == OVERALL or r.prompt_set == name]
+        plain = [r for r in chosen if r.method == PLAIN]
+        out[name] = {key: summarise([r for r in chosen if r.method == key], plain, key, greedy) for key in keys}
+    return out
+
+
+def _label(metadata, path: Path) -> str:
+    return f"{RECIPE_NAMES.get(getattr(metadata, 'recipe', None), 'draft')} ({path.name})"
+
+
+def _calibration_prompts(sets: Sequence[PromptSet], encoded: Sequence[EncodedSet], count: int, encode_one
+                         ) -> tuple[list[list[int]], list[str], bool]:
+    """Prompts for --tree auto: spare ones (beyond --max-prompts) round-robin over the sets, else benchmarked."""
+    spare = [(s.name, s.spare[i]) for i in range(max((len(s.spare) for s in sets), default=0))
+             for s in sets if i < len(s.spare)]
+    chosen = [(name, p, encode_one(p)) for name, p in spare[:count]]
+    overlaps = len(chosen) < count
+    if overlaps:
+        bench = [(s.name, p, ids) for i in range(max(len(s.prompts) for s in encoded))
+                 for s in encoded for p, ids in s.prompts[i:i + 1]]
+        chosen += bench[: count - len(chosen)]
+    return [ids for _, _, ids in chosen], [f"{name}#{p.question_id}" for name, p, _ in chosen], overlaps
+
+
+def _check_inputs(draft, baseline_draft, runtime, artifacts, baseline_artifacts) -> None:
+    for path, what in ((draft, "draft"), (baseline_draft, "baseline draft")):
+        if path is not None and not Path(path).is_dir():
+            raise ModelLoadError(f"{path}: no such {what} directory")
+    onnx = runtime.backend == "onnxruntime"
+    if baseline_artifacts is not None and (baseline_draft is None or not onnx):
+        raise ConfigError("--baseline-artifacts is the baseline draft's export, for --backend onnxruntime "
+                          "with --baseline-draft")
+    if onnx and baseline_draft is not None and baseline_artifacts is None:
+        raise ConfigError("with --backend onnxruntime the baseline draft needs its own export: --baseline-artifacts DIR")
+
+
+def _envelope(config: BenchConfig, artifacts) -> TreeConfig:
+    """The tree the KV buffers are sized for: the fixed tree, or one covering every --tree auto candidate."""
+    if not config.auto_tree:
+        return config.tree
+    onnx = config.runtime.backend == "onnxruntime" and artifacts is not None
+    grid = candidate_grid(config.search, *(_export_limits(artifacts) if onnx else (None, None)))
+    if not grid:
+        raise ConfigError("--tree auto: no candidate tree fits the export's tree budget and top-k")
+    return grid_envelope(grid)
+
+
+def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig, artifacts, baseline_artifacts):
+    """The target loaded once; plain decoding, the draft and the baseline draft as decoders over it."""
+    from hass_deploy.generation import Pipeline
+    from hass_deploy.models.checkpoint import load_draft
+    from hass_deploy.runtime.backends import open_backends
+    from hass_deploy.runtime.decoder import SpeculativeDecoder
+
+    pipe = Pipeline.load(target, draft, runtime, GenerationConfig(tree=envelope), artifacts)
+    decoders: dict[str, Decoder] = {PLAIN: SpeculativeDecoder(pipe.decoder.target, None), "draft": pipe.decoder}
+    methods = [Method(PLAIN, "plain decoding", None), Method("draft", _label(pipe.draft_metadata, Path(draft)), str(draft))]
+    if baseline_draft is not None:
+        head, metadata = load_draft(baseline_draft, pipe.target)
+        rows = envelope.draft_rows
+        if runtime.backend == "onnxruntime":  # its own export, so its own sessions
+            decoders["baseline"] = SpeculativeDecoder(*open_backends(runtime.backend, pipe.target, head, pipe.max_seq_len,
+                                                                     rows, baseline_artifacts, runtime.device))
+        else:  # share the target backend: one KV cache, the same weights
+            _, baseline_backend = open_backends(runtime.backend, pipe.target, head, pipe.max_seq_len, rows)
+            decoders["baseline"] = SpeculativeDecoder(pipe.decoder.target, baseline_backend)
+        methods.append(Method("baseline", _label(metadata, Path(baseline_draft)), str(baseline_draft)))
+    return pipe, decoders, tuple(methods)
+
+
+class _Encoder:
+    """Prompt text -> ids, cut from the left to leave the KV cache room for max_new_tokens (P + M - 1 rows)."""
+
+    def __init__(self, target_model, max_seq_len: int, config: BenchConfig):
+        self.model, self.chat = target_model, config.chat
+        self.limit = max_seq_len - config.max_new_tokens
+        if self.limit < 1:
+            raise ConfigError(f"--max-new-tokens {config.max_new_tokens} does not fit a KV cache of {max_seq_len} "
+                              "rows; raise --max-seq-len")
+        self.encodings: set[str] = set()
+        self.truncated = 0
+
+    def __call__(self, prompt: Prompt) -> list[int]:
+        ids, how = encode_prompt(prompt, self.model.tokenizer, self.model.config.vocab_size, self.chat)
+        self.encodings.add(how)
+        if len(ids) > self.limit:
+            self.truncated += 1
+            ids = ids[-self.limit:]
+        return ids
+
+
+def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Path],
+              config: BenchConfig = BenchConfig(), baseline_draft: str | Path | None = None,
+              artifacts: str | Path | None = None, baseline_artifacts: str | Path | None = None,
+              out: str | Path | None = None, log: Log = lambda line: None) -> BenchReport:
+    """Benchmark a draft (and a baseline draft) against plain decoding of the same target; see the module doc.
+
+    Args:
+        target, draft, baseline_draft: model directories (Hugging Face target; EAGLE/HASS drafts).
+        prompts: JSONL prompt files, one prompt set each.
+        artifacts, baseline_artifacts: `hass-deploy export` directories for `--backend onnxruntime` (the
+            baseline draft has its own export).
+        out: when given, bench.json, bench.md and bench.png are written there.
+        log: progress and the tree-auto choice, one line at a time.
+    """
+    from hass_deploy.bench.report import machine_info, write_report
+
+    started = time.perf_counter()
+    sets = load_prompt_sets(prompts, config.max_prompts)  # bad files fail before any model loads
+    _check_inputs(draft, baseline_draft, config.runtime, artifacts, baseline_artifacts)
+    envelope = _envelope(config, artifacts)
+    pipe, decoders, methods = _open_decoders(target, draft, baseline_draft, config.runtime, envelope, artifacts,
+                                             baseline_artifacts)
+    encode_one = _Encoder(pipe.target, pipe.max_seq_len, config)
+    encoded = [EncodedSet(s.name, tuple((p, encode_one(p)) for p in s.prompts)) for s in sets]
+    truncated = encode_one.truncated
+    eos = pipe.target.eos_token_ids
+    choice, tree = None, config.tree
+    if config.auto_tree:
+        lengths = [len(ids) for s in encoded for _, ids in s.prompts]
+        context = min(int(statistics.median(lengths)) + config.max_new_tokens // 2,
+                      pipe.decoder.target.max_len - envelope.tokens - 1)
+        ids, labels, overlaps = _calibration_prompts(sets, encoded, config.search.prompts, encode_one)
+        choice = search_tree(pipe.decoder.target, pipe.decoder.draft, ids, labels, config, eos, max(context, 1),
+                             overlaps, log)
+        tree = choice.tree
+        log(f"tree auto: chose tokens={tree.tokens} depth={tree.depth} top_k={tree.top_k} (calibration tau "
+            f"{choice.tau:.2f}): predicted {choice.predicted_tokens_per_s:.1f} tok/s against plain "
+            f"{choice.plain_predicted_tokens_per_s:.1f} (x{choice.predicted_speedup:.2f}), steady state")
+        if choice.predicted_speedup < 1:
+            log(f"tree auto: no candidate tree is predicted to beat plain decoding with this draft (best "
+                f"x{choice.predicted_speedup:.2f}); the benchmark still runs the best one")
+        if choice.at_grid_edge:
+            log(f"tree auto: the choice is the grid's largest {' and '.join(choice.at_grid_edge)}; a larger tree "
+                "might be faster still (TreeSearchConfig sets the grid)")
+    log(f"bench: {sum(len(s.prompts) for s in encoded)} prompts x {len(decoders)} methods, "
+        f"tree tokens={tree.tokens} depth={tree.depth} top_k={tree.top_k}, {config.warmup} warm-up runs each")
+    runs = bench_decoders(encoded, decoders, config, tree, eos, log)
+    summaries = summarise_runs(runs, [s.name for s in encoded], list(decoders), config.sampling.greedy)
+    outcome = None if choice is None else _auto_outcome(choice, runs, summaries)
+    if outcome is not None:
+        log(f"tree auto: predicted {outcome.predicted_tokens_per_s:.1f} tok/s, measured "
+            f"{outcome.measured_tokens_per_s:.1f} (mean over prompts); plain predicted "
+            f"{outcome.predicted_plain_tokens_per_s:.1f}, measured {outcome.measured_plain_tokens_per_s:.1f}")
+    report = BenchReport(
+        config=config, sources={"target": str(target), "draft": str(draft),
+                                "baseline_draft": None if baseline_draft is None else str(baseline_draft),
+                                "prompts": [str(p) for p in prompts],
+                                "artifacts": None if artifacts is None else str(artifacts),
+                                "baseline_artifacts": None if baseline_artifacts is None else str(baseline_artifacts)},
+        methods=methods, tree=tree, tree_choice=choice, auto_outcome=outcome,
+        prompt_sets=tuple(s.name for s in encoded), prompt_encoding=", ".join(sorted(encode_one.encodings)),
+        truncated_prompts=truncated, runs=runs, summaries=summaries,
+        machine=machine_info(config.runtime.backend), seconds=time.perf_counter() - started)
+    log(report.lossless_line())
+    if out is not None:
+        write_report(report, out)
+    return report
+
+
+def _export_limits(artifacts) -> tuple[int | None, int | None]:
+    """The tree budget and top-k an ONNX export was made for (the grid must stay inside them)."""
+    from hass_deploy.export.manifest import read_manifest
+
+    manifest = read_manifest(artifacts)
+    return manifest.max_tree_tokens, manifest.max_top_k
+
+
+def _auto_outcome(choice: TreeChoice, runs: Sequence[PromptRun], summaries) -> AutoOutcome:
+    """Predictions at the benchmark's own mean prompt and output lengths, next to the measured speeds."""
+    draft_runs = [r for r in runs if r.method == "draft"]
+    plain_runs = [r for r in runs if r.method == PLAIN]
+    prompt_tokens = statistics.fmean(r.prompt_tokens for r in draft_runs)
+    new_tokens = statistics.fmean(r.new_tokens for r in draft_runs)
+    overall = summaries[OVERALL]
+    bench_tau = overall["draft"].tau or 1.0
+
+    def predict(tree, tau):
+        return predict_generation_tokens_per_s(tree, tau, choice.curve, choice.overhead, prompt_tokens, new_tokens)
+
+    return AutoOutcome(
+        predicted_tokens_per_s=predict(choice.tree, choice.tau),
+        predicted_with_bench_tau=predict(choice.tree, bench_tau),
+        measured_tokens_per_s=overall["draft"].tokens_per_s.mean,
+        predicted_plain_tokens_per_s=predict_generation_tokens_per_s(
+            None, 1.0, choice.curve, choice.overhead, statistics.fmean(r.prompt_tokens for r in plain_runs),
+            statistics.fmean(r.new_tokens for r in plain_runs)),
+        measured_plain_tokens_per_s=overall[PLAIN].tokens_per_s.mean)

@@ -1,0 +1,1 @@
+"""Deployable artifacts: ONNX step graphs with a manifest (`onnx.py`), checks against PyTorch (`parity.py`)."""

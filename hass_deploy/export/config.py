@@ -1,0 +1,43 @@
+"""What an export produces, as one frozen dataclass; the CLI reads its defaults from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hass_deploy.errors import ConfigError
+
+ENGINES = ("onnx", "trt")
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Sizes and precision baked into (or recorded beside) the exported graphs.
+
+    The graphs themselves take any number of new rows and any KV buffer length; these numbers are the
+    envelope the runtime checks requests against and the ranges a TensorRT profile will be built for.
+    """
+
+    engine: str = "onnx"
+    dtype: str = "fp32"  # the precision greedy output is checked token for token in
+    max_seq_len: int | None = None  # KV rows S_max; None = min(the target's max_position_embeddings, 4096)
+    max_tree_tokens: int = 64  # the most nodes one verification step takes: the tree budget (cpu-notes: 4-16 pay)
+    max_top_k: int = 16  # K of the draft graph's in-graph top-k; a tree's top_k must not exceed it
+    prefill_chunk: int = 128  # a longer causal step (a prompt) runs as chunks of this many rows
+    opset: int = 23  # the opset the dynamo exporter was measured to work at on this stack (cpu-notes §4)
+    external_data: bool | None = None  # None: weights go to a side file only above the protobuf-safe size
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ConfigError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
+        if self.max_tree_tokens < 1 or self.max_top_k < 1 or self.prefill_chunk < 1:
+            raise ConfigError("--max-tree-tokens, --max-top-k and --prefill-chunk must be >= 1")
+        if self.max_seq_len is not None and self.max_tree_tokens >= self.max_seq_len:
+            raise ConfigError(f"a tree budget of {self.max_tree_tokens} tokens does not fit S_max = "
+                              f"{self.max_seq_len} KV rows (it needs at least one committed row beside it)")
+        if self.opset < 18:
+            raise ConfigError(f"--opset must be >= 18 (the dynamo exporter's floor), got {self.opset}")

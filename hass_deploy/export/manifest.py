@@ -1,0 +1,137 @@
+"""`manifest.json`: what an artifacts directory holds and where it came from (DESIGN D7).
+
+Nothing about an export is inferred from a path: the runtime reads I/O names, shapes, dtypes, KV layout, the
+size envelope (S_max, tree budget, top-k) and the identities of the target and draft from here, and refuses a
+target or draft that is not the one the graphs were made from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hass_deploy.errors import CacheCapacityError, ConfigError, DraftMismatchError, HassDeployError, ModelLoadError
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+# The identity fields that must agree between a manifest and the models it is used with ("path" may differ).
+IDENTITY_KEYS = ("architecture", "hidden_size", "vocab_size", "num_layers", "fingerprint")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy-style name: float32, float16, bfloat16, int64, bool
+    shape: list  # ints for static axes, names (T, S, R, M) for dynamic ones
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One step graph: its file, I/O, KV layout and the operators it uses."""
+
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    num_layers: int  # KV layers: one (past_key_i, past_value_i) input pair and (new_key_i, new_value_i) output pair each
+    num_kv_heads: int
+    head_dim: int
+    operators: list[str]  # "domain::op_type", sorted
+    tensorrt_unsupported: list[str]  # operators TensorRT's ONNX parser would reject (see `tensorrt_ops.py`)
+    external_data: bool
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in (*self.inputs, *self.outputs) if any(isinstance(d, str) for d in t.shape)}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    engine: str  # "onnx"
+    dtype: str  # fp32, fp16 or bf16: the weights and KV buffers
+    opset: int
+    max_seq_len: int  # S_max: KV rows the runtime may allocate
+    max_tree_tokens: int  # the tree budget: most nodes one verification step takes
+    max_top_k: int  # K of the draft graph's top-k
+    prefill_chunk: int  # longer causal steps run as chunks of this many rows
+    target: dict  # identity of the target the graphs were exported from (checkpoint.target_identity)
+    draft: dict | None  # identity of the draft head, or None for a target-only export
+    graphs: dict[str, GraphSpec]  # "target" and (with a draft) "draft"
+    versions: dict[str, str]  # exporter and library versions
+    format_version: int = FORMAT_VERSION
+    notes: dict = field(default_factory=dict)  # free-form: how the KV buffers are meant to be bound, etc.
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Read and validate an artifacts directory's manifest (one-line errors for anything missing or malformed)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: no such artifacts directory")
+    path = directory / MANIFEST_FILE
+    if not path.exists():
+        raise ModelLoadError(f"{directory}: not an export (no {MANIFEST_FILE}); run `hass-deploy export` first")
+    try:
+        raw = json.loads(path.read_text())
+        version = raw.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise HassDeployError(f"{path}: manifest format {version!r} is newer than this hass-deploy")
+        graphs = {name: GraphSpec(**{**g, "inputs": [TensorSpec(**t) for t in g["inputs"]],
+                                     "outputs": [TensorSpec(**t) for t in g["outputs"]]})
+                  for name, g in raw.pop("graphs").items()}
+        manifest = Manifest(**raw, graphs=graphs)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None
+    for name, graph in manifest.graphs.items():
+        if not (directory / graph.file).exists():
+            raise ModelLoadError(f"{directory}: the manifest names {graph.file} for the {name} graph, but it is missing")
+    return manifest
+
+
+def draft_identity(head) -> dict:
+    """What a draft head is, for manifests: its shape and a hash of a sample of its fc weight (fp32)."""
+    weight = head.fc.weight.detach()
+    stride = max(1, weight.shape[0] // 1024)
+    sample = weight[::stride].float().contiguous().cpu().numpy().tobytes()
+    c = head.config
+    return {"hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "num_kv_heads": c.num_kv_heads,
+            "fingerprint": hashlib.sha256(sample).hexdigest()[:16]}
+
+
+def check_target(manifest: Manifest, identity: dict, source: str) -> None:
+    """Refuse a target that is not the one the graphs were exported from."""
+    for key in IDENTITY_KEYS:
+        if key in manifest.target and manifest.target.get(key) != identity.get(key):
+            raise DraftMismatchError(
+                f"the artifacts were exported from another target than {source} ({key}: "
+                f"{manifest.target.get(key)!r} in the manifest, {identity.get(key)!r} here)")
+
+
+def check_draft(manifest: Manifest, identity: dict | None, source: str | None) -> None:
+    """Refuse a draft the graphs were not exported from, and a draft request on a target-only export."""
+    if identity is None:
+        return
+    if manifest.draft is None:
+        raise ConfigError("the artifacts hold no draft graph (exported with --no-draft): use --no-draft, "
+                          "or export again with --draft")
+    if manifest.draft.get("fingerprint") != identity.get("fingerprint"):
+        raise DraftMismatchError(f"the artifacts' draft graph was exported from another draft than {source}")
+
+
+def check_capacity(manifest: Manifest, max_seq_len: int, tree_tokens: int | None, top_k: int | None) -> None:
+    """Refuse a request the exported envelope does not cover (S_max, tree budget, top-k)."""
+    if max_seq_len > manifest.max_seq_len:
+        raise CacheCapacityError(f"--max-seq-len {max_seq_len} is more than the artifacts' S_max "
+                                 f"({manifest.max_seq_len}); export again with a larger --max-seq-len")
+    if tree_tokens is not None and tree_tokens > manifest.max_tree_tokens:
+        raise ConfigError(f"--tree-tokens {tree_tokens} is more than the artifacts' tree budget "
+                          f"({manifest.max_tree_tokens}); export again with a larger --max-tree-tokens")
+    if top_k is not None and top_k > manifest.max_top_k:
+        raise ConfigError(f"--tree-top-k {top_k} is more than the draft graph's top-k ({manifest.max_top_k}); "
+                          "export again with a larger --max-top-k")

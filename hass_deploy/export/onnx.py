@@ -1,0 +1,251 @@
+"""Export the target and draft step graphs to ONNX (DESIGN D2, D8): `hass-deploy export --engine onnx`.
+
+    out/
+      manifest.json        I/O, shapes, dtypes, opset, versions, identities, S_max, tree budget (`manifest.py`)
+      target.onnx          target step: prefill and tree verification (`steps.TargetStep`)
+      draft.onnx           draft step with the target's lm_head and an in-graph top-k (`steps.DraftStep`)
+      *.onnx.data          the weights, beside each graph, when they are large (external data)
+
+The graphs are our own modules through `torch.onnx.export(dynamo=True)`, checked with `onnx.checker` and
+against TensorRT's operator table. Everything is written into a temporary directory next to `out` and renamed
+into place at the end, so a failed export leaves no half-written directory behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
+from hass_deploy.export import steps, tensorrt_ops
+from hass_deploy.export.config import ExportConfig
+from hass_deploy.export.manifest import GraphSpec, Manifest, TensorSpec, draft_identity
+from hass_deploy.models.draft import DraftHead
+from hass_deploy.models.loading import TargetModel, parse_dtype
+from hass_deploy.models.target import Rotary
+
+# Above this many bytes of weights a graph keeps them in a side file: a single protobuf cannot exceed 2 GiB.
+EXTERNAL_DATA_BYTES = 1 << 30
+_NUMPY_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
+
+
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401  (the dynamo exporter's backend)
+    except ImportError:
+        raise HassDeployError("ONNX export needs the onnx extra: pip install 'hass-deploy[onnx]'") from None
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise HassDeployError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise HassDeployError(f"{out} exists and is not empty (use --force to overwrite)")
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy in dtype whose RoPE frequencies stay fp32 (as `loading.build_target` does); the caller's is untouched."""
+    if dtype == torch.float32:
+        return module
+    module = copy.deepcopy(module).to(dtype)  # deepcopy keeps tied embeddings tied
+    module.rotary = Rotary(module.config)
+    return module
+
+
+def _spec(value) -> TensorSpec:
+    tensor_type = value.type.tensor_type
+    shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor_type.shape.dim]
+    return TensorSpec(name=value.name, dtype=_NUMPY_NAMES.get(tensor_type.elem_type, str(tensor_type.elem_type)),
+                      shape=shape)
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def _save_graph(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str],
+                output_names: list[str], path: Path, config: ExportConfig, kv_shape: tuple[int, int, int]) -> GraphSpec:
+    """torch.onnx.export (dynamo) one step module, save it, check it, and describe it."""
+    import onnx
+
+    external = config.external_data if config.external_data is not None else _weight_bytes(module) > EXTERNAL_DATA_BYTES
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not actionable here
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=config.opset, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False)
+    program.save(str(path), external_data=external)
+    onnx.checker.check_model(str(path))  # by path, so external data is resolved beside the file
+    model = onnx.load(str(path), load_external_data=False)
+    num_layers, num_kv_heads, head_dim = kv_shape
+    return GraphSpec(file=path.name, inputs=[_spec(v) for v in model.graph.input],
+                     outputs=[_spec(v) for v in model.graph.output], num_layers=num_layers,
+                     num_kv_heads=num_kv_heads, head_dim=head_dim, operators=tensorrt_ops.operators(model),
+                     tensorrt_unsupported=tensorrt_ops.unsupported_operators(model), external_data=external)
+
+
+def _dims(config: ExportConfig, max_seq_len: int):
+    from torch.export import Dim
+
+    # Sample sizes are >= 2 and pairwise different, so torch.export neither specialises an axis to 0/1 nor
+    # unifies two axes that merely happen to be equal in the sample.
+    rows = Dim("T", min=1, max=max_seq_len)  # new rows in one step
+    kv = Dim("S", min=1, max=max_seq_len + 4096)  # KV rows bound (the runtime binds a context-sized view)
+    logit_rows = Dim("R", min=1, max=max_seq_len)  # rows that get logits
+    mask_cols = Dim("M", min=1, max=max_seq_len + 4096)  # the draft's tree levels see earlier levels' rows
+    return rows, kv, logit_rows, mask_cols
+
+
+def _kv_samples(config, layers: int, rows: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    return [torch.zeros(1, config.num_kv_heads, rows, config.head_dim, dtype=dtype) for _ in range(2 * layers)]
+
+
+def export_target_graph(target: torch.nn.Module, path: Path, config: ExportConfig, max_seq_len: int) -> GraphSpec:
+    """Write the target step graph (see `steps.TargetStep`) to `path`."""
+    c, dtype = target.config, target.embed_tokens.weight.dtype
+    rows, kv, logit_rows, _ = _dims(config, max_seq_len)
+    t, s, r = 3, 7, 2
+    args = (torch.zeros(1, t, dtype=torch.long), torch.arange(4, 4 + t)[None], torch.tensor([4]),
+            torch.ones(t, t, dtype=torch.bool).tril()[None], torch.arange(t - r, t),
+            *_kv_samples(c, c.num_layers, s, dtype))
+    dynamic = ({1: rows}, {1: rows}, None, {1: rows, 2: rows}, {0: logit_rows}, tuple({2: kv} for _ in args[5:]))
+    return _save_graph(steps.TargetStep(target).eval(), args, dynamic,
+                       steps.TARGET_INPUTS + steps.kv_input_names(c.num_layers),
+                       steps.TARGET_OUTPUTS + steps.kv_output_names(c.num_layers), path, config,
+                       (c.num_layers, c.num_kv_heads, c.head_dim))
+
+
+def export_draft_graph(head: DraftHead, lm_head: torch.nn.Linear, path: Path, config: ExportConfig,
+                       max_seq_len: int) -> GraphSpec:
+    """Write the draft step graph (see `steps.DraftStep`) to `path`."""
+    c, dtype = head.config, head.fc.weight.dtype
+    rows, kv, _, mask_cols = _dims(config, max_seq_len)
+    t, m, s = 3, 5, 7
+    if config.max_top_k > c.vocab_size:
+        raise ConfigError(f"--max-top-k {config.max_top_k} is more than the vocabulary ({c.vocab_size})")
+    mask = torch.ones(1, t, m, dtype=torch.bool)
+    args = (torch.zeros(1, t, c.hidden_size, dtype=dtype), torch.zeros(1, t, dtype=torch.long),
+            torch.arange(4, 4 + t)[None], torch.tensor([4]), mask, *_kv_samples(c, 1, s, dtype))
+    dynamic = ({1: rows}, {1: rows}, {1: rows}, None, {1: rows, 2: mask_cols}, tuple({2: kv} for _ in args[5:]))
+    return _save_graph(steps.DraftStep(head, lm_head, config.max_top_k).eval(), args, dynamic,
+                       steps.DRAFT_INPUTS + steps.kv_input_names(1), steps.DRAFT_OUTPUTS + steps.kv_output_names(1),
+                       path, config, (1, c.num_kv_heads, c.head_dim))
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("hass-deploy", "torch", "onnx", "onnxscript", "onnxruntime", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    versions["exporter"] = "torch.onnx.export(dynamo=True)"
+    return versions
+
+
+def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, config: ExportConfig = ExportConfig(),
+                force: bool = False, log: Callable[[str], None] = lambda _: None) -> Manifest:
+    """Export a target (and its draft head) as ONNX step graphs into `out`, atomically.
+
+    Args:
+        target: the target, loaded in fp32 (its identity is recorded from fp32 weights); cast to `config.dtype` here.
+        draft: the draft head for `target`, or None for a target-only export (plain decoding).
+        out: the artifacts directory to create (or, with force, replace).
+        config: dtype, S_max, tree budget, top-k, opset.
+        force: replace a non-empty `out`.
+        log: receives one line per stage.
+
+    Returns:
+        The manifest written to `out/manifest.json`.
+    """
+    from hass_deploy.generation import default_max_seq_len
+    from hass_deploy.models.checkpoint import target_identity
+
+    _require_onnx()
+    if config.engine != "onnx":
+        raise HassDeployError(f"--engine {config.engine} is not available yet (TensorRT engines come in a later "
+                              "release); export --engine onnx now, the graphs are checked to import into TensorRT")
+    out = Path(out)
+    _check_out_dir(out, force)
+    max_seq_len = config.max_seq_len or default_max_seq_len(target)
+    if config.max_tree_tokens >= max_seq_len:
+        raise ConfigError(f"a tree budget of {config.max_tree_tokens} tokens does not fit S_max = {max_seq_len} "
+                          "KV rows; lower --max-tree-tokens or raise --max-seq-len")
+    if target.embedding.dtype != torch.float32:
+        raise ModelLoadError("export_onnx takes the target in fp32 and casts it itself (load it with dtype='fp32')")
+    identity, head_identity = target_identity(target), None if draft is None else draft_identity(draft)
+    dtype = parse_dtype(config.dtype)
+    target_module = _cast(target.module, dtype)
+    draft_module = None if draft is None else _cast(draft, dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the artifacts directory's mode
+    try:
+        log(f"exporting the target step graph ({config.dtype}, opset {config.opset})")
+        graphs = {"target": export_target_graph(target_module, tmp / "target.onnx", config, max_seq_len)}
+        if draft_module is not None:
+            log("exporting the draft step graph")
+            graphs["draft"] = export_draft_graph(draft_module, target_module.lm_head, tmp / "draft.onnx", config,
+                                                 max_seq_len)
+        manifest = Manifest(
+            engine="onnx", dtype=config.dtype, opset=config.opset, max_seq_len=max_seq_len,
+            max_tree_tokens=config.max_tree_tokens, max_top_k=config.max_top_k, prefill_chunk=config.prefill_chunk,
+            target=identity, draft=head_identity, graphs=graphs, versions=_versions(),
+            notes={"kv": "past_* inputs are read-only KV buffers [1, H_kv, S, D] of which rows < cache_len are valid; "
+                         "new_* outputs are the step's rows, to be written at cache_len.. by the runtime"})
+        manifest.write(tmp)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move `new` to `out`; an existing `out` is swapped out first and put back if the move fails."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_artifacts(target_dir: str | Path, draft_dir: str | Path | None, out: str | Path,
+                     config: ExportConfig = ExportConfig(), force: bool = False,
+                     log: Callable[[str], None] = lambda _: None) -> Manifest:
+    """`hass-deploy export`: check the cheap things first (engine, output directory), then load and export.
+
+    Args:
+        target_dir: the target's Hugging Face directory.
+        draft_dir: the draft head's directory, or None for a target-only export.
+        out, config, force, log: as for `export_onnx`.
+    """
+    from hass_deploy.models.checkpoint import load_draft
+    from hass_deploy.models.loading import load_target
+
+    if config.engine != "onnx":
+        raise HassDeployError(f"--engine {config.engine} is not available yet (TensorRT engines come in a later "
+                              "release); export --engine onnx now, the graphs are checked to import into TensorRT")
+    _require_onnx()
+    _check_out_dir(Path(out), force)
+    target = load_target(target_dir, "fp32", tokenizer=False)
+    head = None if draft_dir is None else load_draft(draft_dir, target)[0]
+    return export_onnx(target, head, out, config, force, log)

@@ -1,0 +1,351 @@
+"""Exported graphs against PyTorch (`hass-deploy validate`): per-graph parity, then end-to-end token identity.
+
+1. Capture: a real greedy speculative decoding run of the PyTorch backends records every step's graph inputs
+   (ids, positions, cache_len, tree mask, logit rows, features and a snapshot of the KV rows before the step),
+   so the graphs are compared on consistent inputs, never on random masks or positions.
+2. Per graph: polygraphy's `Comparator` runs the ONNX Runtime session (`OnnxrtRunner`) and our own step module
+   (`TorchStepRunner`, the module that was exported) on those inputs; values are compared with per-dtype
+   tolerances (`SimpleCompareFunc`), logits by argmax and top-k agreement (`TopKPostprocessFunc` +
+   `IndicesCompareFunc`).
+3. End to end: ONNX Runtime speculative greedy decoding must be token-identical to ONNX Runtime plain decoding
+   (lossless) and, in fp32, to PyTorch plain greedy decoding over a prompt set. In fp16 and bf16 the two engines
+   round differently, so agreement with PyTorch is reported, not required.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hass_deploy.config import GenerationConfig, TreeConfig
+from hass_deploy.errors import HassDeployError
+from hass_deploy.export import steps
+from hass_deploy.export.manifest import Manifest, read_manifest
+from hass_deploy.models.target import causal_tree_mask
+from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
+from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
+from hass_deploy.runtime.decoder import SpeculativeDecoder
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close ONNX Runtime must be to PyTorch for one export precision.
+
+    fp32 differs only by summation order (measured max |diff| about 2e-6 on logits of magnitude about 1).
+    Half precision rounds every weight and activation: values are only required to be close, and the logits'
+    argmax must agree exactly and their top-k up to neighbouring swaps.
+    """
+
+    atol: float
+    rtol: float
+    top_k: int = 5  # logits' top-k compared by index
+    top_k_slack: int = 0  # how many places an index may move within the top-k (polygraphy's index_tolerance)
+    end_to_end_exact: bool = True  # ORT greedy output must equal PyTorch's token for token
+
+
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3),
+    "fp16": Tolerance(atol=3e-2, rtol=3e-2, top_k_slack=1, end_to_end_exact=False),
+    "bf16": Tolerance(atol=1e-1, rtol=1e-1, top_k_slack=1, end_to_end_exact=False),
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool | None  # None: informational, never fails the validation
+    detail: str
+
+
+@dataclass
+class ValidationReport:
+    artifacts: Path
+    manifest: Manifest
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def validated(self) -> bool:
+        """Whether anything was actually checked (bf16 graphs cannot run on ORT's CPU provider)."""
+        return any(check.passed is not None for check in self.checks)
+
+    @property
+    def passed(self) -> bool:
+        return self.validated and all(check.passed is not False for check in self.checks)
+
+    def render(self) -> str:
+        m = self.manifest
+        lines = [f"validate {self.artifacts}: {m.dtype}, opset {m.opset}, S_max {m.max_seq_len}, "
+                 f"graphs {', '.join(m.graphs)}"]
+        for check in self.checks:
+            status = {True: "PASS", False: "FAIL", None: "INFO"}[check.passed]
+            lines.append(f"  {status}  {check.name:<34} {check.detail}")
+        lines.append(f"result: {'PASS' if self.passed else 'FAIL' if self.validated else 'NOT VALIDATED'}")
+        return "\n".join(lines)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().contiguous().numpy().copy()
+
+
+def _past(keys: torch.Tensor, values: torch.Tensor, cache_len: int) -> dict[str, np.ndarray]:
+    """The KV rows a graph may read at this step, from torch buffers [L, 1, H_kv, S_max, D]."""
+    rows = max(cache_len, 1)  # a prefill still binds one (masked) row: no zero-size inputs
+    feeds = {}
+    for layer in range(keys.shape[0]):
+        feeds[f"past_key_{layer}"] = _numpy(keys[layer, :, :, :rows])
+        feeds[f"past_value_{layer}"] = _numpy(values[layer, :, :, :rows])
+    return feeds
+
+
+class _RecordingTarget(TorchTarget):
+    """The PyTorch target backend, recording each step's graph feeds before running it."""
+
+    def __init__(self, module, max_len: int, samples: list, limit: int):
+        super().__init__(module, max_len)
+        self.samples, self.limit = samples, limit
+
+    def step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False) -> TargetOutput:
+        if len(self.samples) < self.limit:
+            steps_ = input_ids.shape[1]
+            mask = causal_tree_mask(steps_) if tree_mask is None else tree_mask
+            rows = torch.tensor([steps_ - 1]) if last_only else torch.arange(steps_)
+            self.samples.append(OrderedDict(
+                input_ids=_numpy(input_ids), position_ids=_numpy(position_ids),
+                cache_len=np.array([cache_len], dtype=np.int64), tree_mask=_numpy(mask), logits_index=_numpy(rows),
+                **_past(self.kv.keys, self.kv.values, cache_len)))
+        return super().step(input_ids, position_ids, cache_len, tree_mask, last_only)
+
+
+class _RecordingDraft(TorchDraft):
+    def __init__(self, head, lm_head, max_len: int, samples: list, limit: int):
+        super().__init__(head, lm_head, max_len)
+        self.samples, self.limit = samples, limit
+
+    def step(self, features, input_ids, position_ids, cache_len, tree_mask, top_k) -> DraftOutput:
+        if len(self.samples) < self.limit:
+            mask = causal_tree_mask(input_ids.shape[1]) if tree_mask is None else tree_mask
+            self.samples.append(OrderedDict(
+                features=_numpy(features.to(self.head.fc.weight.dtype)), input_ids=_numpy(input_ids),
+                position_ids=_numpy(position_ids), cache_len=np.array([cache_len], dtype=np.int64),
+                tree_mask=_numpy(mask), **_past(self.kv.keys, self.kv.values, cache_len)))
+        return super().step(features, input_ids, position_ids, cache_len, tree_mask, top_k)
+
+
+def capture_samples(target_module, head, prompts: list[list[int]], config: GenerationConfig, max_len: int,
+                    limit: int = 12) -> dict[str, list[OrderedDict]]:
+    """Graph feeds of the first `limit` target and draft steps of a PyTorch speculative run over `prompts`."""
+    samples: dict[str, list] = {"target": [], "draft": []}
+    for ids in prompts:
+        target = _RecordingTarget(target_module, max_len, samples["target"], limit)
+        draft = None if head is None else _RecordingDraft(head, target_module.lm_head, max_len + config.tree.draft_rows,
+                                                           samples["draft"], limit)
+        SpeculativeDecoder(target, draft).generate(ids, config)
+    return samples
+
+
+def _polygraphy():
+    try:
+        from polygraphy.backend.base import BaseRunner
+        from polygraphy.common import TensorMetadata
+    except ImportError:
+        raise HassDeployError("validation needs polygraphy: pip install 'hass-deploy[onnx]'") from None
+    return BaseRunner, TensorMetadata
+
+
+def torch_step_runner(module: torch.nn.Module, spec, name: str = "pytorch"):
+    """A polygraphy runner over one of our step modules on the CPU (polygraphy's own PytRunner assumes CUDA)."""
+    BaseRunner, TensorMetadata = _polygraphy()
+
+    class TorchStepRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name, prefix="pytorch-runner")
+
+        def get_input_metadata_impl(self):
+            metadata = TensorMetadata()
+            for tensor in spec.inputs:
+                metadata.add(tensor.name, np.dtype(tensor.dtype),
+                             [d if isinstance(d, int) else -1 for d in tensor.shape])
+            return metadata
+
+        def infer_impl(self, feed_dict):
+            args = [torch.from_numpy(np.ascontiguousarray(feed_dict[t.name])) for t in spec.inputs]
+            start = time.perf_counter()
+            with torch.no_grad():
+                outputs = module(*args)
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict((t.name, _numpy(value)) for t, value in zip(spec.outputs, outputs))
+
+    return TorchStepRunner()
+
+
+def _select(run_results, names: set[str]):
+    from polygraphy.comparator import IterationResult, RunResults
+
+    selected = RunResults()
+    for runner, iterations in run_results.items():
+        selected.append((runner, [IterationResult({k: v for k, v in it.items() if k in names}, it.runtime, runner)
+                                  for it in iterations]))
+    return selected
+
+
+def _worst(accuracy) -> dict[str, float]:
+    """Max |diff| per output over all iterations of a SimpleCompareFunc result."""
+    worst: dict[str, float] = {}
+    for iterations in accuracy.values():
+        for outputs in iterations:
+            for name, result in outputs.items():
+                worst[name] = max(worst.get(name, 0.0), float(result.max_absdiff))
+    return worst
+
+
+def compare_graph(graph: str, session, module: torch.nn.Module, spec, samples: list[OrderedDict],
+                  tolerance: Tolerance) -> list[Check]:
+    """Run ORT and PyTorch on the captured feeds through polygraphy's Comparator and judge the outputs."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import (Comparator, IndicesCompareFunc, SimpleCompareFunc, TopKPostprocessFunc)
+    from polygraphy.logger import G_LOGGER
+
+    if not samples:
+        return [Check(f"{graph} graph parity", False, "no steps were captured")]
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # the report below says what matters, in one line per check
+        results = Comparator.run([OnnxrtRunner(session, name="onnxruntime"), torch_step_runner(module, spec)],
+                                 data_loader=samples)
+        values = {t.name for t in spec.outputs if t.dtype.startswith(("float", "bfloat"))}
+        # compare_accuracy returns one AccuracyResult per compare function; we pass one.
+        accuracy = Comparator.compare_accuracy(
+            _select(results, values), compare_func=SimpleCompareFunc(atol=tolerance.atol, rtol=tolerance.rtol))[0]
+        index_name = "logits" if graph == "target" else "top_tokens"
+        indices = _select(results, {index_name})
+        if graph == "target":
+            indices = Comparator.postprocess(indices, TopKPostprocessFunc(k=(tolerance.top_k, -1)))
+        top_k = Comparator.compare_accuracy(
+            indices, compare_func=IndicesCompareFunc(index_tolerance=tolerance.top_k_slack))[0]
+        argmax = Comparator.compare_accuracy(
+            Comparator.postprocess(_select(results, {index_name}), TopKPostprocessFunc(k=(1, -1)))
+            if graph == "target" else _first_column(_select(results, {index_name})),
+            compare_func=IndicesCompareFunc(index_tolerance=0))[0]
+    worst = _worst(accuracy)
+    kv = max((v for k, v in worst.items() if k.startswith("new_")), default=0.0)
+    shown = ", ".join(f"{k} {v:.1e}" for k, v in worst.items() if not k.startswith("new_"))
+    count = len(samples)
+    return [
+        Check(f"{graph} values (atol {tolerance.atol:g}, rtol {tolerance.rtol:g})", bool(accuracy),
+              f"{count} captured steps; max |diff| {shown}, new K/V rows {kv:.1e}"),
+        Check(f"{graph} argmax agreement", bool(argmax), f"{_agreement(argmax)}/{count} steps identical"),
+        Check(f"{graph} top-{tolerance.top_k if graph == 'target' else 'k'} agreement (slack {tolerance.top_k_slack})",
+              bool(top_k), f"{_agreement(top_k)}/{count} steps"),
+    ]
+
+
+def _first_column(run_results):
+    """The draft's top-1 token ids: column 0 of its (descending) top-k output."""
+    from polygraphy.comparator import IterationResult, RunResults
+
+    first = RunResults()
+    for runner, iterations in run_results.items():
+        first.append((runner, [IterationResult({k: v[..., :1] for k, v in it.items()}, it.runtime, runner)
+                               for it in iterations]))
+    return first
+
+
+def _agreement(accuracy) -> int:
+    return sum(all(bool(r) for r in outputs.values()) for iterations in accuracy.values() for outputs in iterations)
+
+
+def default_prompts(vocab_size: int, max_len: int, max_new_tokens: int, count: int = 4) -> list[list[int]]:
+    """Seeded random token-id prompts of a few lengths (tokenizer-free, so any target can be validated)."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = [n for n in (3, 17, 40, 90) if n + max_new_tokens < max_len][:count] or [1]
+    return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def end_to_end(artifacts: Path, manifest: Manifest, target_fp32, head_fp32, reference_module,
+               prompts: list[list[int]], config: GenerationConfig, tolerance: Tolerance, max_len: int) -> list[Check]:
+    """Greedy outputs: ORT speculative vs ORT plain (must match) and vs PyTorch plain (must match in fp32)."""
+    from hass_deploy.runtime.backends import open_backends
+
+    ort_target, ort_draft = open_backends("onnxruntime", target_fp32, head_fp32, max_len, config.tree.draft_rows,
+                                          artifacts)
+    ort_plain = SpeculativeDecoder(ort_target, None)
+    ort_spec = SpeculativeDecoder(ort_target, ort_draft) if ort_draft is not None else None
+    torch_plain = SpeculativeDecoder(TorchTarget(reference_module, max_len), None)
+    same_torch, same_ort, first_divergence = 0, 0, []
+    for ids in prompts:
+        reference = torch_plain.generate(ids, config).output_ids
+        plain = ort_plain.generate(ids, config).output_ids
+        ours = ort_spec.generate(ids, config).output_ids if ort_spec is not None else plain
+        same_torch += ours == reference
+        same_ort += ours == plain
+        if ours != reference:
+            first_divergence.append(next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b),
+                                         min(len(ours), len(reference))))
+    n = len(prompts)
+    kind = "speculative" if ort_spec is not None else "plain"
+    detail = f"{same_torch}/{n} prompts identical, {config.max_new_tokens} new tokens each"
+    if first_divergence:
+        detail += f"; first divergence at token {min(first_divergence)}"
+    checks = [Check(f"ORT {kind} == PyTorch plain", same_torch == n if tolerance.end_to_end_exact else None, detail)]
+    if ort_spec is not None:
+        checks.append(Check("ORT speculative == ORT plain", same_ort == n, f"{same_ort}/{n} prompts identical "
+                            f"(tree {config.tree.tokens} nodes, depth {config.tree.depth}, top-k {config.tree.top_k})"))
+    return checks
+
+
+def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir: str | Path | None,
+                       prompts: list[list[int]] | None = None, max_new_tokens: int = 32,
+                       tree: TreeConfig = TreeConfig(), samples_per_graph: int = 12) -> ValidationReport:
+    """Validate an artifacts directory against the target (and draft) it was exported from.
+
+    Args:
+        artifacts: the `hass-deploy export` directory.
+        target_dir, draft_dir: the models; draft_dir is required when the artifacts hold a draft graph.
+        prompts: token-id prompts; None = `default_prompts`.
+        max_new_tokens: generated per prompt in the end-to-end checks.
+        tree: the draft tree used for capture and end to end (clipped to the artifacts' budget).
+        samples_per_graph: captured steps compared per graph.
+
+    Returns:
+        The report; `report.passed` is False on any mismatch.
+    """
+    from hass_deploy.export.manifest import check_draft, check_target, draft_identity
+    from hass_deploy.models.checkpoint import load_draft, target_identity
+    from hass_deploy.models.loading import load_target
+    from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_session
+
+    artifacts = Path(artifacts)
+    manifest = read_manifest(artifacts)
+    target = load_target(target_dir, "fp32", tokenizer=False)
+    check_target(manifest, target_identity(target), str(target_dir))
+    if manifest.draft is not None and draft_dir is None:
+        raise HassDeployError("the artifacts hold a draft graph: give --draft DIR, the draft they were exported from")
+    head = None if draft_dir is None else load_draft(draft_dir, target)[0]
+    check_draft(manifest, None if head is None else draft_identity(head), str(draft_dir))
+    report = ValidationReport(artifacts, manifest)
+    if manifest.dtype == "bf16":
+        report.checks.append(Check("bf16 on ONNX Runtime CPU", None, "skipped: ORT's CPU provider has no bf16 MatMul "
+                                   "kernel (NOT_IMPLEMENTED: MatMul(13)); validate bf16 graphs on CUDA or TensorRT"))
+        return report
+    tolerance = TOLERANCES[manifest.dtype]
+    reference = target if manifest.dtype == "fp32" else load_target(target_dir, manifest.dtype, tokenizer=False)
+    reference_head = head if head is None or manifest.dtype == "fp32" else load_draft(draft_dir, reference)[0]
+    max_len = manifest.max_seq_len
+    tree = TreeConfig(tokens=min(tree.tokens, manifest.max_tree_tokens), depth=tree.depth,
+                      top_k=min(tree.top_k, manifest.max_top_k))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree, eos_token_ids=())
+    prompts = prompts or default_prompts(target.config.vocab_size, max_len, max_new_tokens)
+    samples = capture_samples(reference.module, reference_head, prompts, config, max_len, samples_per_graph)
+    modules = {"target": steps.TargetStep(reference.module).eval()}
+    if reference_head is not None:
+        modules["draft"] = steps.DraftStep(reference_head, reference.module.lm_head, manifest.max_top_k).eval()
+    for graph, module in modules.items():
+        spec = manifest.graphs[graph]
+        session = open_session(artifacts / spec.file, torch.device("cpu"), OrtConfig())
+        report.checks.extend(compare_graph(graph, session, module, spec, samples[graph], tolerance))
+    report.checks.extend(end_to_end(artifacts, manifest, target, head, reference.module, prompts, config,
+                                    tolerance, max_len))
+    return report

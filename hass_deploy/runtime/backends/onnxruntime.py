@@ -1,0 +1,379 @@
+"""The ONNX Runtime backend: the exported step graphs over KV buffers the backend owns (DESIGN D2, D8).
+
+The graphs read the KV buffers and return only the step's new K/V rows (`export/steps.py`); this module owns
+the buffers as torch tensors, binds them to the sessions by pointer (IO binding: zero copy on CPU and on CUDA),
+writes the new rows itself and compacts the accepted path itself, both O(new rows). Per step only tiny
+tensors are copied into bound staging buffers: ids, positions, cache_len, the tree mask, the logit rows.
+
+Why the buffers are bound as a context-sized view rather than at full length: attention over the bound rows
+costs O(bound rows), and binding all S_max rows made a T = 32 step on 2 CPU cores about 4x slower at
+S_max = 4096 than at 256 rows (docs/ONNX.md). ORT only takes contiguous tensors and a prefix of the row axis of
+[1, H_kv, S_max, D] is not contiguous, so each layer's buffer is laid out as [1, H_kv, S_b, D] inside its
+static allocation, with S_b at most ~25 % above the rows in use; growing S_b re-lays the rows out in place
+(each row moves about four times in a whole generation: amortised O(1) per token).
+
+`onnxruntime` is imported inside this module, so `import hass_deploy` works without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError, ModelLoadError
+from hass_deploy.export.manifest import GraphSpec, Manifest
+from hass_deploy.models.target import causal_tree_mask
+from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
+
+# ONNX TensorProto element types of the torch dtypes bound to the graphs (IO binding takes the int for bf16).
+_ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.bool: 9}
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIN_BOUND_ROWS = 64  # the first KV view and the unit it grows by; below this a re-layout costs more than it saves
+# The view grows by at least 1/4 (then rounds up to 64 rows): attention reads at most ~25 % stale rows, and each
+# row is moved about 4 times in a whole generation (amortised O(1) per token). Doubling moved rows half as often
+# but bound up to 2x the rows in use: steps 10-20 % slower at 512-1024 rows of context (docs/ONNX.md).
+GROWTH_DIVISOR = 4
+MAX_BINDINGS = 64  # IO bindings cached per session (one per distinct step shape and buffer layout)
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise HassDeployError("the onnxruntime backend needs ONNX Runtime: pip install 'hass-deploy[onnx]'") from None
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class OrtConfig:
+    """Session settings, tuned for batch-1 decoding on a few CPU cores (deploy-notes §3, cpu-notes §4)."""
+
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    threads: int = 0  # intra-op threads; 0 = ORT's default, one per physical core
+    # Target and draft sessions alternate on the same cores: a spinning pool would hold cores the other needs.
+    spinning: bool = False
+    optimization: str = "all"  # ORT graph optimisation level: basic, extended or all
+    # On CPU torch only does bookkeeping beside ORT (ids, masks, argmax, KV row copies), but its OpenMP pool
+    # spin-waits after each parallel op and starves ORT's threads: with torch at 2 threads on 2 cores a T = 8
+    # step took 8.2 ms instead of 2.1 ms and a 32-row KV write 7.7 ms instead of 13 µs (docs/ONNX.md). 1 pins
+    # torch to one thread when the backend opens; None leaves torch's setting alone (e.g. OMP_WAIT_POLICY=PASSIVE).
+    torch_threads: int | None = 1
+    cache_optimized: bool = True  # keep the optimised graph in <artifacts>/cache and reuse it on the next load
+
+    def __post_init__(self) -> None:
+        if self.optimization not in ("basic", "extended", "all"):
+            raise ConfigError(f"ORT optimization must be basic, extended or all, got {self.optimization!r}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"the onnxruntime backend runs on cpu or cuda[:N], not {self.device!r}")
+
+
+def _providers(ort, device: torch.device) -> list:
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise HassDeployError("this ONNX Runtime has no CUDA execution provider: pip install onnxruntime-gpu")
+    index = device.index or 0
+    # ORT enqueues on torch's current stream, so the bound torch tensors need no extra synchronisation.
+    stream = torch.cuda.current_stream(index).cuda_stream
+    return [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)}), "CPUExecutionProvider"]
+
+
+def _cache_path(graph: Path, provider: str, config: OrtConfig, ort) -> Path:
+    """Where the optimised graph of `graph` lives: keyed by the source file, ORT version, provider and machine,
+    because ORT's optimised graphs may hold hardware-specific layouts."""
+    stat = graph.stat()
+    key = f"{stat.st_size}:{stat.st_mtime_ns}:{ort.__version__}:{provider}:{config.optimization}:{platform.machine()}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return graph.parent / "cache" / f"{graph.stem}.{provider.lower()}.{digest}.onnx"
+
+
+def open_session(graph: Path, device: torch.device, config: OrtConfig):
+    """An InferenceSession for `graph`, reusing (or writing) its optimised form in the artifacts' cache."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spinning else "0")
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options.log_severity_level = 3  # errors only: ORT's warnings (e.g. on saving an optimised graph) are not actionable
+    providers = _providers(ort, device)
+    cached = _cache_path(graph, device.type, config, ort) if config.cache_optimized else None
+    if cached is not None and cached.exists():
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimised already
+        try:
+            return ort.InferenceSession(str(cached), options, providers=providers)
+        except Exception:  # a cache left half-written by an interrupted run: drop it and optimise again
+            for stale in (cached, cached.with_name(cached.name + ".data")):
+                stale.unlink(missing_ok=True)
+    options.graph_optimization_level = levels[config.optimization]
+    if cached is not None and _writable(cached.parent):
+        options.optimized_model_filepath = str(cached)
+        # Weights of the optimised graph go to a side file, so a large model stays under protobuf's 2 GiB.
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", cached.name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        return ort.InferenceSession(str(graph), options, providers=providers)
+    except Exception as err:  # ORT raises its own exception types; name the graph and the usual cause
+        message = " ".join(str(err).split())
+        if "NOT_IMPLEMENTED" in message:
+            raise HassDeployError(f"{graph}: ONNX Runtime's {device.type} provider cannot run this graph ({message}); "
+                                  "bf16 graphs need CUDA, export fp32 or fp16 for CPU") from None
+        raise ModelLoadError(f"{graph}: ONNX Runtime cannot load it ({message})") from None
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(exist_ok=True)
+        probe = directory / ".write-test"
+        probe.touch()
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+class Staging:
+    """Grow-only device buffers, one per name, handed out as contiguous views of exact shape.
+
+    A view's address only changes when its buffer grows, so the IO bindings made for it can be reused.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        count = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < count or buffer.dtype != dtype:
+            size = max(count, 2 * buffer.numel() if buffer is not None and buffer.dtype == dtype else count)
+            buffer = torch.empty(size, dtype=dtype, device=self.device)
+            self.buffers[name] = buffer
+        return buffer[:count].view(shape)
+
+
+class BoundKV:
+    """Static K/V buffers of a decoder, bound to its graph as a context-sized view.
+
+    One allocation `[L, 2, H_kv * max_len * D]` for the whole generation. The rows in use are the view
+    `[L, 2, 1, H_kv, S_b, D]` of the first H_kv * S_b * D elements of each (layer, K|V) slot, so every layer's
+    K and V is a contiguous `[1, H_kv, S_b, D]` tensor ORT can read in place.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.num_kv_heads, self.head_dim, self.max_len = num_kv_heads, head_dim, max_len
+        self.storage = torch.zeros(num_layers, 2, num_kv_heads * max_len * head_dim, dtype=dtype, device=device)
+        self.rows = min(MIN_BOUND_ROWS, max_len)  # S_b
+
+    def view(self) -> torch.Tensor:
+        """[L, 2, 1, H_kv, S_b, D]: layer l's K is view[l, 0], its V view[l, 1]."""
+        used = self.num_kv_heads * self.rows * self.head_dim
+        return self.storage[:, :, :used].view(*self.storage.shape[:2], 1, self.num_kv_heads, self.rows, self.head_dim)
+
+    def reserve(self, rows: int) -> bool:
+        """Make the view hold at least `rows` rows; True if the layout changed (bindings must be redone).
+
+        Head h's rows move from offset h * S_b * D to h * S_new * D, last head first, so no block is overwritten
+        before it has moved. O(S_b), once per growth of S_b by a quarter.
+        """
+        if rows > self.max_len:
+            raise CacheCapacityError(f"KV cache overflow: {rows} rows needed, {self.max_len} allocated")
+        if rows <= self.rows:
+            return False
+        old = self.rows
+        grown = max(rows, old + old // GROWTH_DIVISOR)
+        new = min(self.max_len, -(-grown // MIN_BOUND_ROWS) * MIN_BOUND_ROWS)  # rounded up to whole 64-row blocks
+        block = old * self.head_dim
+        for head in range(self.num_kv_heads - 1, 0, -1):
+            source = self.storage[:, :, head * block:(head + 1) * block]
+            start = head * new * self.head_dim
+            # A clone, because with S_new < 2 S_b the new place of a head overlaps its old one.
+            self.storage[:, :, start:start + block] = source.clone() if new < 2 * old else source
+        self.rows = new
+        return True
+
+    def write(self, cache_len: int, new_rows: torch.Tensor) -> None:
+        """Copy a step's new rows [L, 2, 1, H_kv, T, D] to rows cache_len .. cache_len + T: O(T)."""
+        steps = new_rows.shape[4]
+        self.view()[:, :, :, :, cache_len:cache_len + steps] = new_rows
+
+    def compact(self, cache_len: int, keep: torch.Tensor) -> None:
+        """Move rows cache_len + keep[j] to cache_len + j (keep increasing) in every layer: O(accepted rows)."""
+        if keep.numel() == 0:
+            return
+        view = self.view()
+        view[:, :, :, :, cache_len:cache_len + keep.numel()] = view.index_select(4, cache_len + keep)
+
+
+class GraphRunner:
+    """One ONNX Runtime session run over torch tensors bound by address; bindings are cached per shape/address."""
+
+    def __init__(self, session, device: torch.device):
+        self.session = session
+        self.device_type, self.device_id = device.type, device.index or 0
+        self.bindings: dict[tuple, object] = {}
+
+    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Run with `inputs` read and `outputs` written in place (all contiguous, on the session's device)."""
+        key = tuple((name, t.data_ptr(), tuple(t.shape)) for name, t in (*inputs.items(), *outputs.items()))
+        binding = self.bindings.get(key)
+        if binding is None:
+            binding = self.session.io_binding()
+            for name, tensor in inputs.items():
+                binding.bind_input(name, self.device_type, self.device_id, _ONNX_TYPES[tensor.dtype],
+                                   tuple(tensor.shape), tensor.data_ptr())
+            for name, tensor in outputs.items():
+                binding.bind_output(name, self.device_type, self.device_id, _ONNX_TYPES[tensor.dtype],
+                                    tuple(tensor.shape), tensor.data_ptr())
+            if len(self.bindings) >= MAX_BINDINGS:
+                self.bindings.clear()
+            self.bindings[key] = binding
+        self.session.run_with_iobinding(binding)
+
+    def forget(self) -> None:
+        """Drop cached bindings (the KV buffers were laid out anew)."""
+        self.bindings.clear()
+
+
+class _Stepper:
+    """What the target and draft backends share: a session, KV buffers, staging, and the chunking of long
+    causal steps into pieces of `chunk` rows."""
+
+    def __init__(self, session, spec: GraphSpec, dtype: torch.dtype, device: torch.device, max_len: int, chunk: int):
+        self.runner = GraphRunner(session, device)
+        self.spec, self.dtype, self.device, self.max_len, self.chunk = spec, dtype, device, max_len, chunk
+        self.kv = BoundKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, max_len, dtype, device)
+        self.staging = Staging(device)
+
+    def _small(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Copy a small input into its bound staging buffer (the only per-step host-to-graph traffic)."""
+        buffer = self.staging.view(name, tuple(value.shape), value.dtype)
+        buffer.copy_(value)
+        return buffer
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+            cache_len: int, steps: int) -> dict[str, torch.Tensor]:
+        """One graph run at cache_len: bind feeds, KV view and output staging; write the new KV rows; return
+        the named outputs (views of staging, valid until the next run)."""
+        if self.kv.reserve(cache_len + steps):
+            self.runner.forget()
+        inputs = {name: self._small(name, value) for name, value in feeds.items()}
+        view = self.kv.view()
+        for layer in range(self.spec.num_layers):
+            inputs[f"past_key_{layer}"], inputs[f"past_value_{layer}"] = view[layer, 0], view[layer, 1]
+        bound = {name: self.staging.view("out:" + name, shape, dtype) for name, (shape, dtype) in outputs.items()}
+        new_rows = self.staging.view("new_rows", (self.spec.num_layers, 2, 1, self.spec.num_kv_heads, steps,
+                                                  self.spec.head_dim), self.dtype)
+        for layer in range(self.spec.num_layers):
+            bound[f"new_key_{layer}"], bound[f"new_value_{layer}"] = new_rows[layer, 0], new_rows[layer, 1]
+        self.runner.run(inputs, bound)
+        self.kv.write(cache_len, new_rows)
+        return bound
+
+    def common_feeds(self, input_ids, position_ids, cache_len: int, tree_mask) -> dict[str, torch.Tensor]:
+        steps = input_ids.shape[1]
+        if cache_len + steps > self.max_len:
+            raise CacheCapacityError(f"KV cache overflow: {cache_len + steps} rows needed, {self.max_len} allocated")
+        mask = causal_tree_mask(steps, self.device) if tree_mask is None else tree_mask
+        return {"input_ids": input_ids.to(torch.int64), "position_ids": position_ids.to(torch.int64),
+                "cache_len": torch.tensor([cache_len], dtype=torch.int64), "tree_mask": mask.to(torch.bool)}
+
+    def chunks(self, steps: int, tree_mask) -> list[tuple[int, int]]:
+        """Row ranges to run: one for a tree step, pieces of `chunk` rows for a long causal step (a prompt)."""
+        if tree_mask is not None or steps <= self.chunk:
+            return [(0, steps)]
+        return [(start, min(start + self.chunk, steps)) for start in range(0, steps, self.chunk)]
+
+
+class OrtTarget:
+    """`TargetBackend` over the exported target step graph."""
+
+    def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int):
+        spec = manifest.graphs["target"]
+        self.dtype = _TORCH_DTYPES[manifest.dtype]
+        self.stepper = _Stepper(session, spec, self.dtype, device, max_len, manifest.prefill_chunk)
+        self.device, self.max_len, self.max_tree_tokens = device, max_len, manifest.max_tree_tokens
+        self.vocab_size = manifest.target["vocab_size"]
+        self.hidden_size = manifest.target["hidden_size"]
+
+    @torch.no_grad()
+    def step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False) -> TargetOutput:
+        steps = input_ids.shape[1]
+        if tree_mask is not None and steps > self.max_tree_tokens:
+            raise ConfigError(f"a tree of {steps} nodes is more than the artifacts' tree budget ({self.max_tree_tokens})")
+        pieces = self.stepper.chunks(steps, tree_mask)
+        hidden, logits = [], []
+        for start, stop in pieces:
+            rows = stop - start
+            feeds = self.stepper.common_feeds(input_ids[:, start:stop], position_ids[:, start:stop],
+                                              cache_len + start, tree_mask)
+            # Prefill wants the last row's logits only; an earlier chunk's row is computed and dropped.
+            wanted = [rows - 1] if last_only else list(range(rows))
+            feeds["logits_index"] = torch.tensor(wanted, dtype=torch.int64)
+            out = self.stepper.run(feeds, {"logits": ((1, len(wanted), self.vocab_size), self.dtype),
+                                           "hidden": ((1, rows, self.hidden_size), self.dtype)},
+                                   cache_len + start, rows)
+            hidden.append(out["hidden"].clone())
+            if not last_only or stop == steps:
+                logits.append(out["logits"].clone())
+        return TargetOutput(logits=torch.cat(logits, dim=1) if len(logits) > 1 else logits[0],
+                            hidden=torch.cat(hidden, dim=1) if len(hidden) > 1 else hidden[0])
+
+    def compact(self, cache_len: int, keep: torch.Tensor) -> None:
+        self.stepper.kv.compact(cache_len, keep)
+
+
+class OrtDraft:
+    """`DraftBackend` over the exported draft step graph (the target's lm_head and top-k inside the graph)."""
+
+    def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int):
+        spec = manifest.graphs["draft"]
+        self.dtype = _TORCH_DTYPES[manifest.dtype]
+        self.stepper = _Stepper(session, spec, self.dtype, device, max_len, manifest.prefill_chunk)
+        self.device, self.max_len, self.max_top_k = device, max_len, manifest.max_top_k
+        self.hidden_size = manifest.target["hidden_size"]
+
+    @torch.no_grad()
+    def step(self, features, input_ids, position_ids, cache_len, tree_mask, top_k) -> DraftOutput:
+        if top_k > self.max_top_k:
+            raise ConfigError(f"top-k {top_k} is more than the draft graph's top-k ({self.max_top_k})")
+        steps = input_ids.shape[1]
+        hidden, logprobs, tokens = [], [], []
+        for start, stop in self.stepper.chunks(steps, tree_mask):
+            rows = stop - start
+            feeds = self.stepper.common_feeds(input_ids[:, start:stop], position_ids[:, start:stop],
+                                              cache_len + start, tree_mask)
+            feeds["features"] = features[:, start:stop].to(self.dtype)
+            out = self.stepper.run(feeds, {"hidden": ((1, rows, self.hidden_size), self.dtype),
+                                           "top_logprobs": ((1, rows, self.max_top_k), torch.float32),
+                                           "top_tokens": ((1, rows, self.max_top_k), torch.int64)},
+                                   cache_len + start, rows)
+            hidden.append(out["hidden"].clone())
+            # TopK sorts descending, so the first top_k of the graph's K columns are the top_k.
+            logprobs.append(out["top_logprobs"][..., :top_k].clone())
+            tokens.append(out["top_tokens"][..., :top_k].clone())
+        join = (lambda parts: torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        return DraftOutput(hidden=join(hidden), logprobs=join(logprobs), tokens=join(tokens))
+
+
+def open_ort_backends(artifacts: Path, manifest: Manifest, with_draft: bool, max_len: int, draft_extra_rows: int,
+                      config: OrtConfig = OrtConfig()) -> tuple[OrtTarget, OrtDraft | None]:
+    """Sessions and KV buffers for an artifacts directory whose manifest was checked against the models."""
+    device = torch.device(config.device)
+    if device.type == "cpu" and config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)  # process-wide, deliberately: see OrtConfig.torch_threads
+    target = OrtTarget(open_session(artifacts / manifest.graphs["target"].file, device, config), manifest, device,
+                       max_len)
+    if not with_draft:
+        return target, None
+    draft_session = open_session(artifacts / manifest.graphs["draft"].file, device, config)
+    return target, OrtDraft(draft_session, manifest, device, max_len + draft_extra_rows)

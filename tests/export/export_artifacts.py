@@ -1,0 +1,28 @@
+"""Tiny exported artifacts for the export and validation tests, exported once per test session.
+
+A prefill chunk of 8 rows makes every prompt longer than 8 tokens exercise chunked prefill, and generations
+past 64 rows exercise the re-layout of the bound KV view (`onnxruntime.MIN_BOUND_ROWS`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hass_deploy.export.config import ExportConfig
+from hass_deploy.export.manifest import MANIFEST_FILE
+from hass_deploy.export.onnx import export_onnx
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+CONFIG = ExportConfig(max_seq_len=256, max_tree_tokens=64, max_top_k=16, prefill_chunk=8)
+
+
+def exported(base: Path, name: str, target, draft, config: ExportConfig = CONFIG) -> Path:
+    """Export (target, draft) to base/name unless a previous test already did."""
+    out = base / name
+    if not (out / MANIFEST_FILE).exists():
+        export_onnx(target, draft, out, config, force=True)
+    return out
