@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import helper
 
-from export_artifacts import CONFIG, exported
+from ort_artifacts import CONFIG, exported
 from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.export import onnx as onnx_export
 from hass_deploy.export import tensorrt_ops

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from conftest import ARCHITECTURES
-from export_artifacts import exported
+from ort_artifacts import exported
 from hass_deploy.config import GenerationConfig, TreeConfig
 from hass_deploy.errors import DraftMismatchError
 from hass_deploy.export.config import ExportConfig

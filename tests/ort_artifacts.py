@@ -1,4 +1,4 @@
-"""Tiny exported artifacts for the export and validation tests, exported once per test session.
+"""Tiny exported artifacts for the export, validation and ONNX Runtime backend tests, exported once per session.
 
 A prefill chunk of 8 rows makes every prompt longer than 8 tokens exercise chunked prefill, and generations
 past 64 rows exercise the re-layout of the bound KV view (`onnxruntime.MIN_BOUND_ROWS`).
