@@ -108,7 +108,7 @@ def generate(
     tree_depth: int = typer.Option(_TREE.depth, help="Draft levels per round."),
     tree_top_k: int = typer.Option(_TREE.top_k, help="Children per node and beam width."),
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
-    backend: str = typer.Option(_RUNTIME.backend, help="Runtime backend: torch or onnxruntime."),
+    backend: str = typer.Option("auto", help="torch, onnxruntime, or auto: onnxruntime when --artifacts is given."),
     artifacts: Optional[Path] = typer.Option(None, help="`hass-deploy export` directory (--backend onnxruntime)."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache rows (default: min(max_position_embeddings, 4096))."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if present)."),
@@ -130,7 +130,9 @@ def generate(
         tree=TreeConfig(tokens=tree_tokens, depth=tree_depth, top_k=tree_top_k),
         seed=seed,
     )
-    runtime = RuntimeConfig(backend=backend, dtype=dtype, max_seq_len=max_seq_len)
+    from hass_deploy.runtime.backends import choose_backend
+
+    runtime = RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype, max_seq_len=max_seq_len)
     if prompt_ids is not None:
         items = [Prompt(text=None, ids=parse_prompt_ids(prompt_ids))]
     elif prompt is not None:
@@ -313,7 +315,7 @@ def bench(
     draft: Path = typer.Option(..., help="Draft head directory (EAGLE/HASS format)."),
     baseline_draft: Optional[Path] = typer.Option(None, help="A second draft to compare, e.g. an EAGLE-2 one."),
     prompts: list[Path] = typer.Option(..., help="JSONL prompts (EAGLE questions or {\"prompt\"} lines); repeatable."),
-    backend: str = typer.Option(_RUNTIME.backend, help="Runtime backend: torch or onnxruntime."),
+    backend: str = typer.Option("auto", help="torch, onnxruntime, or auto: onnxruntime when --artifacts is given."),
     artifacts: Optional[Path] = typer.Option(None, help="`hass-deploy export` directory (--backend onnxruntime)."),
     baseline_artifacts: Optional[Path] = typer.Option(None, help="The baseline draft's export (onnxruntime)."),
     max_new_tokens: int = typer.Option(_BENCH.max_new_tokens),
@@ -332,6 +334,7 @@ def bench(
 ) -> None:
     """Benchmark speculative against plain decoding: tau, per-depth acceptance, tokens/s, speedup, lossless check."""
     from hass_deploy.bench import run_bench
+    from hass_deploy.runtime.backends import choose_backend
 
     explicit = (tree_tokens, tree_depth, tree_top_k)
     if tree is not None and tree != "auto":
@@ -346,12 +349,36 @@ def bench(
         explicit, (_TREE.tokens, _TREE.depth, _TREE.top_k))))
     config = BenchConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), tree=fixed,
                          max_prompts=max_prompts, warmup=warmup, seed=seed, chat=chat,
-                         runtime=RuntimeConfig(backend=backend, dtype=dtype, max_seq_len=max_seq_len))
+                         runtime=RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype,
+                                               max_seq_len=max_seq_len))
     report = run_bench(target, draft, prompts, config, baseline_draft, artifacts, baseline_artifacts, out,
                        log=lambda line: typer.echo(line, err=True))
     typer.echo((out / "bench.md").read_text())
     if report.lossless is False:
         _fail(report.lossless_line())
+
+
+@app.command()
+@_user_errors
+def quickstart(
+    workdir: Optional[Path] = typer.Option(None, help="Work directory (default: ./hass-deploy-quickstart/PRESET)."),
+    preset: str = typer.Option("default", help="default (about 10-15 min on 2 CPU cores) or tiny (under 3 min)."),
+    prompts: list[Path] = typer.Option([], help="More JSONL prompt sets to benchmark beside the held-out text."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """The whole job on a target built here: data, HASS and EAGLE-2 drafts, ONNX export, validation, benchmark."""
+    from hass_deploy.quickstart import PRESETS, render_summary, run_quickstart
+
+    if preset not in PRESETS:
+        _fail(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    for file in prompts:
+        if not file.is_file():
+            _fail(f"{file}: no such prompt file")
+    workdir = workdir or Path("hass-deploy-quickstart") / preset
+    if workdir.exists() and not workdir.is_dir():
+        _fail(f"{workdir} exists and is not a directory")
+    summary = run_quickstart(workdir, preset, tuple(prompts), progress, log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_summary(summary))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -58,7 +58,8 @@ def test_export_generate_and_validate(models, artifacts):
     reference = generate(target, "--no-draft")["output_ids"]
     speculative = generate(target, "--draft", draft, "--backend", "onnxruntime", "--artifacts", artifacts)
     plain = generate(target, "--no-draft", "--backend", "onnxruntime", "--artifacts", artifacts)
-    assert speculative["output_ids"] == plain["output_ids"] == reference
+    auto = generate(target, "--draft", draft, "--artifacts", artifacts)  # --backend auto: artifacts -> onnxruntime
+    assert speculative["output_ids"] == plain["output_ids"] == auto["output_ids"] == reference
     result = invoke("validate", "--artifacts", artifacts, "--target", target, "--draft", draft, "--max-new-tokens", 12)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().endswith("result: PASS") and "draft argmax agreement" in result.stdout
@@ -89,6 +90,6 @@ def test_runtime_errors_are_one_line(models, artifacts):
     one_line_error(invoke(*base, "--draft", draft, "--artifacts", artifacts, "--max-seq-len", 4096), "S_max (128)")
     one_line_error(invoke(*base, "--draft", draft, "--artifacts", artifacts, "--tree-tokens", 32), "tree budget (16)")
     one_line_error(invoke(*base, "--no-draft", "--artifacts", artifacts, "--dtype", "fp16"), "the artifacts are fp32")
-    one_line_error(invoke("generate", "--target", target, "--no-draft", "--prompt-ids", "1", "--artifacts", artifacts),
-                   "--artifacts is for --backend onnxruntime")
+    one_line_error(invoke("generate", "--target", target, "--no-draft", "--prompt-ids", "1", "--artifacts", artifacts,
+                          "--backend", "torch"), "--artifacts is for --backend onnxruntime")
     one_line_error(invoke("validate", "--artifacts", artifacts, "--target", target), "give --draft DIR")

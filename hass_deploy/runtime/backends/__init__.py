@@ -14,6 +14,14 @@ from hass_deploy.models.loading import TargetModel
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 
 BACKENDS = ("torch", "onnxruntime")
+AUTO = "auto"  # the CLI's default: ONNX Runtime when there are exported artifacts to run, torch otherwise
+
+
+def choose_backend(name: str, artifacts: str | Path | None) -> str:
+    """Resolve `auto` to a backend name; any other name is returned as given (checked when opened)."""
+    if name != AUTO:
+        return name
+    return "onnxruntime" if artifacts is not None else "torch"
 
 
 def open_backends(name: str, target: TargetModel, draft: DraftHead | None, max_len: int,

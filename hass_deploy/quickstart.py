@@ -1,0 +1,386 @@
+"""`hass-deploy quickstart`: the whole job, end to end, on the embedded demo target.
+
+    target    build (or reuse) the demo target (`demo.py`): a Llama-architecture LM trained on stdlib source
+    corpus    held-out stdlib files the target never saw -> draft training text + benchmark prompts
+    data      the target's hidden states over the draft text (`hass-deploy data`)
+    train     a HASS draft and an EAGLE-2 draft on the same data, epochs and learning rate (`hass-deploy train`)
+    export    both drafts with the target as ONNX step graphs (`hass-deploy export --engine onnx`)
+    validate  each export against PyTorch, graph by graph and end to end (`hass-deploy validate`)
+    bench     plain vs EAGLE-2 vs HASS decoding on ONNX Runtime, greedy, same prompts and tree (`hass-deploy bench`)
+
+Everything goes under one work directory, and `quickstart.json` there records each finished stage with a key
+of what it was made from. A rerun skips a stage whose key still matches and whose outputs are intact, and
+resumes the interruptible ones (data shards, training epochs) where they stopped; a stage whose inputs changed
+is redone, and so is every stage after it. The greedy outputs of both drafts are compared with plain decoding
+over the whole prompt set: any difference fails the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from hass_deploy.bench.config import BenchConfig
+from hass_deploy.config import Phase, RuntimeConfig, TrainConfig, TreeConfig
+from hass_deploy.errors import HassDeployError
+from hass_deploy.export.config import ExportConfig
+from hass_deploy.training.data import DataConfig
+
+STATE_FILE = "quickstart.json"
+SUMMARY_FILE = "summary.json"
+DRAFTS = ("hass", "eagle2")  # the draft benchmarked first, then the baseline
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class QuickstartPreset:
+    """One quickstart: the demo target preset and every budget after it (each default defined once, here)."""
+
+    target: str = "default"  # `demo.PRESETS` key
+    draft_chars: int = 1_600_000  # of held-out draft text (about 3.5 characters per token)
+    record_chars: int = 2_000  # characters per training record (whole lines)
+    data: DataConfig = field(default_factory=lambda: DataConfig(format="text", max_length=640, eval_fraction=0.05))
+    # Equal budget for both recipes: the same data, epochs and schedule (the paper's comparison).
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        phases=(Phase(epochs=2, lr=2e-3, topk_weight=1.0),), batch_size=8, max_length=640))
+    prompts: int = 24  # held-out benchmark prompts
+    prompt_chars: int = 600  # characters of held-out source each prompt gives (whole lines)
+    max_new_tokens: int = 128
+    tree: TreeConfig | None = None  # None: `--tree auto` picks it from measured costs and acceptance
+    export: ExportConfig = field(default_factory=lambda: ExportConfig(max_seq_len=1024, max_tree_tokens=32,
+                                                                      max_top_k=8))
+
+
+PRESETS = {
+    "default": QuickstartPreset(),
+    "tiny": QuickstartPreset(
+        target="tiny", draft_chars=160_000, record_chars=1_000,
+        data=DataConfig(format="text", max_length=256, eval_fraction=0.1),
+        train=TrainConfig(phases=(Phase(epochs=2, lr=3e-3, topk_weight=1.0),), batch_size=8, max_length=256),
+        prompts=6, prompt_chars=300, max_new_tokens=48, tree=TreeConfig(tokens=6, depth=3, top_k=2),
+        export=ExportConfig(max_seq_len=512, max_tree_tokens=16, max_top_k=4)),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every artifact of a quickstart lives under its work directory."""
+
+    root: Path
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus" / "draft_text.jsonl"
+
+    @property
+    def prompts(self) -> Path:
+        return self.root / "corpus" / "heldout_prompts.jsonl"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def draft(self, name: str) -> Path:
+        return self.root / "drafts" / name
+
+    def artifacts(self, name: str) -> Path:
+        return self.root / "onnx" / name
+
+    @property
+    def bench(self) -> Path:
+        return self.root / "bench"
+
+
+class _State:
+    """`quickstart.json`: stage -> {key, record}; written atomically after every change."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.stages = json.loads(path.read_text())["stages"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.stages = {}  # a fresh work directory, or a record we cannot trust: every stage runs again
+        self.stale = False  # set once a stage is redone: every later stage is redone too
+
+    def done(self, stage: str, key: str) -> dict | None:
+        entry = self.stages.get(stage)
+        if self.stale or not isinstance(entry, dict) or entry.get("key") != key:
+            return None
+        return entry.get("record")
+
+    def forget(self, stage: str) -> None:
+        self.stages.pop(stage, None)
+        self._write()
+
+    def finish(self, stage: str, key: str, record: dict) -> None:
+        self.stages[stage] = {"key": key, "record": record}
+        self._write()
+
+    def _write(self) -> None:
+        _write_atomically(self.path, json.dumps({"stages": self.stages}, indent=2) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    from hass_deploy.training.data import file_sha256
+
+    return file_sha256(path)
+
+
+def _line_chunks(text: str, size: int) -> list[str]:
+    """`text` cut at line ends into pieces of about `size` characters (no piece starts mid-line)."""
+    chunks, current, length = [], [], 0
+    for line in text.splitlines(keepends=True):
+        current.append(line)
+        length += len(line)
+        if length >= size:
+            chunks.append("".join(current))
+            current, length = [], 0
+    if current and "".join(current).strip():
+        chunks.append("".join(current))
+    return chunks
+
+
+def write_corpus(target_report: dict, preset: QuickstartPreset, layout: Layout) -> dict:
+    """Draft training records and benchmark prompts from the files the target was not trained on.
+
+    Deterministic given the target: rewriting them on a rerun leaves the bytes, and so the data stage's
+    resumability, unchanged.
+    """
+    from hass_deploy.demo import read_texts
+
+    draft_files = [Path(p) for p in target_report["draft_files"]]
+    eval_files = [Path(p) for p in target_report["eval_files"]]
+    missing = [str(p) for p in (*draft_files, *eval_files) if not p.is_file()]
+    if missing:
+        raise HassDeployError(f"the demo target's held-out files are gone ({missing[0]}, ...): it was built on "
+                              "another Python installation; delete its cache entry to rebuild it here")
+    records = [c for text in read_texts(draft_files, preset.draft_chars) for c in _line_chunks(text, preset.record_chars)]
+    # Prompts: a window of whole lines from the middle of each evaluation file, cycling over the files.
+    windows = [c for text in read_texts(eval_files, 10**9) for c in _line_chunks(text, preset.prompt_chars)[1:-1]]
+    random.Random(0).shuffle(windows)
+    prompts = windows[: preset.prompts]
+    if len(records) < 4 or len(prompts) < 1:
+        raise HassDeployError("too little held-out standard-library text for the quickstart on this Python")
+    _write_if_changed(layout.corpus, "".join(json.dumps({"text": r}) + "\n" for r in records))
+    _write_if_changed(layout.prompts, "".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
+    return {"records": len(records), "characters": sum(map(len, records)), "prompts": len(prompts)}
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        _write_atomically(path, text)
+
+
+def _draft_fingerprint(directory: Path) -> str:
+    """What a trained draft is: its weights (whatever file they are in) and config."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+    return _key([(p.name, _file_hash(p)) for p in files])
+
+
+def _artifacts_intact(directory: Path) -> bool:
+    from hass_deploy.export.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(directory)
+    except HassDeployError:
+        return False
+    return all((directory / spec.file).is_file() for spec in manifest.graphs.values())
+
+
+def _summary_record(report) -> dict:
+    """The bench numbers the summary shows, from a `BenchReport`."""
+    from hass_deploy.bench.results import OVERALL
+
+    overall = report.summaries[OVERALL]
+    by_set = {name: {key: s.tau for key, s in methods.items() if s.tau is not None}
+              for name, methods in report.summaries.items() if name != OVERALL}
+    return {
+        "tree": asdict(report.tree), "tree_auto": report.tree_choice is not None,
+        "tau": {key: s.tau for key, s in overall.items() if s.tau is not None}, "tau_by_set": by_set,
+        "tokens_per_s": {key: s.tokens_per_s.median for key, s in overall.items()},
+        "speedup": {key: s.speedup for key, s in overall.items() if s.speedup is not None},
+        "depth_acceptance": {key: list(s.depth_acceptance) for key, s in overall.items() if s.tau is not None},
+        "lossless": report.lossless, "lossless_check": report.lossless_line(),
+        "prompts": overall["plain"].prompts, "max_new_tokens": report.config.max_new_tokens,
+        "machine": report.machine,
+    }
+
+
+def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: tuple[Path, ...] = (),
+                   progress: bool = True, log: Log = print) -> dict:
+    """Run (or resume) the quickstart in `workdir`; returns the summary also written to `workdir/summary.json`.
+
+    Raises HassDeployError when a stage fails, including the lossless check (after the bench report is written).
+    """
+    from hass_deploy.bench.runner import run_bench
+    from hass_deploy.demo import RECIPE_FILE, cached_target
+    from hass_deploy.export.onnx import export_artifacts
+    from hass_deploy.export.parity import validate_artifacts
+    from hass_deploy.training.data import generate_data
+    from hass_deploy.training.trainer import train
+
+    if preset not in PRESETS:
+        raise HassDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = PRESETS[preset]
+    layout = Layout(Path(workdir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    state = _State(layout.root / STATE_FILE)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def stage(name: str, number: int, key: str, work: Callable[[], dict], outputs: Path | None = None,
+              intact: Callable[[], bool] = lambda: True) -> dict:
+        """Reuse `name` if it was finished from `key` and its outputs are intact; otherwise run `work()`.
+
+        A stage that was interrupted has no record: `work` resumes it. One that was finished from other inputs,
+        or whose outputs were damaged since, is forgotten and its `outputs` (inside the work directory) removed
+        first, so that an interruption of the redo resumes the redo.
+        """
+        record = state.done(name, key) if intact() else None
+        if record is not None:
+            log(f"[{number}/7] {name}: done already, reused")
+            return record
+        if name in state.stages:
+            state.forget(name)
+            if outputs is not None:
+                shutil.rmtree(outputs, ignore_errors=True)
+        log(f"[{number}/7] {name}")
+        begin = time.perf_counter()
+        record = work()
+        seconds[name] = time.perf_counter() - begin
+        record = {**record, "seconds": seconds[name]}
+        state.stale = True
+        state.finish(name, key, record)
+        return record
+
+    # 1. The target: cached outside the work directory (every quickstart shares it) and verified there.
+    log(f"[1/7] target: demo preset {config.target!r} (built once, then cached)")
+    begin = time.perf_counter()
+    target = cached_target(config.target, progress=progress)
+    seconds["target"] = time.perf_counter() - begin
+    target_report = json.loads((target / RECIPE_FILE).read_text())
+    target_key = target_report["weights_sha256"]
+
+    corpus = stage("corpus", 2, _key(target_key, config.draft_chars, config.record_chars, config.prompts,
+                                     config.prompt_chars),
+                   lambda: write_corpus(target_report, config, layout),
+                   intact=lambda: layout.corpus.is_file() and layout.prompts.is_file())
+
+    def make_data() -> dict:
+        manifest = generate_data(target, layout.corpus, layout.data, config.data, progress=progress)
+        return {"totals": manifest.totals}
+
+    data_key = _key(target_key, _file_hash(layout.corpus), asdict(config.data))
+    data = stage("data", 3, data_key, make_data, layout.data, lambda: (layout.data / "manifest.json").is_file())
+
+    drafts: dict[str, dict] = {}
+    for name in DRAFTS:
+        train_config = replace(config.train, recipe=name)
+
+        def make_draft(name=name, train_config=train_config) -> dict:
+            metrics = train(target, layout.data, layout.draft(name), train_config, resume=True, progress=progress)
+            return {"eval": {k: metrics.get(f"eval_{k}") for k in ("expected_tau", "acceptance")}}
+
+        drafts[name] = stage(f"train {name}", 4, _key(data_key, asdict(train_config)), make_draft,
+                             layout.draft(name), lambda name=name: (layout.draft(name) / "config.json").is_file())
+
+    fingerprints = {name: _draft_fingerprint(layout.draft(name)) for name in DRAFTS}
+    export_key = {name: _key(target_key, fingerprints[name], asdict(config.export)) for name in DRAFTS}
+    for name in DRAFTS:
+        out = layout.artifacts(name)
+        def export(name=name, out=out) -> dict:
+            export_artifacts(target, layout.draft(name), out, config.export, force=True, log=log)
+            return {"path": str(out)}
+
+        stage(f"export {name}", 5, export_key[name], export, out, lambda out=out: _artifacts_intact(out))
+
+    for name in DRAFTS:
+        def check(name=name) -> dict:
+            report = validate_artifacts(layout.artifacts(name), target, layout.draft(name))
+            (layout.artifacts(name) / "validation.txt").write_text(report.render() + "\n")
+            if not report.passed:
+                raise HassDeployError(f"validation of the {name} export FAILED; see "
+                                      f"{layout.artifacts(name) / 'validation.txt'}")
+            return {"passed": True, "checks": len(report.checks)}
+
+        stage(f"validate {name}", 6, export_key[name], check,
+              intact=lambda name=name: (layout.artifacts(name) / "validation.txt").is_file())
+
+    prompt_files = (layout.prompts, *extra_prompts)
+    bench_config = BenchConfig(max_new_tokens=config.max_new_tokens, tree=config.tree,
+                               runtime=RuntimeConfig(backend="onnxruntime"))
+
+    def bench() -> dict:
+        report = run_bench(target, layout.draft("hass"), prompt_files, bench_config,
+                           baseline_draft=layout.draft("eagle2"), artifacts=layout.artifacts("hass"),
+                           baseline_artifacts=layout.artifacts("eagle2"), out=layout.bench, log=log)
+        if report.lossless is False:
+            raise HassDeployError(report.lossless_line() + f"; the runs are in {layout.bench / 'bench.json'}")
+        return _summary_record(report)
+
+    bench_key = _key(target_key, fingerprints, [_file_hash(p) for p in prompt_files], asdict(bench_config))
+    results = stage("bench", 7, bench_key, bench, layout.bench, lambda: (layout.bench / "bench.json").is_file())
+
+    seconds["total"] = time.perf_counter() - started
+    summary = {
+        "preset": preset,
+        "target": {"path": str(target), "validation_loss": target_report["validation_loss"],
+                   "recipe": target_report["recipe"]},
+        "corpus": corpus, "data": data,
+        "drafts": {name: {"path": str(layout.draft(name)), **drafts[name]} for name in DRAFTS},
+        "bench": results,
+        "artifacts": {"work_dir": str(layout.root), "target": str(target), "data": str(layout.data),
+                      **{f"draft_{n}": str(layout.draft(n)) for n in DRAFTS},
+                      **{f"onnx_{n}": str(layout.artifacts(n)) for n in DRAFTS},
+                      "prompts": [str(p) for p in prompt_files], "bench": str(layout.bench),
+                      "summary": str(layout.root / SUMMARY_FILE)},
+        "seconds_this_run": seconds,
+    }
+    _write_atomically(layout.root / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def render_summary(summary: dict) -> str:
+    """The summary as a Markdown table plus the lines a user needs (what the CLI prints)."""
+    bench = summary["bench"]
+    tau, speed, speedup = bench["tau"], bench["tokens_per_s"], bench["speedup"]
+    tree = bench["tree"]
+    rows = [("plain decoding", "1.00", speed.get("plain"), 1.0), ("EAGLE-2 draft", tau.get("baseline"),
+            speed.get("baseline"), speedup.get("baseline")), ("HASS draft", tau.get("draft"), speed.get("draft"),
+                                                              speedup.get("draft"))]
+    fmt = lambda v, d=2: "-" if v is None else (v if isinstance(v, str) else f"{v:.{d}f}")  # noqa: E731
+    lines = [f"quickstart ({summary['preset']}): {bench['prompts']} held-out prompts x {bench['max_new_tokens']} new "
+             f"tokens, greedy, ONNX Runtime CPU, tree tokens={tree['tokens']} depth={tree['depth']} "
+             f"top_k={tree['top_k']}{' (--tree auto)' if bench['tree_auto'] else ''}", "",
+             "| decoding | tau | tokens/s (median) | speedup |", "|---|---|---|---|"]
+    lines += [f"| {name} | {fmt(t)} | {fmt(s, 1)} | {fmt(x)}x |" for name, t, s, x in rows]
+    if tau.get("draft") and tau.get("baseline"):
+        lines.append(f"\ntau(HASS) / tau(EAGLE-2) = {tau['draft'] / tau['baseline']:.3f}")
+    lines.append(bench["lossless_check"])
+    lines.append(f"target validation loss {summary['target']['validation_loss']:.3f} nats/token; "
+                 f"artifacts under {summary['artifacts']['work_dir']}; summary: {summary['artifacts']['summary']}")
+    return "\n".join(lines)

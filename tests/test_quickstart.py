@@ -1,0 +1,179 @@
+"""The quickstart's orchestration: stages run once, reruns reuse them, interrupted ones resume, changed or damaged
+ones are redone with everything after them, and a lossless failure fails the run.
+
+The heavy stages are replaced by fakes that record their calls (each is tested on its own elsewhere); CI runs the
+real `tiny` preset end to end (`.ci/run`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from hass_deploy import quickstart
+from hass_deploy.bench.config import BenchConfig
+from hass_deploy.bench.metrics import Spread
+from hass_deploy.bench.results import OVERALL, MethodSummary
+from hass_deploy.config import TreeConfig
+from hass_deploy.errors import HassDeployError
+
+
+def test_line_chunks_cut_at_line_ends_and_keep_everything():
+    text = "".join(f"line {i}\n" for i in range(50))
+    chunks = quickstart._line_chunks(text, 40)
+    assert "".join(chunks) == text
+    assert all(c.endswith("\n") for c in chunks)
+    assert all(len(c) >= 40 for c in chunks[:-1])
+
+
+def _summary(method: str, tau, tps: float, lossless: bool = True) -> MethodSummary:
+    return MethodSummary(method=method, prompts=2, new_tokens=16, wall_s=1.0, tokens_per_s=Spread(tps, tps, tps, tps),
+                         tau=tau, rounds=4, depth_acceptance=(0.5,), depth_attempts=(4,),
+                         speedup=None if tau is None else tps / 10, speedup_median=None,
+                         mismatched=None if tau is None else (() if lossless else ("p#0",)))
+
+
+class Fakes:
+    """Stand-ins for the stages' library calls: they write what the real ones write (enough for the checks
+    between stages) and count their calls."""
+
+    def __init__(self, tmp_path: Path, monkeypatch):
+        self.calls: list[str] = []
+        self.lossless = True
+        self.interrupt: str | None = None
+        source = tmp_path / "stdlib"
+        source.mkdir()
+        for i in range(6):
+            (source / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(200)))
+        self.target = tmp_path / "target"
+        self.target.mkdir()
+        (self.target / "hass_deploy_target.json").write_text(json.dumps({
+            "weights_sha256": "abc", "validation_loss": 3.0, "recipe": {},
+            "draft_files": [str(source / f"m{i}.py") for i in range(4)],
+            "eval_files": [str(source / f"m{i}.py") for i in range(4, 6)]}))
+        import hass_deploy.bench.runner as runner
+        import hass_deploy.demo as demo
+        import hass_deploy.export.onnx as onnx_export
+        import hass_deploy.export.parity as parity
+        import hass_deploy.training.data as data
+        import hass_deploy.training.trainer as trainer
+
+        monkeypatch.setattr(demo, "cached_target", self.cached_target)
+        monkeypatch.setattr(data, "generate_data", self.generate_data)
+        monkeypatch.setattr(trainer, "train", self.train)
+        monkeypatch.setattr(onnx_export, "export_artifacts", self.export)
+        monkeypatch.setattr(parity, "validate_artifacts", self.validate)
+        monkeypatch.setattr(runner, "run_bench", self.bench)
+        monkeypatch.setattr(quickstart, "_artifacts_intact", lambda out: (out / "graph").is_file())
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if name == self.interrupt:
+            raise KeyboardInterrupt
+
+    def cached_target(self, preset, progress=True):
+        return self.target
+
+    def generate_data(self, target, dataset, out, config, progress=False):
+        self._call("data")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_text("{}")
+        return SimpleNamespace(totals={"tokens": 100})
+
+    def train(self, target, data_dir, out, config, resume=False, progress=True):
+        self._call(f"train {config.recipe}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"recipe": config.recipe}))
+        (out / "model.safetensors").write_text(config.recipe)
+        return {"eval_expected_tau": 2.0, "eval_acceptance": [0.5]}
+
+    def export(self, target, draft, out, config, force=False, log=None):
+        self._call(f"export {draft.name}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "graph").write_text("g")
+
+    def validate(self, artifacts, target, draft):
+        self._call(f"validate {draft.name}")
+        return SimpleNamespace(passed=True, checks=[1, 2], render=lambda: "ok")
+
+    def bench(self, target, draft, prompts, config, baseline_draft=None, artifacts=None, baseline_artifacts=None,
+              out=None, log=None):
+        self._call("bench")
+        assert config.runtime.backend == "onnxruntime" and config.sampling.greedy
+        assert Path(artifacts).name == "hass" and Path(baseline_artifacts).name == "eagle2"
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "bench.json").write_text("{}")
+        summaries = {OVERALL: {"plain": _summary("plain", None, 10.0), "draft": _summary("draft", 2.5, 15.0),
+                               "baseline": _summary("baseline", 2.2, 13.0, self.lossless)}}
+        return SimpleNamespace(summaries=summaries, tree=TreeConfig(), tree_choice=None, config=BenchConfig(),
+                               machine={}, lossless=self.lossless,
+                               lossless_line=lambda: "lossless check: PASSED" if self.lossless else "LOSSLESS CHECK FAILED")
+
+
+STAGES = ["data", "train hass", "train eagle2", "export hass", "export eagle2", "validate hass", "validate eagle2",
+          "bench"]
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch):
+    return Fakes(tmp_path, monkeypatch)
+
+
+def _run(workdir: Path) -> dict:
+    return quickstart.run_quickstart(workdir, "tiny", progress=False, log=lambda line: None)
+
+
+def test_runs_every_stage_once_then_reuses_them(fakes, tmp_path):
+    summary = _run(tmp_path / "work")
+    assert fakes.calls == STAGES
+    assert summary["bench"]["tau"] == {"draft": 2.5, "baseline": 2.2}
+    assert summary["bench"]["tokens_per_s"] == {"plain": 10.0, "draft": 15.0, "baseline": 13.0}
+    assert summary["bench"]["lossless"] is True
+    assert json.loads((tmp_path / "work" / "summary.json").read_text())["bench"]["speedup"]["draft"] == 1.5
+    assert "HASS draft | 2.50 | 15.0 | 1.50x" in quickstart.render_summary(summary)
+    records = [json.loads(line) for line in (tmp_path / "work" / "corpus" / "draft_text.jsonl").read_text().splitlines()]
+    prompts = (tmp_path / "work" / "corpus" / "heldout_prompts.jsonl").read_text()
+    assert records and all("def f0_" not in json.loads(p)["prompt"] for p in prompts.splitlines() if p)  # disjoint
+    fakes.calls.clear()
+    _run(tmp_path / "work")
+    assert fakes.calls == []
+
+
+def test_an_interrupted_stage_resumes_and_finished_ones_are_kept(fakes, tmp_path):
+    fakes.interrupt = "export hass"
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "work")
+    fakes.interrupt, fakes.calls = None, []
+    _run(tmp_path / "work")
+    assert fakes.calls == STAGES[3:]
+
+
+def test_a_damaged_stage_is_redone_with_everything_after_it(fakes, tmp_path):
+    _run(tmp_path / "work")
+    fakes.calls.clear()
+    (tmp_path / "work" / "drafts" / "eagle2" / "config.json").unlink()
+    _run(tmp_path / "work")
+    assert fakes.calls == STAGES[2:]
+
+
+def test_a_corrupted_state_file_is_not_trusted(fakes, tmp_path):
+    _run(tmp_path / "work")
+    (tmp_path / "work" / quickstart.STATE_FILE).write_text("{not json")
+    fakes.calls.clear()
+    _run(tmp_path / "work")
+    assert fakes.calls == STAGES
+
+
+def test_a_lossless_failure_fails_the_run_loudly(fakes, tmp_path):
+    fakes.lossless = False
+    with pytest.raises(HassDeployError, match="LOSSLESS CHECK FAILED"):
+        _run(tmp_path / "work")
+    assert not (tmp_path / "work" / "summary.json").exists()
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    with pytest.raises(HassDeployError, match="unknown preset"):
+        quickstart.run_quickstart(tmp_path, "huge")
