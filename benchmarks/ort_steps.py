@@ -9,6 +9,13 @@ Part 1, per context length P (rows already in the KV cache) and new rows T:
   - `write` / `compact`: the backend's KV write of T rows and compaction of T accepted rows alone.
 Part 2: greedy tokens/s of ORT speculative and ORT plain decoding on the same target, same prompts, in one
 run, alternating; medians over prompts. Prints Markdown tables.
+Part 3 (`--pools`, instead of part 2): the same under each ORT thread-pool setting (`POOLS`), e.g. on the
+quickstart's artifacts:
+
+    python benchmarks/ort_steps.py --target ~/.cache/hass-deploy/targets/default-* \
+        --draft hass-deploy-quickstart/default/drafts/hass --artifacts hass-deploy-quickstart/default/onnx/hass \
+        --prompt-file hass-deploy-quickstart/default/corpus/heldout_prompts.jsonl --prompts 8 --new-tokens 128 \
+        --tree 11,3,2 --max-seq-len 1024 --skip-steps --pools
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from hass_deploy.models.checkpoint import init_draft, load_draft
 from hass_deploy.models.loading import load_target
 from hass_deploy.models.random_target import random_hf_model
 from hass_deploy.runtime.backends import open_backends
-from hass_deploy.runtime.backends.onnxruntime import BoundKV
+from hass_deploy.export.manifest import read_manifest
+from hass_deploy.prompts import read_prompt_file
+from hass_deploy.runtime.backends.onnxruntime import BoundKV, OrtConfig, open_ort_backends
 from hass_deploy.runtime.decoder import SpeculativeDecoder
 
 STEPS = (1, 2, 4, 8, 16, 32, 64)
@@ -93,9 +102,9 @@ def relayout_ms(target, contexts: list[int]) -> str:
     return ", ".join(cells)
 
 
-def decode_speed(target_model, head, artifacts: Path, max_len: int, tree: TreeConfig, prompts: list[list[int]],
-                 new_tokens: int) -> dict[str, list[float]]:
-    ort_target, ort_draft = open_backends("onnxruntime", target_model, head, max_len, tree.draft_rows, artifacts)
+def decode_speed(backends, tree: TreeConfig, prompts: list[list[int]], new_tokens: int) -> dict[str, list[float]]:
+    """Greedy tokens/s of speculative and plain decoding over the same (target, draft) backends, alternating."""
+    ort_target, ort_draft = backends
     decoders = {"ORT speculative": SpeculativeDecoder(ort_target, ort_draft),
                 "ORT plain": SpeculativeDecoder(ort_target, None)}
     config = GenerationConfig(max_new_tokens=new_tokens, tree=tree, eos_token_ids=())
@@ -115,6 +124,29 @@ def decode_speed(target_model, head, artifacts: Path, max_len: int, tree: TreeCo
     return speeds
 
 
+# Part 3: ONNX Runtime thread-pool settings. The shared pool is process-wide once created, so it runs last.
+POOLS = {
+    "per session, sleeping": OrtConfig(shared_pool=False, spinning=False),
+    "per session, spinning": OrtConfig(shared_pool=False, spinning=True),
+    "shared, spinning (default)": OrtConfig(),
+}
+
+
+def compare_pools(artifacts: Path, max_len: int, tree: TreeConfig, prompts: list[list[int]], new_tokens: int,
+                  repeats: int) -> list[str]:
+    """Markdown rows: T = 1 target step latency and greedy plain / speculative tok/s under each pool setting."""
+    manifest = read_manifest(artifacts)
+    rows = []
+    for name, config in POOLS.items():
+        backends = open_ort_backends(artifacts, manifest, True, max_len, tree.draft_rows, config)
+        step = _time_step(_prefilled(lambda: backends[0], 256, False), 256, 1, repeats)
+        speeds = decode_speed(backends, tree, prompts, new_tokens)
+        plain, spec = statistics.median(speeds["ORT plain"]), statistics.median(speeds["ORT speculative"])
+        rows.append(f"| {name} | {step:.2f} | {plain:.1f} | {spec:.1f} | {statistics.median(speeds['tau']):.2f} | "
+                    f"{spec / plain:.2f}x |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=Path, help="target directory (default: a random 'small' target)")
@@ -126,13 +158,17 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--tree", default="8,4,4", help="tokens,depth,top_k")
+    parser.add_argument("--prompt-file", type=Path, help="JSONL prompts for part 2, encoded with the target's "
+                        "tokenizer (default: seeded random token ids)")
+    parser.add_argument("--pools", action="store_true", help="part 3: compare ORT thread-pool settings end to end")
+    parser.add_argument("--skip-steps", action="store_true", help="skip part 1 (step latency per context)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # what the ORT backend sets: torch only does bookkeeping beside ORT
     work = Path(tempfile.mkdtemp(prefix="ort-bench-"))
     if args.target is None:
         args.target = work / "target"
         random_hf_model("llama", "small", seed=0, max_position_embeddings=args.max_seq_len).save_pretrained(args.target)
-    target = load_target(args.target, "fp32", tokenizer=False)
+    target = load_target(args.target, "fp32", tokenizer=args.prompt_file is not None)
     head = init_draft(target, seed=1) if args.draft is None else load_draft(args.draft, target)[0]
     if args.artifacts is None:
         args.artifacts = work / "artifacts"
@@ -145,19 +181,32 @@ def main() -> None:
     def make_target():
         return open_backends("onnxruntime", target, None, args.max_seq_len, 0, args.artifacts)[0]
 
-    print("ms per target step, `step / full / write µs / compact µs` (see the docstring)\n")
-    print("| context P | " + " | ".join(f"T={t}" for t in STEPS) + " |")
-    print("|---|" + "---|" * len(STEPS))
-    contexts = [int(x) for x in args.contexts.split(",")]
-    for row in step_latency(make_target, contexts, args.repeats):
-        print(row)
-    print(f"\none re-layout of the bound KV view (growth past the context): {relayout_ms(make_target(), contexts)}")
+    if not args.skip_steps:
+        print("ms per target step, `step / full / write µs / compact µs` (see the docstring)\n")
+        print("| context P | " + " | ".join(f"T={t}" for t in STEPS) + " |")
+        print("|---|" + "---|" * len(STEPS))
+        contexts = [int(x) for x in args.contexts.split(",")]
+        for row in step_latency(make_target, contexts, args.repeats):
+            print(row)
+        print(f"\none re-layout of the bound KV view (growth past the context): {relayout_ms(make_target(), contexts)}")
     tokens, depth, top_k = (int(x) for x in args.tree.split(","))
     tree = TreeConfig(tokens=tokens, depth=depth, top_k=top_k)
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, c.vocab_size, (n,), generator=generator).tolist()
-               for n in (16, 64, 128, 256, 32)[: args.prompts]]
-    speeds = decode_speed(target, head, args.artifacts, args.max_seq_len, tree, prompts, args.new_tokens)
+    if args.prompt_file is not None:
+        prompts = [target.tokenizer(p.text)["input_ids"] for p in read_prompt_file(args.prompt_file)[: args.prompts]]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, c.vocab_size, (n,), generator=generator).tolist()
+                   for n in (16, 64, 128, 256, 32)[: args.prompts]]
+    if args.pools:
+        print(f"\nORT thread pools: T=1 target step at 256 rows of context (ms), greedy tok/s (median over "
+              f"{len(prompts)} prompts x {args.new_tokens} new tokens), tree {args.tree}\n")
+        print("| thread pools | T=1 step ms | plain tok/s | speculative tok/s | tau | speedup |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for row in compare_pools(args.artifacts, args.max_seq_len, tree, prompts, args.new_tokens, args.repeats):
+            print(row)
+        return
+    speeds = decode_speed(open_backends("onnxruntime", target, head, args.max_seq_len, tree.draft_rows,
+                                        args.artifacts), tree, prompts, args.new_tokens)
     plain = statistics.median(speeds["ORT plain"])
     spec = statistics.median(speeds["ORT speculative"])
     print(f"\ngreedy, {len(prompts)} prompts x {args.new_tokens} new tokens, tree {tokens}/{depth}/{top_k}\n")

@@ -267,6 +267,8 @@ def export(
     max_top_k: int = typer.Option(_EXPORT.max_top_k, help="K of the draft graph's in-graph top-k."),
     prefill_chunk: int = typer.Option(_EXPORT.prefill_chunk, help="Longer prompts run as chunks of this many rows."),
     opset: int = typer.Option(_EXPORT.opset, help="ONNX opset."),
+    draft_quantization: Optional[str] = typer.Option(None, help="int8: quantise the draft graph's weights (CPU; "
+                                                    "output unchanged, acceptance may change)."),
     force: bool = typer.Option(False, help="Overwrite a non-empty --out."),
 ) -> None:
     """Export the target and draft step graphs (ONNX, static KV buffers, tree-mask inputs) with a manifest."""
@@ -275,7 +277,8 @@ def export(
     if (draft is None) == (not no_draft):
         _fail("give exactly one of --draft DIR or --no-draft")
     config = ExportConfig(engine=engine, dtype=dtype, max_seq_len=max_seq_len, max_tree_tokens=max_tree_tokens,
-                          max_top_k=max_top_k, prefill_chunk=prefill_chunk, opset=opset)
+                          max_top_k=max_top_k, prefill_chunk=prefill_chunk, opset=opset,
+                          draft_quantization=draft_quantization)
     manifest = export_artifacts(target, draft, out, config, force, log=lambda line: typer.echo(line, err=True))
     unsupported = sorted({op for graph in manifest.graphs.values() for op in graph.tensorrt_unsupported})
     if unsupported:

@@ -45,7 +45,7 @@ class QuickstartPreset:
     """One quickstart: the demo target preset and every budget after it (each default defined once, here)."""
 
     target: str = "default"  # `demo.PRESETS` key
-    draft_chars: int = 1_600_000  # of held-out draft text (about 3.5 characters per token)
+    draft_chars: int = 1_000_000  # of held-out draft text: about 290k tokens
     record_chars: int = 2_000  # characters per training record (whole lines)
     data: DataConfig = field(default_factory=lambda: DataConfig(format="text", max_length=640, eval_fraction=0.05))
     # Equal budget for both recipes: the same data, epochs and schedule (the paper's comparison).

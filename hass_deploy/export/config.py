@@ -8,6 +8,7 @@ from hass_deploy.errors import ConfigError
 
 ENGINES = ("onnx", "trt")
 DTYPES = ("fp32", "fp16", "bf16")
+DRAFT_QUANTIZATIONS = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class ExportConfig:
     prefill_chunk: int = 128  # a longer causal step (a prompt) runs as chunks of this many rows
     opset: int = 23  # the opset the dynamo exporter was measured to work at on this stack (cpu-notes §4)
     external_data: bool | None = None  # None: weights go to a side file only above the protobuf-safe size
+    # "int8": the draft graph's MatMul weights quantised (ORT dynamic quantisation), for CPU. Lossless all the same:
+    # the draft only proposes and the fp32 target decides, so only acceptance can change (docs/ONNX.md).
+    draft_quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -39,5 +43,10 @@ class ExportConfig:
         if self.max_seq_len is not None and self.max_tree_tokens >= self.max_seq_len:
             raise ConfigError(f"a tree budget of {self.max_tree_tokens} tokens does not fit S_max = "
                               f"{self.max_seq_len} KV rows (it needs at least one committed row beside it)")
+        if self.draft_quantization is not None and self.draft_quantization not in DRAFT_QUANTIZATIONS:
+            raise ConfigError(f"--draft-quantization must be one of {', '.join(DRAFT_QUANTIZATIONS)}, "
+                              f"got {self.draft_quantization!r}")
+        if self.draft_quantization is not None and self.dtype != "fp32":
+            raise ConfigError("--draft-quantization int8 quantises an fp32 draft graph: export with --dtype fp32")
         if self.opset < 18:
             raise ConfigError(f"--opset must be >= 18 (the dynamo exporter's floor), got {self.opset}")

@@ -61,6 +61,7 @@ class Manifest:
     graphs: dict[str, GraphSpec]  # "target" and (with a draft) "draft"
     versions: dict[str, str]  # exporter and library versions
     format_version: int = FORMAT_VERSION
+    draft_quantization: str | None = None  # "int8": the draft graph's weights are quantised (export.onnx)
     notes: dict = field(default_factory=dict)  # free-form: how the KV buffers are meant to be bound, etc.
 
     def write(self, directory: Path) -> Path:

@@ -100,3 +100,32 @@ def test_artifacts_of_another_target_are_refused(targets, random_drafts, hf_dirs
         validate_artifacts(artifacts, hf_dirs["qwen2"], None)
     with pytest.raises(DraftMismatchError, match="hidden size|another draft|different target"):
         validate_artifacts(artifacts, hf_dirs["llama"], draft_dirs["qwen2"])
+
+
+def test_int8_draft_is_quantised_informational_in_parity_and_still_lossless(targets, random_drafts, hf_dirs,
+                                                                            draft_dirs, tmp_path_factory):
+    config = ExportConfig(max_seq_len=256, max_tree_tokens=64, max_top_k=16, prefill_chunk=8, draft_quantization="int8")
+    artifacts = exported(tmp_path_factory.getbasetemp() / "onnx", "llama-int8-draft", targets["llama"],
+                         random_drafts["llama"], config)
+    from hass_deploy.export.manifest import read_manifest
+
+    manifest = read_manifest(artifacts)
+    spec = manifest.graphs["draft"]
+    assert manifest.draft_quantization == "int8" and spec.file == "draft.int8.onnx"
+    assert not (artifacts / "draft.onnx").exists()
+    assert any(op.endswith("MatMulInteger") for op in spec.operators)
+    report = validate_artifacts(artifacts, hf_dirs["llama"], draft_dirs["llama"], max_new_tokens=24)
+    assert report.passed, report.render()
+    draft_checks = [c for c in report.checks if c.name.startswith("draft")]
+    assert draft_checks and all(c.passed is None and "[int8 draft]" in c.name for c in draft_checks)
+    # Lossless whatever the draft proposes: speculative output is checked against PyTorch plain, token for token.
+    assert all(c.passed is True for c in report.checks if c.name.startswith("ORT"))
+
+
+def test_int8_needs_an_fp32_export():
+    from hass_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--dtype fp32"):
+        ExportConfig(dtype="fp16", draft_quantization="int8")
+    with pytest.raises(ConfigError, match="must be one of int8"):
+        ExportConfig(draft_quantization="int4")

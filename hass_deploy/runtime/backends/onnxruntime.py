@@ -55,8 +55,12 @@ class OrtConfig:
 
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     threads: int = 0  # intra-op threads; 0 = ORT's default, one per physical core
-    # Target and draft sessions alternate on the same cores: a spinning pool would hold cores the other needs.
-    spinning: bool = False
+    # CPU: the target and draft sessions run on ORT's one process-wide intra-op pool, whose threads spin between
+    # runs. Per-session pools either sleep between runs (each of the ~100 parallel ops of a step then pays a thread
+    # wake-up: a T = 1 step of the default demo target took 4.7 ms instead of 2.3 ms on 2 cores) or, spinning,
+    # hold the cores the other session needs (speculative decoding 25 % slower). docs/ONNX.md has the numbers.
+    shared_pool: bool = True
+    spinning: bool = False  # per-session pools only (shared_pool=False)
     optimization: str = "all"  # ORT graph optimisation level: basic, extended or all
     # On CPU torch only does bookkeeping beside ORT (ids, masks, argmax, KV row copies), but its OpenMP pool
     # spin-waits after each parallel op and starves ORT's threads: with torch at 2 threads on 2 cores a T = 8
@@ -96,10 +100,20 @@ def open_session(graph: Path, device: torch.device, config: OrtConfig):
     """An InferenceSession for `graph`, reusing (or writing) its optimised form in the artifacts' cache."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.intra_op_num_threads = config.threads
-    options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spinning else "0")
+    if config.shared_pool and device.type == "cpu":
+        # Sizes the global pools ORT creates on first use; the sessions then use no pools of their own. Once the
+        # pools exist (an earlier session in this process) ORT refuses new sizes, and the existing pools serve.
+        try:
+            ort.capi._pybind_state.set_global_thread_pool_sizes(config.threads, 1)
+        except Exception as err:  # onnxruntime's Fail, which it does not export under a stable name
+            if "already been created" not in str(err):
+                raise
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = config.threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spinning else "0")
     levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
