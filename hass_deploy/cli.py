@@ -267,8 +267,8 @@ def export(
     max_top_k: int = typer.Option(_EXPORT.max_top_k, help="K of the draft graph's in-graph top-k."),
     prefill_chunk: int = typer.Option(_EXPORT.prefill_chunk, help="Longer prompts run as chunks of this many rows."),
     opset: int = typer.Option(_EXPORT.opset, help="ONNX opset."),
-    draft_quantization: Optional[str] = typer.Option(None, help="int8: quantise the draft graph's weights (CPU; "
-                                                    "output unchanged, acceptance may change)."),
+    draft_quantization: Optional[str] = typer.Option(None, help="int8: quantise the draft graph's weights for "
+                                                    "ONNX Runtime CPU (output unchanged; not for TensorRT)."),
     force: bool = typer.Option(False, help="Overwrite a non-empty --out."),
 ) -> None:
     """Export the target and draft step graphs (ONNX, static KV buffers, tree-mask inputs) with a manifest."""

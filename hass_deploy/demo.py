@@ -14,15 +14,14 @@ import json
 import math
 import os
 import random
-import shutil
 import sysconfig
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from hass_deploy.atomic import replacing_directory
 from hass_deploy.errors import HassDeployError
 from hass_deploy.models.loading import config_from_hf
 from hass_deploy.models.target import Transformer
@@ -187,9 +186,7 @@ def build_target(out: Path, recipe: TargetRecipe, progress: bool = True) -> dict
     report = {"recipe_version": RECIPE_VERSION, "recipe": asdict(recipe), "train_tokens": len(train_tokens),
               "draft_files": [str(f) for f in draft_files], "eval_files": [str(f) for f in eval_files],
               "validation_loss": validation_loss(model, held_tokens, recipe.seq_len)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replacing_directory(out) as tmp:
         state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.contiguous()
                  for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -198,10 +195,6 @@ def build_target(out: Path, recipe: TargetRecipe, progress: bool = True) -> dict
         tokenizer.save_pretrained(tmp)
         report["weights_sha256"] = _sha256(tmp / "model.safetensors")
         (tmp / RECIPE_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

@@ -14,9 +14,6 @@ into place at the end, so a failed export leaves no half-written directory behin
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from hass_deploy.atomic import replacing_directory
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 from hass_deploy.export import steps, tensorrt_ops
 from hass_deploy.export.config import ExportConfig
@@ -212,12 +210,7 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
     target_module = _cast(target.module, dtype)
     draft_module = None if draft is None else _cast(draft, dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the artifacts directory's mode
-    try:
+    with replacing_directory(out) as tmp:
         log(f"exporting the target step graph ({config.dtype}, opset {config.opset})")
         graphs = {"target": export_target_graph(target_module, tmp / "target.onnx", config, max_seq_len)}
         if draft_module is not None:
@@ -235,26 +228,7 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
             notes={"kv": "past_* inputs are read-only KV buffers [1, H_kv, S, D] of which rows < cache_len are valid; "
                          "new_* outputs are the step's rows, to be written at cache_len.. by the runtime"})
         manifest.write(tmp)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move `new` to `out`; an existing `out` is swapped out first and put back if the move fails."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_artifacts(target_dir: str | Path, draft_dir: str | Path | None, out: str | Path,

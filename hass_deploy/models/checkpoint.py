@@ -13,15 +13,13 @@ model is caught even when the shapes agree.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from hass_deploy.atomic import replacing_directory
 from hass_deploy.errors import DraftMismatchError, HassDeployError, ModelLoadError
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.loading import TargetHead, TargetModel, config_from_hf, target_fingerprint, read_json, read_state_dict
@@ -104,29 +102,13 @@ def save_draft(head: DraftHead, out: str | Path, metadata: DraftMetadata,
     `extra_files` (name -> bytes) travel in the same atomic replacement, e.g. a trainer's resumable state.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replacing_directory(out) as tmp:
         state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(_hf_draft_config(head), indent=2) + "\n")
         (tmp / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)  # put the previous draft back rather than leave `out` missing
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import hass_deploy.atomic as atomic
 import hass_deploy.models.checkpoint as checkpoint
 from hass_deploy.errors import DraftMismatchError, HassDeployError, ModelLoadError
 from hass_deploy.models.checkpoint import (
@@ -465,7 +466,7 @@ def test_failed_swap_puts_previous_draft_back(targets, tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
         save_draft(init_draft(target, seed=2), out, _metadata(target))
     monkeypatch.undo()
