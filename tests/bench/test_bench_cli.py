@@ -111,4 +111,7 @@ def test_cli_bench_missing_inputs(cli_inputs, hf_dirs, tmp_path):
 
 def test_cli_bench_onnxruntime_needs_artifacts(cli_inputs, tmp_path):
     user_error(invoke(*cli_inputs["base"], "--backend", "onnxruntime", "--out", tmp_path), "--artifacts")
-    user_error(invoke(*cli_inputs["base"], "--artifacts", tmp_path, "--out", tmp_path / "o"), "--artifacts")
+    user_error(invoke(*cli_inputs["base"], "--backend", "torch", "--artifacts", tmp_path, "--out", tmp_path / "o"),
+               "--artifacts")
+    # --backend auto (the default) runs ONNX Runtime when --artifacts is given, so the directory is checked.
+    user_error(invoke(*cli_inputs["base"], "--artifacts", tmp_path, "--out", tmp_path / "o"), "not an export")
