@@ -19,7 +19,7 @@ $(BIN)/hass-deploy: pyproject.toml
 install: $(BIN)/hass-deploy
 
 # The main job: build the demo target, train HASS and EAGLE-2 drafts, export to ONNX, validate, benchmark.
-# PRESET=tiny runs the same pipeline in under 3 minutes (CI runs it); reruns reuse finished stages.
+# PRESET=tiny runs the same pipeline in under a minute (CI runs it); reruns reuse finished stages.
 quickstart: install
 	$(BIN)/hass-deploy quickstart --preset $(PRESET) --workdir $(WORKDIR)/$(PRESET)
 

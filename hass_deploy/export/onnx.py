@@ -14,6 +14,7 @@ into place at the end, so a failed export leaves no half-written directory behin
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -150,10 +151,16 @@ def quantize_draft_graph(path: Path, spec: GraphSpec) -> GraphSpec:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = path.with_name(path.stem + ".int8.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         use_external_data_format=spec.external_data)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's advice to pre-process (shape inference) is for CNNs, not this
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             use_external_data_format=spec.external_data)
+    finally:
+        root.setLevel(level)
     path.unlink()
     path.with_name(path.name + ".data").unlink(missing_ok=True)
     onnx.checker.check_model(str(quantized))
