@@ -1,0 +1,80 @@
+"""HASS vs EAGLE-2 at equal budget, and which part of HASS does what: an ablation on one data directory.
+
+    python benchmarks/hass_vs_eagle2.py --target DIR --data DIR --prompts FILE --out DIR [--variants ...]
+
+Trains each variant (`VARIANTS`, all from the quickstart's `default` training settings) into OUT/<variant>
+(resumable: a rerun skips finished ones), then measures decoding τ by generating greedily from the target on the
+prompts with each draft (torch backend; τ depends on neither the backend nor the machine's load) for a tree and
+a chain. Prints a Markdown table with the training-time evaluation beside it. On the quickstart's work dir:
+
+    python benchmarks/hass_vs_eagle2.py --target ~/.cache/hass-deploy/targets/default-* \\
+        --data hass-deploy-quickstart/default/data \\
+        --prompts hass-deploy-quickstart/default/corpus/heldout_prompts.jsonl --out ablation/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from hass_deploy.bench.metrics import macro_tau
+from hass_deploy.config import GenerationConfig, Phase, TreeConfig
+from hass_deploy.generation import Pipeline
+from hass_deploy.prompts import read_prompt_file
+from hass_deploy.quickstart import PRESETS
+from hass_deploy.training.trainer import train
+
+BASE = PRESETS["default"].train
+LR = BASE.phases[0].lr
+VARIANTS = {
+    "eagle2": replace(BASE, recipe="eagle2"),
+    "hass": replace(BASE, recipe="hass"),
+    "hass-topk0": replace(BASE, recipe="hass", phases=(Phase(2, LR, 0.0),)),
+    "hass-stepw": replace(BASE, recipe="hass", step_weights=(1.0, 0.5, 0.25)),
+    "eagle2-4ep": replace(BASE, recipe="eagle2", phases=(Phase(4, LR, 1.0),)),
+    "hass-4ep": replace(BASE, recipe="hass", phases=(Phase(4, LR, 1.0),)),
+}
+TREES = (TreeConfig(11, 3, 2), TreeConfig(4, 3, 1))
+
+
+def decoding_tau(target: Path, draft: Path, prompts, new_tokens: int) -> list[float]:
+    pipe = Pipeline.load(target, draft, generation=GenerationConfig(tree=TreeConfig(16, 4, 4)))
+    taus = []
+    for tree in TREES:
+        config = GenerationConfig(max_new_tokens=new_tokens, tree=tree, eos_token_ids=())
+        taus.append(macro_tau([pipe.generate(pipe.encode(p), config).accept_lengths for p in prompts]))
+    return taus
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--prompts", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--max-prompts", type=int, default=12)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    prompts = read_prompt_file(args.prompts)[: args.max_prompts]
+    rows = []
+    for name in args.variants.split(","):
+        config = VARIANTS[name]
+        metrics = train(args.target, args.data, args.out / name, config, resume=True, progress=True)
+        epochs = sum(p.epochs for p in config.phases)
+        taus = decoding_tau(args.target, args.out / name, prompts, args.new_tokens)
+        rows.append(f"| {name} | {epochs} | {metrics['eval_expected_tau']:.3f} | "
+                    + " | ".join(f"{t:.3f}" for t in taus) + " |")
+        (args.out / name / "decoding_tau.json").write_text(json.dumps(
+            {f"{t.tokens}/{t.depth}/{t.top_k}": tau for t, tau in zip(TREES, taus)}) + "\n")
+    print(f"\n{len(prompts)} prompts x {args.new_tokens} greedy tokens\n")
+    print("| draft | epochs | expected τ (chain of 5) | " + " | ".join(
+        f"decoding τ {t.tokens}/{t.depth}/{t.top_k}" for t in TREES) + " |")
+    print("|---|---:|---:|" + "---:|" * len(TREES))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
