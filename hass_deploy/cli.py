@@ -370,13 +370,8 @@ def quickstart(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """The whole job on a target built here: data, HASS and EAGLE-2 drafts, ONNX export, validation, benchmark."""
-    from hass_deploy.quickstart import PRESETS, render_summary, run_quickstart
+    from hass_deploy.quickstart import render_summary, run_quickstart
 
-    if preset not in PRESETS:
-        _fail(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    for file in prompts:
-        if not file.is_file():
-            _fail(f"{file}: no such prompt file")
     workdir = workdir or Path("hass-deploy-quickstart") / preset
     if workdir.exists() and not workdir.is_dir():
         _fail(f"{workdir} exists and is not a directory")

@@ -9,9 +9,10 @@
     bench     plain vs EAGLE-2 vs HASS decoding on ONNX Runtime, greedy, same prompts and tree (`hass-deploy bench`)
 
 Everything goes under one work directory, and `quickstart.json` there records each finished stage with a key
-of what it was made from. A rerun skips a stage whose key still matches and whose outputs are intact, and
-resumes the interruptible ones (data shards, training epochs) where they stopped; a stage whose inputs changed
-is redone, and so is every stage after it. The greedy outputs of both drafts are compared with plain decoding
+of what it was made from: the settings and the content hashes of its inputs (a draft's key is its data's key, an
+export's key its draft's weights), so a stage is redone exactly when something it depends on changed. A rerun
+skips a stage whose key still matches and whose outputs are intact, and resumes the interruptible ones (data
+shards, training epochs) where they stopped. The greedy outputs of both drafts are compared with plain decoding
 over the whole prompt set: any difference fails the run.
 """
 
@@ -31,7 +32,7 @@ from hass_deploy.bench.config import BenchConfig
 from hass_deploy.config import Phase, RuntimeConfig, TrainConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export.config import ExportConfig
-from hass_deploy.training.data import DataConfig
+from hass_deploy.training.data import DataConfig, file_sha256
 
 STATE_FILE = "quickstart.json"
 SUMMARY_FILE = "summary.json"
@@ -54,8 +55,8 @@ class QuickstartPreset:
     prompt_chars: int = 600  # characters of held-out source each prompt gives (whole lines)
     max_new_tokens: int = 128
     tree: TreeConfig | None = None  # None: `--tree auto` picks it from measured costs and acceptance
-    # int8 draft graphs: +10 % tokens/s on this CPU at the same tau, and the output is the fp32 target's all the
-    # same (docs/RESULTS.md §2; `validate` and the bench still check it token for token).
+    # int8 draft graphs: speedup 0.97x -> 1.08x on this CPU at the same tau, and the output is the fp32 target's
+    # all the same (docs/RESULTS.md §2; `validate` and the bench still check it token for token).
     export: ExportConfig = field(default_factory=lambda: ExportConfig(max_seq_len=1024, max_tree_tokens=32,
                                                                       max_top_k=8, draft_quantization="int8"))
 
@@ -109,11 +110,10 @@ class _State:
             self.stages = json.loads(path.read_text())["stages"]
         except (OSError, ValueError, KeyError, TypeError):
             self.stages = {}  # a fresh work directory, or a record we cannot trust: every stage runs again
-        self.stale = False  # set once a stage is redone: every later stage is redone too
 
     def done(self, stage: str, key: str) -> dict | None:
         entry = self.stages.get(stage)
-        if self.stale or not isinstance(entry, dict) or entry.get("key") != key:
+        if not isinstance(entry, dict) or entry.get("key") != key:
             return None
         return entry.get("record")
 
@@ -131,12 +131,6 @@ class _State:
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_hash(path: Path) -> str:
-    from hass_deploy.training.data import file_sha256
-
-    return file_sha256(path)
 
 
 def _line_chunks(text: str, size: int) -> list[str]:
@@ -187,17 +181,17 @@ def _write_if_changed(path: Path, text: str) -> None:
 def _draft_fingerprint(directory: Path) -> str:
     """What a trained draft is: its weights (whatever file they are in) and config."""
     files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
-    return _key([(p.name, _file_hash(p)) for p in files])
+    return _key([(p.name, file_sha256(p)) for p in files])
 
 
 def _artifacts_intact(directory: Path) -> bool:
     from hass_deploy.export.manifest import read_manifest
 
     try:
-        manifest = read_manifest(directory)
+        read_manifest(directory)  # a readable manifest whose graph files are all there
     except HassDeployError:
         return False
-    return all((directory / spec.file).is_file() for spec in manifest.graphs.values())
+    return True
 
 
 def _summary_record(report) -> dict:
@@ -232,8 +226,12 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
     from hass_deploy.training.data import generate_data
     from hass_deploy.training.trainer import train
 
+    from hass_deploy.prompts import read_prompt_file
+
     if preset not in PRESETS:
         raise HassDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    for file in extra_prompts:
+        read_prompt_file(file)  # a missing or malformed file fails now, not after ten minutes of training
     config = PRESETS[preset]
     layout = Layout(Path(workdir))
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -262,7 +260,6 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
         record = work()
         seconds[name] = time.perf_counter() - begin
         record = {**record, "seconds": seconds[name]}
-        state.stale = True
         state.finish(name, key, record)
         return record
 
@@ -283,7 +280,7 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
         manifest = generate_data(target, layout.corpus, layout.data, config.data, progress=progress)
         return {"totals": manifest.totals}
 
-    data_key = _key(target_key, _file_hash(layout.corpus), asdict(config.data))
+    data_key = _key(target_key, file_sha256(layout.corpus), asdict(config.data))
     data = stage("data", 3, data_key, make_data, layout.data, lambda: (layout.data / "manifest.json").is_file())
 
     drafts: dict[str, dict] = {}
@@ -331,7 +328,7 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
             raise HassDeployError(report.lossless_line() + f"; the runs are in {layout.bench / 'bench.json'}")
         return _summary_record(report)
 
-    bench_key = _key(target_key, fingerprints, [_file_hash(p) for p in prompt_files], asdict(bench_config))
+    bench_key = _key(target_key, fingerprints, [file_sha256(p) for p in prompt_files], asdict(bench_config))
     results = stage("bench", 7, bench_key, bench, layout.bench, lambda: (layout.bench / "bench.json").is_file())
 
     seconds["total"] = time.perf_counter() - started

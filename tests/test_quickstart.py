@@ -44,6 +44,7 @@ class Fakes:
         self.calls: list[str] = []
         self.lossless = True
         self.interrupt: str | None = None
+        self.nondeterministic = False
         source = tmp_path / "stdlib"
         source.mkdir()
         for i in range(6):
@@ -87,7 +88,9 @@ class Fakes:
         self._call(f"train {config.recipe}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"recipe": config.recipe}))
-        (out / "model.safetensors").write_text(config.recipe)
+        # The same weights each time unless a test says training is not reproducible.
+        (out / "model.safetensors").write_text(f"{config.recipe} {self.calls.count(f'train {config.recipe}')}"
+                                               if self.nondeterministic else config.recipe)
         return {"eval_expected_tau": 2.0, "eval_acceptance": [0.5]}
 
     def export(self, target, draft, out, config, force=False, log=None):
@@ -151,12 +154,31 @@ def test_an_interrupted_stage_resumes_and_finished_ones_are_kept(fakes, tmp_path
     assert fakes.calls == STAGES[3:]
 
 
-def test_a_damaged_stage_is_redone_with_everything_after_it(fakes, tmp_path):
+def test_a_damaged_stage_is_redone_and_what_depends_on_its_new_output(fakes, tmp_path):
     _run(tmp_path / "work")
     fakes.calls.clear()
     (tmp_path / "work" / "drafts" / "eagle2" / "config.json").unlink()
     _run(tmp_path / "work")
-    assert fakes.calls == STAGES[2:]
+    assert fakes.calls == ["train eagle2"]  # the same weights again: its export, validation and bench still hold
+    fakes.nondeterministic, fakes.calls = True, []
+    (tmp_path / "work" / "drafts" / "eagle2" / "config.json").unlink()
+    _run(tmp_path / "work")
+    assert fakes.calls == ["train eagle2", "export eagle2", "validate eagle2", "bench"]
+
+
+def test_changed_inputs_redo_exactly_the_stages_that_depend_on_them(fakes, tmp_path):
+    _run(tmp_path / "work")
+    fakes.calls.clear()
+    (tmp_path / "work" / "onnx" / "hass" / "graph").unlink()  # a damaged export: its validation is redone too
+    _run(tmp_path / "work")
+    assert fakes.calls == ["export hass", "validate hass"]
+
+
+def test_extra_prompt_files_are_checked_before_any_stage(fakes, tmp_path):
+    with pytest.raises(HassDeployError, match="no such prompt file"):
+        quickstart.run_quickstart(tmp_path / "work", "tiny", (tmp_path / "missing.jsonl",), progress=False,
+                                  log=lambda line: None)
+    assert fakes.calls == []
 
 
 def test_a_corrupted_state_file_is_not_trusted(fakes, tmp_path):

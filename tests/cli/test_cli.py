@@ -507,3 +507,15 @@ def test_console_script_missing_dir_exits_1_with_one_line(tmp_path):
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [f"error: {missing}: no such model directory"]
     assert "Traceback" not in proc.stderr
+
+
+def test_quickstart_bad_options_are_one_line(tmp_path):
+    """Checked before anything is built: an unknown preset, a missing prompt file, a work dir that is a file."""
+    user_error(runner.invoke(app, ["quickstart", "--preset", "huge", "--workdir", str(tmp_path / "w")]),
+               "unknown preset 'huge'")
+    user_error(runner.invoke(app, ["quickstart", "--prompts", str(tmp_path / "nope.jsonl"), "--workdir",
+                                   str(tmp_path / "w")]), "no such prompt file")
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    user_error(runner.invoke(app, ["quickstart", "--workdir", str(afile)]), "is not a directory")
+    assert not (tmp_path / "w").exists()

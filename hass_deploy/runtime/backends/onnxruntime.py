@@ -57,8 +57,8 @@ class OrtConfig:
     threads: int = 0  # intra-op threads; 0 = ORT's default, one per physical core
     # CPU: the target and draft sessions run on ORT's one process-wide intra-op pool, whose threads spin between
     # runs. Per-session pools either sleep between runs (each of the ~100 parallel ops of a step then pays a thread
-    # wake-up: a T = 1 step of the default demo target took 4.7 ms instead of 2.3 ms on 2 cores) or, spinning,
-    # hold the cores the other session needs (speculative decoding 25 % slower). docs/ONNX.md has the numbers.
+    # wake-up: a T = 1 step of the default demo target took 3.7 ms instead of 2.2 ms on 2 cores) or, spinning,
+    # hold the cores the other session needs (speculative decoding 31 % slower). docs/ONNX.md has the numbers.
     shared_pool: bool = True
     spinning: bool = False  # per-session pools only (shared_pool=False)
     optimization: str = "all"  # ORT graph optimisation level: basic, extended or all
