@@ -118,27 +118,27 @@ def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> Acceptance:
     """
     if target_tokens.shape != (tree.num_nodes,):
         raise ValueError(f"target_tokens must have shape [{tree.num_nodes}], got {tuple(target_tokens.shape)}")
-    tokens, parents = tree.tokens, tree.parents
-    target_tokens = target_tokens.to(tokens.device)
-    # A non-root node matches when it is what the target predicts after its parent; the root always matches.
-    matches = torch.cat([
-        torch.ones(1, dtype=torch.bool, device=tokens.device),
-        tokens[1:] == target_tokens[parents[1:]],
-    ])  # [T]
-    # Accepted = every node on the root..i path matches, i.e. no masked-in column fails.
-    accepted = ~(tree.mask & ~matches.unsqueeze(0)).any(dim=-1)  # [T]
-    # Accepted nodes form one chain (siblings are distinct tokens, at most one equals the argmax): its deepest
-    # node is unique. argmax takes the first maximum, so the choice stays deterministic on any input.
-    # index_select with a [1] index rather than x[best]: indexing with a 0-d device tensor may sync.
-    best = torch.where(accepted, tree.depths, -1).argmax().reshape(1)  # [1]
-    best_path = tree.paths.index_select(0, best)[0]  # [max_depth + 1], -1 padded
-    path_tokens = tokens[best_path.clamp(min=0)]  # [max_depth + 1], garbage where padded
-    bonus = target_tokens.index_select(0, best)  # [1]
-    best_depth = tree.depths.index_select(0, best)  # [1]
-    # The one host sync: the accepted length decides how many tokens are committed.
-    host_depth, *host_rest = torch.cat([best_depth, path_tokens, bonus]).tolist()
-    committed = host_rest[: host_depth + 1]
-    return Acceptance(path=best_path[: host_depth + 1], tokens=committed + [host_rest[-1]])
+    # The one host sync: the tree and the target's choices, 3T ints read together; the walk is then a few
+    # Python operations, not a dozen tiny kernels.
+    tokens, parents, chosen = torch.stack([tree.tokens, tree.parents,
+                                           target_tokens.to(device=tree.tokens.device, dtype=torch.int64)]).tolist()
+    # A non-root node is accepted when its parent is and it is what the target predicts after its parent. Accepted
+    # nodes form one chain (siblings are distinct tokens, at most one equals the argmax); if they did not, the
+    # deepest accepted node with the lowest id wins, so the choice stays deterministic on any input.
+    depth, best = [0] * len(tokens), 0
+    accepted = [True] + [False] * (len(tokens) - 1)
+    for node in range(1, len(tokens)):
+        parent = parents[node]
+        if accepted[parent] and tokens[node] == chosen[parent]:
+            accepted[node], depth[node] = True, depth[parent] + 1
+            if depth[node] > depth[best]:
+                best = node
+    path = [best]
+    while path[-1] != 0:
+        path.append(parents[path[-1]])
+    path.reverse()
+    return Acceptance(path=torch.tensor(path, dtype=torch.int64, device=tree.tokens.device),
+                      tokens=[tokens[node] for node in path] + [chosen[best]])
 
 
 def accept_sampling(

@@ -5,13 +5,14 @@ token the target already chose but has not yet put in its KV cache; every other 
 continues its parent. The functions here turn the draft's scored candidate pool into that tree and derive the
 tensors verification needs (ancestor mask, depths = position offsets, root-to-node paths).
 
-Everything works on tiny tensors on whatever device the inputs live on. Host syncs are limited to the ones
-that produce a Python-visible shape (the tree's maximum depth) or validate an input, and each is marked.
+A tree is a few dozen numbers, so its structure (depths, ancestor mask, paths) is derived on the host from one
+read of the inputs and uploaded as one tensor: on 2 CPU cores the same derivation as ~25 tiny tensor kernels cost
+0.6 ms of every round (docs/RESULTS.md), and on a GPU it would be as many launches. The tree's tensors live on
+the inputs' device.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -67,33 +68,6 @@ def root_only(root_token: torch.Tensor) -> DraftTree:
     )
 
 
-def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
-    """Ancestor-or-self relation of a tree given by parent pointers.
-
-    Computed by repeated boolean squaring of the one-step relation (self or parent), so it takes
-    ceil(log2(T - 1)) small matrix products and no host sync, whatever the tree's shape.
-
-    Args:
-        parents: [T] int64, parents[0] = -1 and 0 <= parents[i] < i for i > 0.
-
-    Returns:
-        [T, T] bool, entry [i, j] true iff j is i or an ancestor of i.
-    """
-    num_nodes = parents.shape[0]
-    device = parents.device
-    # One step: every node reaches itself and its parent. The root's -1 is skipped by starting at node 1.
-    reach = torch.eye(num_nodes, dtype=torch.bool, device=device)  # [T, T]
-    child_ids = torch.arange(1, num_nodes, device=device)  # [T-1]
-    reach[child_ids, parents[1:]] = True
-    # Squaring a reflexive relation doubles the path length it covers; the longest path has T-1 edges. Counts
-    # stay below T, so float32 products are exact.
-    rounds = math.ceil(math.log2(num_nodes - 1)) if num_nodes > 2 else 0
-    for _ in range(rounds):
-        as_float = reach.to(torch.float32)
-        reach = (as_float @ as_float) > 0  # [T, T]
-    return reach
-
-
 def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor) -> DraftTree:
     """Build a DraftTree from token ids and parent pointers, deriving depths, mask and paths.
 
@@ -107,54 +81,39 @@ def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor) -> DraftTree:
     Raises:
         ValueError: if the shapes differ, T = 0, or the parents do not satisfy the rule above.
 
-    One host sync (validation and the maximum depth, read together).
+    One host sync (the inputs, read together).
     """
     if tokens.dim() != 1 or parents.shape != tokens.shape or tokens.shape[0] == 0:
         raise ValueError(f"tokens and parents must be equal-length non-empty 1-D tensors, got "
                          f"{tuple(tokens.shape)} and {tuple(parents.shape)}")
-    num_nodes = tokens.shape[0]
-    device = tokens.device
-    tokens = tokens.to(torch.int64)
-    parents = parents.to(device=device, dtype=torch.int64)
-    node_ids = torch.arange(num_nodes, device=device)  # [T]
+    host = torch.stack([tokens.to(torch.int64), parents.to(device=tokens.device, dtype=torch.int64)]).tolist()
+    return _tree_from_host(host[0], host[1], tokens.device)
 
-    # Root -1, every other parent a strictly earlier node (which also rules out cycles).
-    valid = (parents[0] == -1) & ((parents[1:] >= 0) & (parents[1:] < node_ids[1:])).all()
-    # Clamp so that an invalid input cannot index out of range on the device before we get to raise.
-    safe_parents = torch.cat([parents[:1], parents[1:].clamp(0, num_nodes - 1)])
-    mask = ancestor_mask(safe_parents)  # [T, T]
-    depths = mask.sum(dim=-1) - 1  # [T]: the ancestors-or-self count minus the node itself
 
-    # Host sync: the paths' width is a shape, and the validity verdict decides whether to raise.
-    is_valid, max_depth = torch.stack([valid.to(torch.int64), depths.max()]).tolist()
-    if not is_valid:
+def _tree_from_host(tokens: list[int], parents: list[int], device: torch.device) -> DraftTree:
+    """The DraftTree of host lists, uploaded as one int64 tensor and split into views."""
+    if parents[0] != -1 or any(not 0 <= parent < node for node, parent in enumerate(parents) if node):
+        # Root -1, every other parent a strictly earlier node (which also rules out cycles).
         raise ValueError("parents must be -1 for node 0 and an earlier node id for every other node")
-
-    paths = _paths_from_mask(mask, depths, max_depth)
-    return DraftTree(tokens=tokens, parents=parents, depths=depths, mask=mask, paths=paths)
-
-
-def _paths_from_mask(mask: torch.Tensor, depths: torch.Tensor, max_depth: int) -> torch.Tensor:
-    """Root-to-node node ids for every node, padded with -1.
-
-    Args:
-        mask: [T, T] bool ancestor-or-self relation.
-        depths: [T] int64 node depths.
-        max_depth: the largest depth, as a host int.
-
-    Returns:
-        [T, max_depth + 1] int64, row i = ancestors of i ordered by depth, then i, then -1 padding.
-    """
-    num_nodes = mask.shape[0]
-    device = mask.device
-    # Each ancestor j of i sits at column depths[j] of row i (one ancestor per depth). Non-ancestors are all
-    # scattered into a spare last column that is cut off afterwards, so their duplicate writes do not matter.
-    spare_column = max_depth + 1
-    columns = torch.where(mask, depths.unsqueeze(0), spare_column)  # [T, T]
-    sources = torch.arange(num_nodes, device=device).expand(num_nodes, num_nodes)  # [T, T]: source j in column j
-    padded = torch.full((num_nodes, max_depth + 2), -1, dtype=torch.int64, device=device)
-    padded.scatter_(1, columns, sources)
-    return padded[:, :spare_column]  # [T, max_depth + 1]
+    num_nodes = len(tokens)
+    paths = [[0]]  # root..node ids of each node
+    for node in range(1, num_nodes):
+        paths.append(paths[parents[node]] + [node])
+    width = max(len(path) for path in paths)  # max_depth + 1
+    mask = [[0] * num_nodes for _ in range(num_nodes)]
+    for node, path in enumerate(paths):
+        for ancestor in path:
+            mask[node][ancestor] = 1
+    flat = [*tokens, *parents, *(len(path) - 1 for path in paths)]
+    for path in paths:
+        flat += path + [-1] * (width - len(path))
+    for row in mask:
+        flat += row
+    data = torch.tensor(flat, dtype=torch.int64, device=device)  # [3T + T*width + T*T]: one upload
+    t = num_nodes
+    return DraftTree(tokens=data[:t], parents=data[t:2 * t], depths=data[2 * t:3 * t],
+                     paths=data[3 * t:3 * t + t * width].view(t, width),
+                     mask=data[3 * t + t * width:].view(t, t).bool())
 
 
 def select_beam(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -203,38 +162,19 @@ def build_tree(
     """
     if num_nodes < 1:
         raise ValueError(f"num_nodes counts the root and must be >= 1, got {num_nodes}")
-    root = root_token.reshape(1).to(torch.int64)
-    pool_parents = pool_parents.to(torch.int64)
-    path_scores = _path_minimum(pool_scores, pool_parents)  # [N]
-    kept = select_beam(path_scores, num_nodes - 1)  # [K], best first
-    kept_ascending = torch.sort(kept).values  # [K]: pool order, parents first
-    kept_parent_pool = pool_parents[kept_ascending]  # [K]
-    # Node i + 1 holds kept_ascending[i], so a kept parent's node id is its rank among the kept indices plus one.
-    parent_rank = torch.searchsorted(kept_ascending, kept_parent_pool.clamp(min=0))  # [K]
-    kept_parents = torch.where(kept_parent_pool < 0, 0, parent_rank + 1)  # [K]
-    tokens = torch.cat([root, pool_tokens[kept_ascending].to(torch.int64)])  # [K + 1]
-    parents = torch.cat([torch.full_like(root, -1), kept_parents])  # [K + 1]
-    return tree_from_parents(tokens, parents)
-
-
-def _path_minimum(scores: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-    """Each score clamped to the minimum over its ancestors' scores, by pointer jumping (no host sync).
-
-    Args:
-        scores: [N] float scores.
-        parents: [N] int64 parent index, -1 for top-level entries.
-
-    Returns:
-        [N] float, min(scores[i], scores of all ancestors of i).
-    """
-    count = scores.shape[0]
-    if count == 0:
-        return scores
-    path_minimum = scores
-    jump = parents  # [N]: the ancestor 2^r steps up after r rounds, -1 once past the top
-    for _ in range(math.ceil(math.log2(count)) if count > 1 else 0):
-        has_jump = jump >= 0
-        safe_jump = jump.clamp(min=0)
-        path_minimum = torch.where(has_jump, torch.minimum(path_minimum, path_minimum[safe_jump]), path_minimum)
-        jump = torch.where(has_jump, jump[safe_jump], jump)
-    return path_minimum
+    count = pool_tokens.shape[0]
+    # One host sync for the whole pool (token ids < 2^53 are exact in float64, and -inf scores survive).
+    host = torch.cat([root_token.reshape(1).to(torch.float64), pool_tokens.to(torch.float64),
+                      pool_scores.to(torch.float64), pool_parents.to(torch.float64)]).tolist()
+    root, tokens, scores = int(host[0]), host[1:1 + count], host[1 + count:1 + 2 * count]
+    parents = [int(parent) for parent in host[1 + 2 * count:]]
+    if any(parent >= index for index, parent in enumerate(parents)):
+        raise ValueError("every pool entry's parent must come before it in the pool")
+    path_scores = []  # each score clamped to the minimum along its path; parents come first
+    for score, parent in zip(scores, parents):
+        path_scores.append(score if parent < 0 else min(score, path_scores[parent]))
+    ranking = sorted(range(count), key=lambda index: (-path_scores[index], index))  # best first, ties by index
+    kept = sorted(ranking[:num_nodes - 1])  # pool order: parents before children
+    node_of = {pool_index: node for node, pool_index in enumerate(kept, start=1)}
+    node_parents = [-1] + [0 if parents[index] < 0 else node_of[parents[index]] for index in kept]
+    return _tree_from_host([root] + [int(tokens[index]) for index in kept], node_parents, pool_tokens.device)

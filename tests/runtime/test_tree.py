@@ -7,7 +7,6 @@ import torch
 
 from hass_deploy.runtime.tree import (
     DraftTree,
-    ancestor_mask,
     build_tree,
     root_only,
     select_beam,
@@ -101,11 +100,10 @@ def test_root_only_tree():
 
 
 @pytest.mark.parametrize("num_nodes", [2, 3, 4, 5, 17, 33, 64, 65])
-def test_chain_mask_needs_every_squaring_round(num_nodes):
-    # A chain is the deepest tree, so it exercises the last doubling round of ancestor_mask.
+def test_chain_is_the_deepest_tree(num_nodes):
     parents = torch.arange(-1, num_nodes - 1)
-    assert torch.equal(ancestor_mask(parents), torch.ones(num_nodes, num_nodes, dtype=torch.bool).tril())
     tree = tree_from_parents(torch.arange(num_nodes), parents)
+    assert torch.equal(tree.mask, torch.ones(num_nodes, num_nodes, dtype=torch.bool).tril())
     assert tree.max_depth == num_nodes - 1
     _assert_consistent(tree)
 
@@ -220,6 +218,11 @@ def test_build_tree_empty_pool_and_bad_size():
                    torch.tensor(POOL_PARENTS), 0)
 
 
+def test_build_tree_rejects_a_parent_after_its_child():
+    with pytest.raises(ValueError):
+        build_tree(torch.tensor(0), torch.tensor([7, 8]), torch.tensor([-1.0, -2.0]), torch.tensor([1, -1]), 3)
+
+
 def test_build_tree_stays_closed_when_scores_are_not_monotone():
     # Not a genuine cumulative score (a child beats its parent), e.g. after rounding in low precision:
     # the child may only come with its parent.
@@ -312,4 +315,3 @@ def test_tree_from_random_parents():
         parents = [-1] + [rng.randint(max(0, node - 3), node - 1) for node in range(1, num_nodes)]
         tree = tree_from_parents(torch.arange(num_nodes), torch.tensor(parents))
         _assert_consistent(tree)
-        assert torch.equal(ancestor_mask(torch.tensor(parents)), tree.mask)

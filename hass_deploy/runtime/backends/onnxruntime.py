@@ -3,7 +3,7 @@
 The graphs read the KV buffers and return only the step's new K/V rows (`export/steps.py`); this module owns
 the buffers as torch tensors, binds them to the sessions by pointer (IO binding: zero copy on CPU and on CUDA),
 writes the new rows itself and compacts the accepted path itself, both O(new rows). Per step only tiny
-tensors are copied into bound staging buffers: ids, positions, cache_len, the tree mask, the logit rows.
+tensors are copied into the bound buffers of a cached run plan: ids, positions, cache_len, the tree mask.
 
 Why the buffers are bound as a context-sized view rather than at full length: attention over the bound rows
 costs O(bound rows), and binding all S_max rows made a T = 32 step on 2 CPU cores about 4x slower at
@@ -38,7 +38,7 @@ MIN_BOUND_ROWS = 64  # the first KV view and the unit it grows by; below this a 
 # row is moved about 4 times in a whole generation (amortised O(1) per token). Doubling moved rows half as often
 # but bound up to 2x the rows in use: steps 10-20 % slower at 512-1024 rows of context (docs/ONNX.md).
 GROWTH_DIVISOR = 4
-MAX_BINDINGS = 64  # IO bindings cached per session (one per distinct step shape and buffer layout)
+MAX_PLANS = 64  # run plans cached per session (one per distinct step shape, until the KV layout moves)
 
 
 def import_onnxruntime():
@@ -154,26 +154,6 @@ def _writable(directory: Path) -> bool:
         return False
 
 
-class Staging:
-    """Grow-only device buffers, one per name, handed out as contiguous views of exact shape.
-
-    A view's address only changes when its buffer grows, so the IO bindings made for it can be reused.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        count = math.prod(shape)
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < count or buffer.dtype != dtype:
-            size = max(count, 2 * buffer.numel() if buffer is not None and buffer.dtype == dtype else count)
-            buffer = torch.empty(size, dtype=dtype, device=self.device)
-            self.buffers[name] = buffer
-        return buffer[:count].view(shape)
-
-
 class BoundKV:
     """Static K/V buffers of a decoder, bound to its graph as a context-sized view.
 
@@ -228,78 +208,88 @@ class BoundKV:
         view[:, :, :, :, cache_len:cache_len + keep.numel()] = view.index_select(4, cache_len + keep)
 
 
-class GraphRunner:
-    """One ONNX Runtime session run over torch tensors bound by address; bindings are cached per shape/address."""
+@dataclass(frozen=True)
+class _Plan:
+    """Everything one step shape needs, made once: its own input and output buffers, the KV views and the IO
+    binding that points the session at all of them. A step then only copies its few small inputs in."""
 
-    def __init__(self, session, device: torch.device):
-        self.session = session
-        self.device_type, self.device_id = device.type, device.index or 0
-        self.bindings: dict[tuple, object] = {}
-
-    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        """Run with `inputs` read and `outputs` written in place (all contiguous, on the session's device)."""
-        key = tuple((name, t.data_ptr(), tuple(t.shape)) for name, t in (*inputs.items(), *outputs.items()))
-        binding = self.bindings.get(key)
-        if binding is None:
-            binding = self.session.io_binding()
-            for name, tensor in inputs.items():
-                binding.bind_input(name, self.device_type, self.device_id, _ONNX_TYPES[tensor.dtype],
-                                   tuple(tensor.shape), tensor.data_ptr())
-            for name, tensor in outputs.items():
-                binding.bind_output(name, self.device_type, self.device_id, _ONNX_TYPES[tensor.dtype],
-                                    tuple(tensor.shape), tensor.data_ptr())
-            if len(self.bindings) >= MAX_BINDINGS:
-                self.bindings.clear()
-            self.bindings[key] = binding
-        self.session.run_with_iobinding(binding)
-
-    def forget(self) -> None:
-        """Drop cached bindings (the KV buffers were laid out anew)."""
-        self.bindings.clear()
+    inputs: dict[str, torch.Tensor]  # the small per-step inputs (ids, positions, cache_len, mask, ...)
+    outputs: dict[str, torch.Tensor]  # logits / hidden / top-k, overwritten by every run of this plan
+    new_rows: torch.Tensor  # [L, 2, 1, H_kv, T, D] the step's new K/V rows, before they go into the KV buffers
+    binding: object  # onnxruntime.IOBinding
 
 
 class _Stepper:
-    """What the target and draft backends share: a session, KV buffers, staging, and the chunking of long
-    causal steps into pieces of `chunk` rows."""
+    """What the target and draft backends share: a session, KV buffers, cached run plans, and the chunking of
+    long causal steps into pieces of `chunk` rows.
+
+    Per-step host work matters on 2 CPU cores: a round of speculative decoding makes four graph runs of a few
+    milliseconds each, so the plan (buffers, per-layer KV views, binding) is built once per step shape and KV
+    layout instead of on every run.
+    """
 
     def __init__(self, session, spec: GraphSpec, dtype: torch.dtype, device: torch.device, max_len: int, chunk: int):
-        self.runner = GraphRunner(session, device)
+        self.session = session
         self.spec, self.dtype, self.device, self.max_len, self.chunk = spec, dtype, device, max_len, chunk
+        self.device_type, self.device_id = device.type, device.index or 0
         self.kv = BoundKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, max_len, dtype, device)
-        self.staging = Staging(device)
-
-    def _small(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """Copy a small input into its bound staging buffer (the only per-step host-to-graph traffic)."""
-        buffer = self.staging.view(name, tuple(value.shape), value.dtype)
-        buffer.copy_(value)
-        return buffer
+        self.plans: dict[tuple, _Plan] = {}
+        self.causal: dict[int, torch.Tensor] = {}  # [1, T, T] masks of causal steps, by T
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple[tuple[int, ...], torch.dtype]],
             cache_len: int, steps: int) -> dict[str, torch.Tensor]:
-        """One graph run at cache_len: bind feeds, KV view and output staging; write the new KV rows; return
-        the named outputs (views of staging, valid until the next run)."""
+        """One graph run at cache_len: copy the feeds into the plan's buffers, run, write the new KV rows; return
+        the named outputs (the plan's buffers: valid until the next run of the same shape)."""
         if self.kv.reserve(cache_len + steps):
-            self.runner.forget()
-        inputs = {name: self._small(name, value) for name, value in feeds.items()}
+            self.plans.clear()  # the KV views moved
+        key = (steps, tuple((name, value.shape, value.dtype) for name, value in feeds.items()), tuple(outputs.items()))
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self._plan(feeds, outputs, steps)
+            if len(self.plans) >= MAX_PLANS:
+                self.plans.clear()
+            self.plans[key] = plan
+        for name, value in feeds.items():
+            plan.inputs[name].copy_(value)
+        self.session.run_with_iobinding(plan.binding)
+        self.kv.write(cache_len, plan.new_rows)
+        return plan.outputs
+
+    def _plan(self, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+              steps: int) -> _Plan:
+        inputs = {name: torch.empty(value.shape, dtype=value.dtype, device=self.device) for name, value in feeds.items()}
+        bound_outputs = {name: torch.empty(shape, dtype=dtype, device=self.device) for name, (shape, dtype) in outputs.items()}
+        spec = self.spec
+        new_rows = torch.empty(spec.num_layers, 2, 1, spec.num_kv_heads, steps, spec.head_dim, dtype=self.dtype,
+                               device=self.device)
         view = self.kv.view()
-        for layer in range(self.spec.num_layers):
-            inputs[f"past_key_{layer}"], inputs[f"past_value_{layer}"] = view[layer, 0], view[layer, 1]
-        bound = {name: self.staging.view("out:" + name, shape, dtype) for name, (shape, dtype) in outputs.items()}
-        new_rows = self.staging.view("new_rows", (self.spec.num_layers, 2, 1, self.spec.num_kv_heads, steps,
-                                                  self.spec.head_dim), self.dtype)
-        for layer in range(self.spec.num_layers):
-            bound[f"new_key_{layer}"], bound[f"new_value_{layer}"] = new_rows[layer, 0], new_rows[layer, 1]
-        self.runner.run(inputs, bound)
-        self.kv.write(cache_len, new_rows)
-        return bound
+        binding = self.session.io_binding()
+
+        def bind(method, name: str, tensor: torch.Tensor) -> None:
+            method(name, self.device_type, self.device_id, _ONNX_TYPES[tensor.dtype], tuple(tensor.shape),
+                   tensor.data_ptr())
+
+        for name, tensor in inputs.items():
+            bind(binding.bind_input, name, tensor)
+        for layer in range(spec.num_layers):
+            bind(binding.bind_input, f"past_key_{layer}", view[layer, 0])
+            bind(binding.bind_input, f"past_value_{layer}", view[layer, 1])
+            bind(binding.bind_output, f"new_key_{layer}", new_rows[layer, 0])
+            bind(binding.bind_output, f"new_value_{layer}", new_rows[layer, 1])
+        for name, tensor in bound_outputs.items():
+            bind(binding.bind_output, name, tensor)
+        return _Plan(inputs, bound_outputs, new_rows, binding)
 
     def common_feeds(self, input_ids, position_ids, cache_len: int, tree_mask) -> dict[str, torch.Tensor]:
         steps = input_ids.shape[1]
         if cache_len + steps > self.max_len:
             raise CacheCapacityError(f"KV cache overflow: {cache_len + steps} rows needed, {self.max_len} allocated")
-        mask = causal_tree_mask(steps, self.device) if tree_mask is None else tree_mask
+        if tree_mask is None:
+            tree_mask = self.causal.get(steps)
+            if tree_mask is None:
+                tree_mask = self.causal.setdefault(steps, causal_tree_mask(steps, self.device))
         return {"input_ids": input_ids.to(torch.int64), "position_ids": position_ids.to(torch.int64),
-                "cache_len": torch.tensor([cache_len], dtype=torch.int64), "tree_mask": mask.to(torch.bool)}
+                "cache_len": torch.tensor([cache_len], dtype=torch.int64), "tree_mask": tree_mask.to(torch.bool)}
 
     def chunks(self, steps: int, tree_mask) -> list[tuple[int, int]]:
         """Row ranges to run: one for a tree step, pieces of `chunk` rows for a long causal step (a prompt)."""
