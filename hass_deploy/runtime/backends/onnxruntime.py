@@ -3,7 +3,8 @@
 The graphs read the KV buffers and return only the step's new K/V rows (`export/steps.py`); this module owns
 the buffers as torch tensors, binds them to the sessions by pointer (IO binding: zero copy on CPU and on CUDA),
 writes the new rows itself and compacts the accepted path itself, both O(new rows). Per step only tiny
-tensors are copied into the bound buffers of a cached run plan: ids, positions, cache_len, the tree mask.
+tensors are copied into bound staging buffers (through a run plan cached per step shape): ids, positions,
+cache_len, the tree mask.
 
 Why the buffers are bound as a context-sized view rather than at full length: attention over the bound rows
 costs O(bound rows), and binding all S_max rows made a T = 32 step on 2 CPU cores about 4x slower at
@@ -208,13 +209,38 @@ class BoundKV:
         view[:, :, :, :, cache_len:cache_len + keep.numel()] = view.index_select(4, cache_len + keep)
 
 
+class Staging:
+    """Grow-only device buffers, one per name, handed out as contiguous views of exact shape.
+
+    Every step shape takes its inputs and outputs from the same buffers, so memory follows the largest step (a
+    prefill chunk), not the number of shapes seen. A view's address only changes when its buffer grows
+    (geometrically, so rarely); `allocations` counts those moments.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.allocations = 0
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        count = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < count or buffer.dtype != dtype:
+            size = max(count, 2 * buffer.numel() if buffer is not None and buffer.dtype == dtype else count)
+            buffer = torch.empty(size, dtype=dtype, device=self.device)
+            self.buffers[name] = buffer
+            self.allocations += 1
+        return buffer[:count].view(shape)
+
+
 @dataclass(frozen=True)
 class _Plan:
-    """Everything one step shape needs, made once: its own input and output buffers, the KV views and the IO
-    binding that points the session at all of them. A step then only copies its few small inputs in."""
+    """Everything one step shape needs, made once: views of the staging buffers for its inputs and outputs, the
+    KV views and the IO binding that points the session at all of them. A step then only copies its few small
+    inputs in."""
 
     inputs: dict[str, torch.Tensor]  # the small per-step inputs (ids, positions, cache_len, mask, ...)
-    outputs: dict[str, torch.Tensor]  # logits / hidden / top-k, overwritten by every run of this plan
+    outputs: dict[str, torch.Tensor]  # logits / hidden / top-k, overwritten by the next run
     new_rows: torch.Tensor  # [L, 2, 1, H_kv, T, D] the step's new K/V rows, before they go into the KV buffers
     binding: object  # onnxruntime.IOBinding
 
@@ -233,21 +259,23 @@ class _Stepper:
         self.spec, self.dtype, self.device, self.max_len, self.chunk = spec, dtype, device, max_len, chunk
         self.device_type, self.device_id = device.type, device.index or 0
         self.kv = BoundKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, max_len, dtype, device)
+        self.staging = Staging(device)
         self.plans: dict[tuple, _Plan] = {}
-        self.causal: dict[int, torch.Tensor] = {}  # [1, T, T] masks of causal steps, by T
+        self.causal: dict[int, torch.Tensor] = {}  # [1, T, T] masks of causal steps, by T (at most `chunk` of them)
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple[tuple[int, ...], torch.dtype]],
             cache_len: int, steps: int) -> dict[str, torch.Tensor]:
         """One graph run at cache_len: copy the feeds into the plan's buffers, run, write the new KV rows; return
-        the named outputs (the plan's buffers: valid until the next run of the same shape)."""
+        the named outputs (views of staging, valid until the next run)."""
         if self.kv.reserve(cache_len + steps):
             self.plans.clear()  # the KV views moved
         key = (steps, tuple((name, value.shape, value.dtype) for name, value in feeds.items()), tuple(outputs.items()))
         plan = self.plans.get(key)
         if plan is None:
+            allocations = self.staging.allocations
             plan = self._plan(feeds, outputs, steps)
-            if len(self.plans) >= MAX_PLANS:
-                self.plans.clear()
+            if self.staging.allocations != allocations or len(self.plans) >= MAX_PLANS:
+                self.plans.clear()  # a staging buffer moved: the other plans still point at (and hold) the old one
             self.plans[key] = plan
         for name, value in feeds.items():
             plan.inputs[name].copy_(value)
@@ -257,11 +285,10 @@ class _Stepper:
 
     def _plan(self, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple[tuple[int, ...], torch.dtype]],
               steps: int) -> _Plan:
-        inputs = {name: torch.empty(value.shape, dtype=value.dtype, device=self.device) for name, value in feeds.items()}
-        bound_outputs = {name: torch.empty(shape, dtype=dtype, device=self.device) for name, (shape, dtype) in outputs.items()}
-        spec = self.spec
-        new_rows = torch.empty(spec.num_layers, 2, 1, spec.num_kv_heads, steps, spec.head_dim, dtype=self.dtype,
-                               device=self.device)
+        spec, staging = self.spec, self.staging
+        inputs = {name: staging.view(name, tuple(value.shape), value.dtype) for name, value in feeds.items()}
+        bound_outputs = {name: staging.view("out:" + name, shape, dtype) for name, (shape, dtype) in outputs.items()}
+        new_rows = staging.view("new_rows", (spec.num_layers, 2, 1, spec.num_kv_heads, steps, spec.head_dim), self.dtype)
         view = self.kv.view()
         binding = self.session.io_binding()
 
@@ -285,9 +312,9 @@ class _Stepper:
         if cache_len + steps > self.max_len:
             raise CacheCapacityError(f"KV cache overflow: {cache_len + steps} rows needed, {self.max_len} allocated")
         if tree_mask is None:
-            tree_mask = self.causal.get(steps)
-            if tree_mask is None:
-                tree_mask = self.causal.setdefault(steps, causal_tree_mask(steps, self.device))
+            if steps not in self.causal:
+                self.causal[steps] = causal_tree_mask(steps, self.device)
+            tree_mask = self.causal[steps]
         return {"input_ids": input_ids.to(torch.int64), "position_ids": position_ids.to(torch.int64),
                 "cache_len": torch.tensor([cache_len], dtype=torch.int64), "tree_mask": tree_mask.to(torch.bool)}
 

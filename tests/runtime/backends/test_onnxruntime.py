@@ -114,6 +114,24 @@ def test_kv_buffers_hold_exactly_the_committed_context(targets, artifacts):
     assert any(a > 0 for a in result.accept_lengths)
 
 
+def test_step_buffers_follow_the_largest_step_not_the_number_of_shapes(targets, artifacts):
+    """Prompts of many lengths (a chunked prefill ends in a different chunk each time) reuse the same staging
+    buffers, and every shape's plan still reads and writes the right rows: each generation equals torch's."""
+    target = targets["qwen2"]
+    ort_target, _ = ort(target, None, artifacts["qwen2"])
+    decoder, reference = SpeculativeDecoder(ort_target, None), make_decoder(target)
+    config = greedy(TreeConfig(), max_new_tokens=6, eos=())
+    for length in (3, 21, 5, 14, 9, 2, 17):  # the prefill chunk is 8: last chunks of 3, 5, 6, 1, 2, 1 rows
+        ids = prompt(length, seed=300 + length)
+        assert decoder.generate(ids, config).output_ids == reference.generate(ids, config).output_ids
+    staging = ort_target.stepper.staging
+    sizes = {name: buffer.numel() for name, buffer in staging.buffers.items()}
+    hidden = target.module.config.hidden_size
+    # The largest step is one chunk of 8 rows; a grow-only buffer at most doubles past what it needs.
+    assert sizes["out:hidden"] <= 2 * 8 * hidden and sizes["input_ids"] <= 2 * 8
+    assert staging.allocations <= 2 * len(sizes)
+
+
 def test_bound_kv_relayout_write_and_compact_match_static_buffers():
     """BoundKV against runtime.kv.KVCache: the same rows after writes, growth (incl. the clamp at max_len) and
     compaction."""
