@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from hass_deploy.bench.config import BenchConfig
-from hass_deploy.config import GenerationConfig, RuntimeConfig, SamplingConfig, TrainConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, LookupConfig, RuntimeConfig, SamplingConfig, TrainConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export.config import ExportConfig
 from hass_deploy.training.data import DataConfig
@@ -24,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train, export and serve HASS speculative-decoding draft heads, losslessly.")
 
 _TREE, _SAMPLING, _GEN, _RUNTIME = TreeConfig(), SamplingConfig(), GenerationConfig(), RuntimeConfig()
+_LOOKUP = LookupConfig()
 _TRAIN = TrainConfig()
 _BENCH = BenchConfig()
 _EXPORT = ExportConfig()
@@ -107,6 +108,13 @@ def generate(
     tree_tokens: int = typer.Option(_TREE.tokens, help="Tree nodes verified per round, root included."),
     tree_depth: int = typer.Option(_TREE.depth, help="Draft levels per round."),
     tree_top_k: int = typer.Option(_TREE.top_k, help="Children per node and beam width."),
+    lookup: bool = typer.Option(False, "--lookup", help="Draft by prompt lookup (n-grams of the prompt and output "
+                                "so far) instead of the draft head; works with --no-draft."),
+    lookup_tokens: int = typer.Option(_LOOKUP.tokens, help="Prompt lookup: tree nodes verified per round, root "
+                                      "included."),
+    lookup_depth: int = typer.Option(_LOOKUP.depth, help="Prompt lookup: most tokens one match proposes."),
+    lookup_max_ngram: int = typer.Option(_LOOKUP.max_ngram, help="Prompt lookup: longest n-gram matched (first)."),
+    lookup_min_ngram: int = typer.Option(_LOOKUP.min_ngram, help="Prompt lookup: shortest n-gram matched (last)."),
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
     backend: str = typer.Option("auto", help="torch, onnxruntime, or auto: onnxruntime when --artifacts is given."),
     artifacts: Optional[Path] = typer.Option(None, help="`hass-deploy export` directory (--backend onnxruntime)."),
@@ -114,7 +122,7 @@ def generate(
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if present)."),
     json_output: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout."),
 ) -> None:
-    """Generate with speculative decoding (or plain decoding with --no-draft)."""
+    """Generate with speculative decoding (or plain decoding with --no-draft; prompt lookup with --lookup)."""
     from hass_deploy.generation import Pipeline
     from hass_deploy.prompts import Prompt, parse_prompt_ids, read_prompt_file
 
@@ -128,6 +136,8 @@ def generate(
         max_new_tokens=max_new_tokens,
         sampling=SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k),
         tree=TreeConfig(tokens=tree_tokens, depth=tree_depth, top_k=tree_top_k),
+        lookup=LookupConfig(tokens=lookup_tokens, depth=lookup_depth, max_ngram=lookup_max_ngram,
+                            min_ngram=lookup_min_ngram) if lookup else None,
         seed=seed,
     )
     from hass_deploy.runtime.backends import choose_backend
@@ -269,6 +279,10 @@ def export(
     opset: int = typer.Option(_EXPORT.opset, help="ONNX opset."),
     draft_quantization: Optional[str] = typer.Option(None, help="int8: quantise the draft graph's weights for "
                                                     "ONNX Runtime CPU (output unchanged; not for TensorRT)."),
+    target_quantization: Optional[str] = typer.Option(None, help="int8: the fused ONNX Runtime target graph with "
+                                                     "int8 weights (lossless w.r.t. the quantised target)."),
+    ort_graphs: Optional[bool] = typer.Option(None, "--ort-graphs/--no-ort-graphs", help="Also write the fused "
+                                              "ONNX Runtime graphs the runtime runs (default: with fp32)."),
     force: bool = typer.Option(False, help="Overwrite a non-empty --out."),
 ) -> None:
     """Export the target and draft step graphs (ONNX, static KV buffers, tree-mask inputs) with a manifest."""
@@ -278,9 +292,12 @@ def export(
         _fail("give exactly one of --draft DIR or --no-draft")
     config = ExportConfig(engine=engine, dtype=dtype, max_seq_len=max_seq_len, max_tree_tokens=max_tree_tokens,
                           max_top_k=max_top_k, prefill_chunk=prefill_chunk, opset=opset,
-                          draft_quantization=draft_quantization)
+                          draft_quantization=draft_quantization, target_quantization=target_quantization,
+                          ort_graphs=ort_graphs)
     manifest = export_artifacts(target, draft, out, config, force, log=lambda line: typer.echo(line, err=True))
-    unsupported = sorted({op for graph in manifest.graphs.values() for op in graph.tensorrt_unsupported})
+    # The fused graphs are ONNX Runtime's by design; only the standard graphs are meant for TensorRT.
+    unsupported = sorted({op for graph in manifest.graphs.values() if graph.kv_update == "runtime"
+                          for op in graph.tensorrt_unsupported})
     if unsupported:
         typer.echo(f"warning: TensorRT's ONNX parser would reject: {', '.join(unsupported)}", err=True)
     typer.echo(str(out))
@@ -329,13 +346,21 @@ def bench(
     tree_tokens: Optional[int] = typer.Option(None, help=f"Tree nodes verified per round (default {_TREE.tokens})."),
     tree_depth: Optional[int] = typer.Option(None, help=f"Draft levels per round (default {_TREE.depth})."),
     tree_top_k: Optional[int] = typer.Option(None, help=f"Children per node and beam width (default {_TREE.top_k})."),
+    lookup: bool = typer.Option(_BENCH.lookup is not None, "--lookup/--no-lookup",
+                                help="Also benchmark prompt lookup (no draft model)."),
+    lookup_tokens: int = typer.Option(_LOOKUP.tokens, help="Prompt lookup: tree nodes verified per round, root "
+                                      "included."),
+    lookup_depth: int = typer.Option(_LOOKUP.depth, help="Prompt lookup: most tokens one match proposes."),
+    lookup_max_ngram: int = typer.Option(_LOOKUP.max_ngram, help="Prompt lookup: longest n-gram matched (first)."),
+    lookup_min_ngram: int = typer.Option(_LOOKUP.min_ngram, help="Prompt lookup: shortest n-gram matched (last)."),
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache rows (default: min(max_position_embeddings, 4096))."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if present)."),
     seed: int = typer.Option(_BENCH.seed, help="Prompt i samples with seed + i."),
     out: Path = typer.Option(..., help="Directory for bench.json, bench.md and bench.png."),
 ) -> None:
-    """Benchmark speculative against plain decoding: tau, per-depth acceptance, tokens/s, speedup, lossless check."""
+    """Benchmark speculative against plain decoding: tau, per-depth acceptance, tokens/s, speedup, lossless check
+    (the draft, a baseline draft, and prompt lookup, which needs no draft model)."""
     from hass_deploy.bench import run_bench
     from hass_deploy.runtime.backends import choose_backend
 
@@ -350,10 +375,12 @@ def bench(
         _fail(f"--max-seq-len must be >= 1, got {max_seq_len}")
     fixed = None if tree == "auto" else TreeConfig(*(d if v is None else v for v, d in zip(
         explicit, (_TREE.tokens, _TREE.depth, _TREE.top_k))))
+    lookup_config = LookupConfig(tokens=lookup_tokens, depth=lookup_depth, max_ngram=lookup_max_ngram,
+                                 min_ngram=lookup_min_ngram)
     config = BenchConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), tree=fixed,
-                         max_prompts=max_prompts, warmup=warmup, seed=seed, chat=chat,
-                         runtime=RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype,
-                                               max_seq_len=max_seq_len))
+                         lookup=lookup_config if lookup else None, max_prompts=max_prompts, warmup=warmup, seed=seed,
+                         chat=chat, runtime=RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype,
+                                                          max_seq_len=max_seq_len))
     report = run_bench(target, draft, prompts, config, baseline_draft, artifacts, baseline_artifacts, out,
                        log=lambda line: typer.echo(line, err=True))
     typer.echo((out / "bench.md").read_text())
@@ -378,6 +405,29 @@ def quickstart(
         _fail(f"{workdir} exists and is not a directory")
     summary = run_quickstart(workdir, preset, tuple(prompts), progress, log=lambda line: typer.echo(line, err=True))
     typer.echo(render_summary(summary))
+
+
+from hass_deploy.models.widen import Widening  # noqa: E402  (kept beside its command: the seed default comes from it)
+
+
+@app.command()
+@_user_errors
+def widen(
+    target: Path = typer.Option(..., help="Trained target model directory (Hugging Face format)."),
+    out: Path = typer.Option(..., help="Directory to write: OUT/target and OUT/drafts/<each draft's directory name>."),
+    hidden_size: int = typer.Option(..., help="New hidden size (>= the target's; head_dim and GQA group are kept)."),
+    intermediate_size: int = typer.Option(..., help="New MLP width (>= the target's)."),
+    num_layers: int = typer.Option(..., help="New number of layers (>= the target's; new ones are appended)."),
+    draft: list[Path] = typer.Option([], help="A draft head of the target, widened with it; repeatable."),
+    seed: int = typer.Option(Widening.seed, help="Seed of the new (random) weights."),
+    force: bool = typer.Option(False, help="Overwrite a non-empty --out."),
+) -> None:
+    """Widen a target and its drafts to a larger shape with the same logits, to measure a bigger model's speed."""
+    from hass_deploy.models.widen import widen_directory
+
+    widening = Widening(hidden_size, intermediate_size, num_layers, seed)
+    widen_directory(target, out, widening, draft, force, progress=True)
+    typer.echo(str(out))
 
 
 def main(argv: list[str] | None = None) -> None:

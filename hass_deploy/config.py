@@ -35,6 +35,36 @@ class TreeConfig:
 
 
 @dataclass(frozen=True)
+class LookupConfig:
+    """Prompt-lookup drafting (`runtime/lookup.py`): a training-free draft tree, copied from earlier occurrences
+    of the trailing n-gram in the prompt and the output so far.
+
+    Sized for a few CPU cores like TreeConfig: verifying T rows costs more than one row there (`cpu-notes.md` §2),
+    so the tree stays at the scale of llama.cpp's prompt lookup (at most 8 drafted tokens) and mostly a chain: the
+    first (longest, most recent) match takes up to `depth` nodes, later matches add branches only where they
+    disagree with it.
+    The shape was chosen offline, with held-out stdlib source (word tokens) standing in for greedy output: with 8
+    nodes, tau was flat in the depth (1.72 at depth 4-5, 1.69 at 7, which verifies more rows); at depth 7, 12 and
+    16 nodes gained only 0.09 and 0.13 tau for 2.4 and 4.7 more rows per round; n-grams 1..2 and 1..4 were within
+    0.01 of 1..3, while dropping single tokens (2..3) lost 0.2 tau.
+    """
+
+    tokens: int = 8  # nodes verified per round, the root included (TreeConfig's default budget too)
+    depth: int = 5  # most tokens one match contributes; leaves room for two disagreeing branches within 8 nodes
+    max_ngram: int = 3  # longest trailing n-gram matched first: 3 tokens of context rarely agree by accident
+    min_ngram: int = 1  # down to the root token alone, so something is proposed whenever it occurred before
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ConfigError(f"--lookup-tokens must be >= 1, got {self.tokens}")
+        if self.depth < 1:
+            raise ConfigError(f"--lookup-depth must be >= 1, got {self.depth}")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ConfigError(f"lookup n-gram sizes need 1 <= --lookup-min-ngram <= --lookup-max-ngram, got "
+                              f"{self.min_ngram} and {self.max_ngram}")
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """How the target's next token is chosen.
 
@@ -68,6 +98,7 @@ class GenerationConfig:
     max_new_tokens: int = 128  # enough to see several rounds of drafting on every prompt
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
+    lookup: LookupConfig | None = None  # draft by prompt lookup instead of the draft head (works without one)
     seed: int = 0  # sampling is reproducible by default
     eos_token_ids: tuple[int, ...] = ()  # filled from the target's generation_config.json by the caller
 

@@ -4,6 +4,8 @@
     pipe = Pipeline.load("path/to/target", "path/to/draft")
     result = pipe.generate(pipe.encode("Hello"))
     print(pipe.decode(result.output_ids), result.tau)
+
+Prompt lookup needs no draft: `Pipeline.load("path/to/target").generate(ids, GenerationConfig(lookup=LookupConfig()))`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from hass_deploy.models.loading import TargetModel, load_target
 from hass_deploy.prompts import Prompt, encode
 from hass_deploy.runtime.backends import open_backends
 from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
+from hass_deploy.runtime.lookup import check_tree_budget
 
 
 def default_max_seq_len(target: TargetModel) -> int:
@@ -39,6 +42,8 @@ def _load_for_artifacts(target_dir, draft_dir, runtime: RuntimeConfig, generatio
     with_draft = draft_dir is not None
     check_capacity(manifest, max_seq_len, generation.tree.tokens if with_draft else None,
                    generation.tree.top_k if with_draft else None)
+    if generation.lookup is not None:
+        check_tree_budget(generation.lookup, manifest.max_tree_tokens)
     return load_target(target_dir, "fp32", "cpu"), max_seq_len
 
 
@@ -54,7 +59,8 @@ class Pipeline:
     def load(cls, target_dir: str | Path, draft_dir: str | Path | None = None,
              runtime: RuntimeConfig = RuntimeConfig(), generation: GenerationConfig = GenerationConfig(),
              artifacts: str | Path | None = None) -> "Pipeline":
-        """Load the models and allocate KV buffers once; `generation.tree` sizes the draft's tree rows.
+        """Load the models and allocate KV buffers once; `generation.tree` sizes the draft's tree rows, and an
+        export's tree budget is checked against it and `generation.lookup`.
 
         With `runtime.backend == "onnxruntime"`, `artifacts` is the `hass-deploy export` directory: the graphs
         run there, and the models given are loaded in fp32 on the CPU only to check that the graphs were

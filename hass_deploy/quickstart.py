@@ -6,7 +6,8 @@
     train     a HASS draft and an EAGLE-2 draft on the same data, epochs and learning rate (`hass-deploy train`)
     export    both drafts with the target as ONNX step graphs, int8 draft weights (`hass-deploy export`)
     validate  each export against PyTorch, graph by graph and end to end (`hass-deploy validate`)
-    bench     plain vs EAGLE-2 vs HASS decoding on ONNX Runtime, greedy, same prompts and tree (`hass-deploy bench`)
+    bench     plain vs EAGLE-2 vs HASS decoding on ONNX Runtime, greedy, same prompts and tree, with prompt lookup
+              (no draft) beside them (`hass-deploy bench`)
 
 Everything goes under one work directory, and `quickstart.json` there records each finished stage with a key
 of what it was made from: the settings and the content hashes of its inputs (a draft's key is its data's key, an
@@ -359,6 +360,8 @@ def render_summary(summary: dict) -> str:
     rows = [("plain decoding", "1.00", speed.get("plain"), 1.0), ("EAGLE-2 draft", tau.get("baseline"),
             speed.get("baseline"), speedup.get("baseline")), ("HASS draft", tau.get("draft"), speed.get("draft"),
                                                               speedup.get("draft"))]
+    if "lookup" in speed:  # summaries from before prompt lookup was benchmarked have no such row
+        rows.append(("prompt lookup (no draft)", tau.get("lookup"), speed["lookup"], speedup.get("lookup")))
     fmt = lambda v, d=2: "-" if v is None else (v if isinstance(v, str) else f"{v:.{d}f}")  # noqa: E731
     quantized = summary.get("export", {}).get("draft_quantization")
     lines = [f"quickstart ({summary['preset']}): {bench['prompts']} held-out prompts x {bench['max_new_tokens']} new "

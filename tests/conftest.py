@@ -32,15 +32,39 @@ TINY = dict(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=95)
 
 
+def _write_models(tmp_path_factory, suffix: str = "", **overrides) -> dict[str, Path]:
+    dirs = {}
+    for i, arch in enumerate(ARCHITECTURES):
+        path = tmp_path_factory.mktemp(arch + suffix)
+        random_hf_model(arch, "tiny", seed=i, **{**TINY, **VARIANTS[arch], **overrides}).save_pretrained(path)
+        dirs[arch] = path
+    return dirs
+
+
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     """One tiny random model directory per architecture, written by transformers."""
-    dirs = {}
-    for i, arch in enumerate(ARCHITECTURES):
-        path = tmp_path_factory.mktemp(arch)
-        random_hf_model(arch, "tiny", seed=i, **{**TINY, **VARIANTS[arch]}).save_pretrained(path)
-        dirs[arch] = path
-    return dirs
+    return _write_models(tmp_path_factory)
+
+
+# ONNX Runtime's GroupQueryAttention (the fused graphs, export/fused.py) needs head_dim % 8 == 0; TINY's is 12
+# (Qwen3's 32), so the fused-graph tests use these: the same models with hidden 64, head_dim 16.
+FUSABLE = dict(hidden_size=64)
+
+
+@pytest.fixture(scope="session")
+def fusable_dirs(tmp_path_factory) -> dict[str, Path]:
+    return _write_models(tmp_path_factory, "-fusable", **FUSABLE)
+
+
+@pytest.fixture(scope="session")
+def fusable_targets(fusable_dirs) -> dict[str, TargetModel]:
+    return {arch: load_target(path) for arch, path in fusable_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def fusable_drafts(fusable_targets):
+    return {arch: init_draft(target, seed=7) for arch, target in fusable_targets.items()}
 
 
 @pytest.fixture(scope="session")

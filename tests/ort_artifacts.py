@@ -26,3 +26,15 @@ def exported(base: Path, name: str, target, draft, config: ExportConfig = CONFIG
     if not (out / MANIFEST_FILE).exists():
         export_onnx(target, draft, out, config, force=True)
     return out
+
+
+class LazyExports(dict):
+    """arch -> artifacts directory, exported on first use (target + draft graphs, CONFIG)."""
+
+    def __init__(self, base: Path, targets, drafts):
+        super().__init__()
+        self.base, self.targets, self.drafts = base, targets, drafts
+
+    def __missing__(self, arch):
+        self[arch] = exported(self.base, f"{arch}-fp32", self.targets[arch], self.drafts[arch])
+        return self[arch]

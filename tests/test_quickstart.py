@@ -106,11 +106,13 @@ class Fakes:
               out=None, log=None):
         self._call("bench")
         assert config.runtime.backend == "onnxruntime" and config.sampling.greedy
+        assert config.lookup is not None  # prompt lookup is benchmarked beside the drafts
         assert Path(artifacts).name == "hass" and Path(baseline_artifacts).name == "eagle2"
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "bench.json").write_text("{}")
         summaries = {OVERALL: {"plain": _summary("plain", None, 10.0), "draft": _summary("draft", 2.5, 15.0),
-                               "baseline": _summary("baseline", 2.2, 13.0, self.lossless)}}
+                               "baseline": _summary("baseline", 2.2, 13.0, self.lossless),
+                               "lookup": _summary("lookup", 1.4, 11.0)}}
         return SimpleNamespace(summaries=summaries, tree=TreeConfig(), tree_choice=None, config=BenchConfig(),
                                machine={}, lossless=self.lossless,
                                lossless_line=lambda: "lossless check: PASSED" if self.lossless else "LOSSLESS CHECK FAILED")
@@ -132,11 +134,14 @@ def _run(workdir: Path) -> dict:
 def test_runs_every_stage_once_then_reuses_them(fakes, tmp_path):
     summary = _run(tmp_path / "work")
     assert fakes.calls == STAGES
-    assert summary["bench"]["tau"] == {"draft": 2.5, "baseline": 2.2}
-    assert summary["bench"]["tokens_per_s"] == {"plain": 10.0, "draft": 15.0, "baseline": 13.0}
+    assert summary["bench"]["tau"] == {"draft": 2.5, "baseline": 2.2, "lookup": 1.4}
+    assert summary["bench"]["tokens_per_s"] == {"plain": 10.0, "draft": 15.0, "baseline": 13.0, "lookup": 11.0}
     assert summary["bench"]["lossless"] is True
     assert json.loads((tmp_path / "work" / "summary.json").read_text())["bench"]["speedup"]["draft"] == 1.5
     assert "HASS draft | 2.50 | 15.0 | 1.50x" in quickstart.render_summary(summary)
+    assert "prompt lookup (no draft) | 1.40 | 11.0 | 1.10x" in quickstart.render_summary(summary)
+    del summary["bench"]["tokens_per_s"]["lookup"]  # a summary from before prompt lookup was benchmarked
+    assert "prompt lookup" not in quickstart.render_summary(summary)
     records = [json.loads(line) for line in (tmp_path / "work" / "corpus" / "draft_text.jsonl").read_text().splitlines()]
     prompts = (tmp_path / "work" / "corpus" / "heldout_prompts.jsonl").read_text()
     assert records and all("def f0_" not in json.loads(p)["prompt"] for p in prompts.splitlines() if p)  # disjoint

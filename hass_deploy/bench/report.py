@@ -69,6 +69,9 @@ def render_markdown(report: BenchReport) -> str:
         *[f"- {method.key}: {method.label}" + (f", `{method.path}`" if method.path else "") for method in report.methods],
         f"- tree: tokens {tree.tokens}, depth {tree.depth}, top-k {tree.top_k}"
         + (" (chosen by `--tree auto`)" if report.tree_choice else ""),
+        *([] if c.lookup is None else [
+            f"- prompt lookup: tokens {c.lookup.tokens}, depth {c.lookup.depth}, n-grams {c.lookup.min_ngram}.."
+            f"{c.lookup.max_ngram} of the prompt and output so far, no draft model"]),
         f"- {c.max_new_tokens} new tokens max, temperature {c.sampling.temperature:g}, {c.warmup} warm-up runs per "
         f"method, methods alternating per prompt; prompts encoded by {report.prompt_encoding}"
         + (f"; {report.truncated_prompts} prompts cut from the left to fit the KV cache" if report.truncated_prompts else ""),
@@ -143,15 +146,16 @@ def _auto_section(report: BenchReport) -> list[str]:
 
 
 def render_png(report: BenchReport, path: Path) -> None:
-    """Three panels: per-depth acceptance of each draft; tok/s per prompt set and method (median, IQR bars);
-    speedup over plain decoding per prompt set and draft (the paper's ratio of means)."""
+    """Three panels: per-depth acceptance of each draft (and prompt lookup); tok/s per prompt set and method
+    (median, IQR bars); speedup over plain decoding per prompt set and speculative method (the paper's ratio of
+    means)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     keys = [m.key for m in report.methods]
     drafts = [k for k in keys if k != PLAIN]
     groups = list(report.summaries)
-    colors = {key: color for key, color in zip(keys, ("#7f7f7f", "#1f77b4", "#ff7f0e"))}
+    colors = {key: color for key, color in zip(keys, ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c"))}
     figure = Figure(figsize=(15, 4.6), layout="constrained")
     FigureCanvasAgg(figure)
     ax_depth, ax_speed, ax_ratio = figure.subplots(1, 3, width_ratios=(1, 1.4, 1.2))
@@ -161,9 +165,11 @@ def render_png(report: BenchReport, path: Path) -> None:
         depths = list(range(1, len(s.depth_acceptance) + 1))
         ax_depth.plot(depths, s.depth_acceptance, marker="o", color=colors[key],
                       label=f"{report.label(key)}, τ = {_number(s.tau)}")
+    # Prompt lookup's trees may be deeper than the draft's.
+    deepest = max([report.tree.depth] + [len(report.summaries[OVERALL][key].depth_acceptance) for key in drafts])
     ax_depth.set(title="Acceptance per depth (conditional, all prompts)", xlabel="draft depth d",
-                 ylabel="accepted at d / tried at d", ylim=(-0.02, 1.05), xlim=(0.5, report.tree.depth + 0.5))
-    ax_depth.set_xticks(range(1, report.tree.depth + 1))
+                 ylabel="accepted at d / tried at d", ylim=(-0.02, 1.05), xlim=(0.5, deepest + 0.5))
+    ax_depth.set_xticks(range(1, deepest + 1))
     ax_depth.grid(alpha=0.3)
     ax_depth.legend(fontsize=8, loc="best")
 
@@ -178,8 +184,9 @@ def render_png(report: BenchReport, path: Path) -> None:
     ax_speed.set(title=f"Tokens/s per prompt (median, IQR) — {report.config.runtime.backend}", ylabel="tokens/s")
     ax_speed.set_xticks(list(positions), groups, rotation=20, ha="right")
     ax_speed.grid(axis="y", alpha=0.3)
-    ax_speed.set_ylim(0, ax_speed.get_ylim()[1] * 1.2)  # headroom for the legend
-    ax_speed.legend(fontsize=8, loc="upper left", ncols=len(keys))
+    # Headroom for the legend; two columns keep four methods' labels inside the panel.
+    ax_speed.set_ylim(0, ax_speed.get_ylim()[1] * (1.2 if len(keys) <= 2 else 1.35))
+    ax_speed.legend(fontsize=8, loc="upper left", ncols=min(len(keys), 2))
 
     width = 0.8 / max(len(drafts), 1)
     highest = 1.0
@@ -190,10 +197,11 @@ def render_png(report: BenchReport, path: Path) -> None:
         bars = ax_ratio.bar(xs, values, width, color=colors[key], label=report.label(key))
         ax_ratio.bar_label(bars, fmt="%.2f×", fontsize=7)
     ax_ratio.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax_ratio.set(title="Speedup over plain decoding (ratio of mean tok/s)", ylabel="×", ylim=(0, highest * 1.3))
+    ax_ratio.set(title="Speedup over plain decoding (ratio of mean tok/s)", ylabel="×",
+                 ylim=(0, highest * (1.3 if len(drafts) <= 2 else 1.45)))
     ax_ratio.set_xticks(list(positions), groups, rotation=20, ha="right")
     ax_ratio.grid(axis="y", alpha=0.3)
-    ax_ratio.legend(fontsize=8, loc="upper left", ncols=len(drafts))
+    ax_ratio.legend(fontsize=8, loc="upper left", ncols=min(len(drafts), 2))
     lossless = report.lossless
     verdict = {True: "greedy outputs identical to plain decoding", False: "LOSSLESS CHECK FAILED",
                None: "sampling: identity not checked"}[lossless]

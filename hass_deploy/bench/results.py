@@ -14,14 +14,15 @@ from hass_deploy.bench.tree_search import TreeChoice
 from hass_deploy.config import TreeConfig
 
 PLAIN = "plain"
+LOOKUP = "lookup"  # prompt lookup: speculative decoding without a draft head (`runtime/lookup.py`)
 OVERALL = "overall"
 
 
 @dataclass(frozen=True)
 class Method:
-    key: str  # "plain", "draft" or "baseline"
+    key: str  # "plain", "draft", "baseline" or "lookup"
     label: str  # what tables and plots call it, e.g. "HASS (drafts/hass)"
-    path: str | None  # the draft directory
+    path: str | None  # the draft directory (None for plain decoding and prompt lookup)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class BenchReport:
     config: BenchConfig
     sources: dict  # target, drafts, prompt files, artifacts
     methods: tuple[Method, ...]
-    tree: TreeConfig  # used by the draft and the baseline
+    tree: TreeConfig  # used by the draft and the baseline (prompt lookup's is `config.lookup`)
     tree_choice: TreeChoice | None  # with --tree auto
     auto_outcome: AutoOutcome | None
     prompt_sets: tuple[str, ...]

@@ -1,8 +1,10 @@
-"""`run_bench`: plain decoding, the draft and the baseline draft on the same prompts, in one process.
+"""`run_bench`: plain decoding, the draft, the baseline draft and prompt lookup on the same prompts, in one
+process.
 
 Protocol (DESIGN §4, the paper's algorithm.md §5 adapted to one CPU process):
-    * the target is loaded once; plain decoding and each draft are decoders over its backend (an ONNX Runtime
-      baseline draft has its own export, and so its own target session);
+    * the target is loaded once; plain decoding, each draft and prompt lookup are decoders over its backend (an
+      ONNX Runtime baseline draft has its own export, and so its own target session; prompt lookup needs no draft
+      and shares the draft's target session);
     * `warmup` untimed generations per method on the first prompt (the paper's 3), then every prompt runs
       every method back to back, the method order rotating from one prompt to the next so that no method
       always runs first (or right after another) — slow drift on shared cores cancels in the paired ratios;
@@ -15,16 +17,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from hass_deploy.bench.config import BenchConfig
 from hass_deploy.bench.metrics import first_mismatch
-from hass_deploy.bench.results import (OVERALL, PLAIN, AutoOutcome, BenchReport, Method, PromptRun, summarise)
+from hass_deploy.bench.results import (LOOKUP, OVERALL, PLAIN, AutoOutcome, BenchReport, Method, PromptRun,
+                                       summarise)
 from hass_deploy.bench.tree_search import (TreeChoice, candidate_grid, grid_envelope,
                                            predict_generation_tokens_per_s, search_tree)
-from hass_deploy.config import GenerationConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, LookupConfig, TreeConfig
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 from hass_deploy.prompts import Prompt, read_prompt_file
 from hass_deploy.runtime.decoder import GenerationResult
@@ -35,6 +38,18 @@ RECIPE_NAMES = {"hass": "HASS", "eagle2": "EAGLE-2", "random-init": "random draf
 
 class Decoder(Protocol):
     def generate(self, prompt_ids: list[int], config: GenerationConfig) -> GenerationResult: ...
+
+
+@dataclass(frozen=True)
+class LookupDecoder:
+    """Prompt-lookup decoding as a bench method: the same decoder, with every request's `lookup` set (the bench
+    hands all methods one GenerationConfig per prompt: its tree, seed and stop tokens)."""
+
+    decoder: Decoder
+    lookup: LookupConfig
+
+    def generate(self, prompt_ids: list[int], config: GenerationConfig) -> GenerationResult:
+        return self.decoder.generate(prompt_ids, replace(config, lookup=self.lookup))
 
 
 @dataclass(frozen=True)
@@ -176,15 +191,18 @@ def _envelope(config: BenchConfig, artifacts) -> TreeConfig:
     return grid_envelope(grid)
 
 
-def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig, artifacts, baseline_artifacts):
-    """The target loaded once; plain decoding, the draft and the baseline draft as decoders over it."""
+def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig, artifacts, baseline_artifacts,
+                   lookup: LookupConfig | None = None):
+    """The target loaded once; plain decoding, the draft, the baseline draft and prompt lookup as decoders over it."""
     from hass_deploy.generation import Pipeline
     from hass_deploy.models.checkpoint import load_draft
     from hass_deploy.runtime.backends import open_backends
     from hass_deploy.runtime.decoder import SpeculativeDecoder
 
-    pipe = Pipeline.load(target, draft, runtime, GenerationConfig(tree=envelope), artifacts)
-    decoders: dict[str, Decoder] = {PLAIN: SpeculativeDecoder(pipe.decoder.target, None), "draft": pipe.decoder}
+    # `lookup` in the load config: an export's tree budget is checked against prompt lookup's tree too, up front.
+    pipe = Pipeline.load(target, draft, runtime, GenerationConfig(tree=envelope, lookup=lookup), artifacts)
+    plain = SpeculativeDecoder(pipe.decoder.target, None)
+    decoders: dict[str, Decoder] = {PLAIN: plain, "draft": pipe.decoder}
     methods = [Method(PLAIN, "plain decoding", None), Method("draft", _label(pipe.draft_metadata, Path(draft)), str(draft))]
     if baseline_draft is not None:
         head, metadata = load_draft(baseline_draft, pipe.target)
@@ -196,6 +214,9 @@ def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig,
             _, baseline_backend = open_backends(runtime.backend, pipe.target, head, pipe.max_seq_len, rows)
             decoders["baseline"] = SpeculativeDecoder(pipe.decoder.target, baseline_backend)
         methods.append(Method("baseline", _label(metadata, Path(baseline_draft)), str(baseline_draft)))
+    if lookup is not None:
+        decoders[LOOKUP] = LookupDecoder(plain, lookup)
+        methods.append(Method(LOOKUP, "prompt lookup", None))
     return pipe, decoders, tuple(methods)
 
 
@@ -224,7 +245,8 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
               config: BenchConfig = BenchConfig(), baseline_draft: str | Path | None = None,
               artifacts: str | Path | None = None, baseline_artifacts: str | Path | None = None,
               out: str | Path | None = None, log: Log = lambda line: None) -> BenchReport:
-    """Benchmark a draft (and a baseline draft) against plain decoding of the same target; see the module doc.
+    """Benchmark a draft (and a baseline draft, and prompt lookup unless `config.lookup` is None) against plain
+    decoding of the same target; see the module doc.
 
     Args:
         target, draft, baseline_draft: model directories (Hugging Face target; EAGLE/HASS drafts).
@@ -241,7 +263,7 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
     _check_inputs(draft, baseline_draft, config.runtime, artifacts, baseline_artifacts)
     envelope = _envelope(config, artifacts)
     pipe, decoders, methods = _open_decoders(target, draft, baseline_draft, config.runtime, envelope, artifacts,
-                                             baseline_artifacts)
+                                             baseline_artifacts, config.lookup)
     encode_one = _Encoder(pipe.target, pipe.max_seq_len, config)
     encoded = [EncodedSet(s.name, tuple((p, encode_one(p)) for p in s.prompts)) for s in sets]
     truncated = encode_one.truncated
@@ -264,8 +286,12 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
         if choice.at_grid_edge:
             log(f"tree auto: the choice is the grid's largest {' and '.join(choice.at_grid_edge)}; a larger tree "
                 "might be faster still (TreeSearchConfig sets the grid)")
+    lookup = config.lookup
     log(f"bench: {sum(len(s.prompts) for s in encoded)} prompts x {len(decoders)} methods, "
-        f"tree tokens={tree.tokens} depth={tree.depth} top_k={tree.top_k}, {config.warmup} warm-up runs each")
+        f"tree tokens={tree.tokens} depth={tree.depth} top_k={tree.top_k}"
+        + ("" if lookup is None else f", lookup tokens={lookup.tokens} depth={lookup.depth} "
+                                     f"n-grams {lookup.min_ngram}..{lookup.max_ngram}")
+        + f", {config.warmup} warm-up runs each")
     runs = bench_decoders(encoded, decoders, config, tree, eos, log)
     summaries = summarise_runs(runs, [s.name for s in encoded], list(decoders), config.sampling.greedy)
     outcome = None if choice is None else _auto_outcome(choice, runs, summaries)

@@ -9,6 +9,7 @@ from hass_deploy.errors import ConfigError
 ENGINES = ("onnx", "trt")
 DTYPES = ("fp32", "fp16", "bf16")
 DRAFT_QUANTIZATIONS = ("int8",)
+TARGET_QUANTIZATIONS = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,13 @@ class ExportConfig:
     # "int8": the draft graph's MatMul weights quantised (ORT dynamic quantisation), for CPU. Lossless all the same:
     # the draft only proposes and the fp32 target decides, so only acceptance can change (docs/ONNX.md).
     draft_quantization: str | None = None
+    # Besides the standard graphs (the reference and the TensorRT source), write the fused ONNX Runtime graphs
+    # (`export/fused.py`): about a quarter of the operators, KV rows written in place; the ORT backend runs them.
+    # None: with fp32 exports (they run fp32 on the CPU).
+    ort_graphs: bool | None = None
+    # "int8": the fused target graph's weights are int8 blocks (weight-only, as CPU users run a target). Lossless
+    # then means identical to plain decoding of the quantised target; the standard graphs stay fp32.
+    target_quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -48,5 +56,18 @@ class ExportConfig:
                               f"got {self.draft_quantization!r}")
         if self.draft_quantization is not None and self.dtype != "fp32":
             raise ConfigError("--draft-quantization int8 quantises an fp32 draft graph: export with --dtype fp32")
+        if self.target_quantization is not None and self.target_quantization not in TARGET_QUANTIZATIONS:
+            raise ConfigError(f"--target-quantization must be one of {', '.join(TARGET_QUANTIZATIONS)}, "
+                              f"got {self.target_quantization!r}")
+        if self.ort_graphs and self.dtype != "fp32":
+            raise ConfigError(f"the fused ONNX Runtime graphs are fp32 (CPU): export them with --dtype fp32")
+        if self.target_quantization is not None and not self.fused:
+            raise ConfigError("--target-quantization int8 quantises the fused ONNX Runtime target graph: export "
+                              "with --dtype fp32 and without --no-ort-graphs")
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused ONNX Runtime graphs are written."""
+        return self.ort_graphs if self.ort_graphs is not None else self.dtype == "fp32"
         if self.opset < 18:
             raise ConfigError(f"--opset must be >= 18 (the dynamo exporter's floor), got {self.opset}")

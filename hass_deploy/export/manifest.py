@@ -40,6 +40,11 @@ class GraphSpec:
     operators: list[str]  # "domain::op_type", sorted
     tensorrt_unsupported: list[str]  # operators TensorRT's ONNX parser would reject (see `tensorrt_ops.py`)
     external_data: bool
+    # "runtime": the graph reads past_* and returns the step's rows as new_*, which the runtime writes (standard
+    # graphs). "in_graph": present_* alias past_*, bound at full length, and the graph writes its rows into them
+    # (the fused ONNX Runtime graphs, `export/fused.py`).
+    kv_update: str = "runtime"
+    quantization: str | None = None  # "int8": this graph's MatMul weights are int8
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -58,10 +63,11 @@ class Manifest:
     prefill_chunk: int  # longer causal steps run as chunks of this many rows
     target: dict  # identity of the target the graphs were exported from (checkpoint.target_identity)
     draft: dict | None  # identity of the draft head, or None for a target-only export
-    graphs: dict[str, GraphSpec]  # "target" and (with a draft) "draft"
+    graphs: dict[str, GraphSpec]  # "target", "draft" (standard ops); "target_ort", "draft_ort" (fused, ORT only)
     versions: dict[str, str]  # exporter and library versions
     format_version: int = FORMAT_VERSION
     draft_quantization: str | None = None  # "int8": the draft graph's weights are quantised (export.onnx)
+    target_quantization: str | None = None  # "int8": the fused target graph's weights are int8 (export.fused)
     notes: dict = field(default_factory=dict)  # free-form: how the KV buffers are meant to be bound, etc.
 
     def write(self, directory: Path) -> Path:
@@ -93,6 +99,17 @@ def read_manifest(directory: str | Path) -> Manifest:
         if not (directory / graph.file).exists():
             raise ModelLoadError(f"{directory}: the manifest names {graph.file} for the {name} graph, but it is missing")
     return manifest
+
+
+def runtime_graph(manifest: Manifest, role: str, choice: str = "auto") -> str:
+    """Which graph of `role` ("target" or "draft") the ONNX Runtime backend runs: the fused variant when it was
+    exported (choice "auto"), or the one asked for ("standard", "fused")."""
+    fused = f"{role}_ort"
+    if choice == "standard" or (choice == "auto" and fused not in manifest.graphs):
+        return role
+    if fused not in manifest.graphs:
+        raise ConfigError(f"the artifacts hold no fused ONNX Runtime {role} graph (exported with --no-ort-graphs)")
+    return fused
 
 
 def draft_identity(head) -> dict:

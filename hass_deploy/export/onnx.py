@@ -24,7 +24,7 @@ import torch
 
 from hass_deploy.atomic import replacing_directory
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
-from hass_deploy.export import steps, tensorrt_ops
+from hass_deploy.export import fused, steps, tensorrt_ops
 from hass_deploy.export.config import ExportConfig
 from hass_deploy.export.manifest import GraphSpec, Manifest, TensorSpec, draft_identity
 from hass_deploy.models.draft import DraftHead
@@ -82,13 +82,52 @@ def _save_graph(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, inp
         program = torch.onnx.export(module, args, dynamo=True, opset_version=config.opset, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False)
     program.save(str(path), external_data=external)
+    return _describe(path, kv_shape, external)
+
+
+def _describe(path: Path, kv_shape: tuple[int, int, int], external: bool, **fields) -> GraphSpec:
+    """Check a saved graph and describe it for the manifest."""
+    import onnx
+
     onnx.checker.check_model(str(path))  # by path, so external data is resolved beside the file
     model = onnx.load(str(path), load_external_data=False)
     num_layers, num_kv_heads, head_dim = kv_shape
     return GraphSpec(file=path.name, inputs=[_spec(v) for v in model.graph.input],
                      outputs=[_spec(v) for v in model.graph.output], num_layers=num_layers,
                      num_kv_heads=num_kv_heads, head_dim=head_dim, operators=tensorrt_ops.operators(model),
-                     tensorrt_unsupported=tensorrt_ops.unsupported_operators(model), external_data=external)
+                     tensorrt_unsupported=tensorrt_ops.unsupported_operators(model), external_data=external, **fields)
+
+
+def _save_fused(model, path: Path, config: ExportConfig, kv_shape: tuple[int, int, int],
+                quantization: str | None) -> GraphSpec:
+    """Save a fused ONNX Runtime graph (`fused.py`) with its weights beside it when they are large."""
+    import onnx
+
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    external = config.external_data if config.external_data is not None else weights > EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    return _describe(path, kv_shape, external, kv_update="in_graph", quantization=quantization)
+
+
+def export_fused_graphs(target_module: torch.nn.Module, draft: DraftHead | None, directory: Path,
+                        config: ExportConfig, max_seq_len: int, log: Callable[[str], None]) -> dict[str, GraphSpec]:
+    """Write the fused ONNX Runtime graphs (`target.ort.onnx`, `draft.ort.onnx`) for the runtime to run."""
+    c = target_module.config
+    positions = max_seq_len + config.max_tree_tokens  # RoPE table rows: every position a target or draft row takes
+    quantized = f", {config.target_quantization} weights" if config.target_quantization else ""
+    log(f"writing the fused ONNX Runtime target graph{quantized}")
+    graphs = {"target_ort": _save_fused(fused.target_graph(target_module, positions, config.target_quantization),
+                                        directory / "target.ort.onnx", config,
+                                        (c.num_layers, c.num_kv_heads, c.head_dim), config.target_quantization)}
+    if draft is not None:
+        quantized = f", {config.draft_quantization} weights" if config.draft_quantization else ""
+        log(f"writing the fused ONNX Runtime draft graph{quantized}")
+        graph = fused.draft_graph(draft, target_module.lm_head, config.max_top_k, positions, config.draft_quantization)
+        graphs["draft_ort"] = _save_fused(graph, directory / "draft.ort.onnx", config,
+                                          (1, draft.config.num_kv_heads, draft.config.head_dim),
+                                          config.draft_quantization)
+    return graphs
 
 
 def _dims(config: ExportConfig, max_seq_len: int):
@@ -213,6 +252,13 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
     if target.embedding.dtype != torch.float32:
         raise ModelLoadError("export_onnx takes the target in fp32 and casts it itself (load it with dtype='fp32')")
     identity, head_identity = target_identity(target), None if draft is None else draft_identity(draft)
+    write_fused = config.fused
+    reason = fused.unsupported_reason(target.config) if write_fused else None
+    if reason is not None:
+        if config.target_quantization is not None or config.ort_graphs:
+            raise ConfigError(f"no fused ONNX Runtime graphs for this target: {reason}; export with --no-ort-graphs")
+        log(f"no fused ONNX Runtime graphs for this target ({reason}): the runtime will run the standard graphs")
+        write_fused = False
     dtype = parse_dtype(config.dtype)
     target_module = _cast(target.module, dtype)
     draft_module = None if draft is None else _cast(draft, dtype)
@@ -224,14 +270,17 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
             log("exporting the draft step graph")
             graphs["draft"] = export_draft_graph(draft_module, target_module.lm_head, tmp / "draft.onnx", config,
                                                  max_seq_len)
-            if config.draft_quantization == "int8":
+            if config.draft_quantization == "int8" and not write_fused:
                 log("quantising the draft graph's MatMul weights to int8")
                 graphs["draft"] = quantize_draft_graph(tmp / "draft.onnx", graphs["draft"])
+        if write_fused:
+            graphs.update(export_fused_graphs(target.module, draft, tmp, config, max_seq_len, log))
         manifest = Manifest(
             engine="onnx", dtype=config.dtype, opset=config.opset, max_seq_len=max_seq_len,
             max_tree_tokens=config.max_tree_tokens, max_top_k=config.max_top_k, prefill_chunk=config.prefill_chunk,
             target=identity, draft=head_identity, graphs=graphs, versions=_versions(),
             draft_quantization=config.draft_quantization if draft is not None else None,
+            target_quantization=config.target_quantization,
             notes={"kv": "past_* inputs are read-only KV buffers [1, H_kv, S, D] of which rows < cache_len are valid; "
                          "new_* outputs are the step's rows, to be written at cache_len.. by the runtime"})
         manifest.write(tmp)

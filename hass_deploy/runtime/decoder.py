@@ -2,11 +2,13 @@
 
 Per round (algorithm.md §4.2):
     tree  = draft grows an EAGLE-2 tree under the pending root token       (skipped without a draft)
+            or prompt lookup copies one from the history (`config.lookup`; `lookup.py`, no draft needed)
     out   = target verifies all tree nodes in one step                     [1, T, V], [1, T, H]
     acc   = longest accepted path + bonus token (greedy or exact rejection sampling)
     commit: compact the accepted KV rows, feed their verified features to the draft next round
 Plain decoding is the same loop with a root-only tree: one target step per token, through the same backend
-contract, which is what every speedup is measured against.
+contract, which is what every speedup is measured against. Whichever proposes the tree, verification,
+acceptance, compaction and the statistics are this one loop's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hass_deploy.config import GenerationConfig, TreeConfig
 from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError
 from hass_deploy.runtime import sampling, tree as trees
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
+from hass_deploy.runtime.lookup import PromptLookup, check_tree_budget
 
 
 @dataclass
@@ -53,7 +56,11 @@ class GenerationResult:
 
 
 class SpeculativeDecoder:
-    """Draft-then-verify generation over a target backend and an optional draft backend."""
+    """Draft-then-verify generation over a target backend and an optional draft backend.
+
+    The tree of a round comes from prompt lookup when the request's `config.lookup` is set (with or without a
+    draft backend), else from the draft backend, else it is the root alone (plain decoding).
+    """
 
     def __init__(self, target: TargetBackend, draft: DraftBackend | None = None):
         self.target = target
@@ -87,7 +94,13 @@ class SpeculativeDecoder:
         pending_features, pending_tokens = out.hidden, torch.cat([ids[0, 1:], root.view(1)])  # [1, P, H], [P]
         cache_len, draft_len = prompt_len, 0
         new = [int(root)]  # host sync: the token is output
+        # Prompt lookup's history is the prompt plus every committed token, the pending root last, on the host.
+        lookup = None if config.lookup is None else PromptLookup(config.lookup, device)
+        if lookup is not None:
+            lookup.extend(prompt_ids)
         while True:
+            if lookup is not None:
+                lookup.extend(new)  # this round's committed tokens and the new root (host ints: no sync)
             new, stop = self._truncate(new, len(result.output_ids), config, eos)
             result.output_ids.extend(new)
             yield new
@@ -98,7 +111,9 @@ class SpeculativeDecoder:
             if room <= 0:
                 result.stop_reason = "cache_full"
                 return
-            if self.draft is not None and room > 1:
+            if lookup is not None and room > 1:
+                tree = lookup.propose(new[-1], min(config.lookup.tokens, room))  # new[-1] is the pending root
+            elif self.draft is not None and room > 1:
                 tree = self._grow(root, pending_features, pending_tokens, draft_len, config.tree, room)
                 draft_len = cache_len
             else:
@@ -124,7 +139,10 @@ class SpeculativeDecoder:
             raise CacheCapacityError(
                 f"prompt of {len(prompt_ids)} tokens is longer than the KV cache ({self.target.max_len} rows); "
                 "raise --max-seq-len or shorten the prompt")
-        if self.draft is not None and self.draft.max_len < self.target.max_len + config.tree.draft_rows:
+        if config.lookup is not None:  # backends with a fixed verify-step budget (exports) say so
+            check_tree_budget(config.lookup, getattr(self.target, "max_tree_tokens", None))
+        uses_draft = self.draft is not None and config.lookup is None
+        if uses_draft and self.draft.max_len < self.target.max_len + config.tree.draft_rows:
             raise ConfigError(
                 f"a tree of depth {config.tree.depth} and top-k {config.tree.top_k} needs "
                 f"{self.target.max_len + config.tree.draft_rows} draft KV rows, the draft backend has "

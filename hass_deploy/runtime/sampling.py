@@ -1,8 +1,10 @@
 """Logit warping and draft-tree acceptance (algorithm.md §4.6–4.7), as pure functions.
 
-`p` is always the warped target distribution. Draft proposals are deterministic (the draft's top-k tokens),
-so the proposal is a point mass and acceptance is recursive rejection sampling against p alone: it emits
-exactly the tokens that sampling from the target would, in distribution (greedy: token for token).
+`p` is always the warped target distribution. Draft proposals are deterministic (the draft head's top-k tokens,
+or prompt lookup's copied continuations), so the proposal is a point mass and acceptance is recursive rejection
+sampling against p alone: it emits exactly the tokens that sampling from the target would, in distribution
+(greedy: token for token). Nothing here reads how the tree was proposed, so this holds for any proposer whose
+tree has distinct siblings and does not depend on the acceptance's random draws.
 """
 
 from __future__ import annotations
@@ -159,13 +161,17 @@ def accept_sampling(
     a deterministic function of the generator's state.
 
     Args:
-        tree: the verified draft tree; siblings must be distinct tokens (top-k guarantees it).
+        tree: the verified draft tree; siblings must be distinct tokens (top-k and lookup's trie guarantee it).
         probs: [T, V] warped target distribution at each node (`target_probs` of the verify logits); rows may
             be unnormalised, they are treated as proportional to p.
         generator: random source on probs' device, or None for torch's default.
 
     Returns:
         The Acceptance.
+
+    Raises:
+        ValueError: if two siblings hold the same token. Rejecting the first removes the token from p, so testing
+            the second against its original p(c) would over-emit it: the output would no longer follow p.
 
     Two host syncs: one to bring the children's probabilities and the uniforms over (never the [T, V] matrix)
     for the walk, one to read the bonus token.
@@ -192,6 +198,8 @@ def accept_sampling(
     children: list[list[int]] = [[] for _ in range(num_nodes)]
     for node in range(1, num_nodes):
         children[host_parents[node]].append(node)  # ascending node order = the order they are tried in
+    if any(len({host_tokens[child] for child in siblings}) < len(siblings) for siblings in children):
+        raise ValueError("a draft tree's siblings must be distinct tokens for exact rejection sampling")
 
     node = 0
     path_nodes = [0]

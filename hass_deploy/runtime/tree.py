@@ -87,11 +87,24 @@ def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor) -> DraftTree:
         raise ValueError(f"tokens and parents must be equal-length non-empty 1-D tensors, got "
                          f"{tuple(tokens.shape)} and {tuple(parents.shape)}")
     host = torch.stack([tokens.to(torch.int64), parents.to(device=tokens.device, dtype=torch.int64)]).tolist()
-    return _tree_from_host(host[0], host[1], tokens.device)
+    return tree_from_lists(host[0], host[1], tokens.device)
 
 
-def _tree_from_host(tokens: list[int], parents: list[int], device: torch.device) -> DraftTree:
-    """The DraftTree of host lists, uploaded as one int64 tensor and split into views."""
+def tree_from_lists(tokens: list[int], parents: list[int], device: torch.device) -> DraftTree:
+    """The DraftTree of a tree built on the host (token ids and parent pointers as Python lists), uploaded as one
+    int64 tensor and split into views.
+
+    Args:
+        tokens: T token ids, tokens[0] = root.
+        parents: T node ids, parents[0] = -1 and 0 <= parents[i] < i for i > 0.
+        device: where the tree's tensors live (the target's device).
+
+    Raises:
+        ValueError: if the lists are empty or of different lengths, or the parents do not satisfy the rule above.
+    """
+    if not tokens or len(parents) != len(tokens):
+        raise ValueError(f"tokens and parents must be equal-length non-empty lists, got {len(tokens)} and "
+                         f"{len(parents)}")
     if parents[0] != -1 or any(not 0 <= parent < node for node, parent in enumerate(parents) if node):
         # Root -1, every other parent a strictly earlier node (which also rules out cycles).
         raise ValueError("parents must be -1 for node 0 and an earlier node id for every other node")
@@ -177,4 +190,4 @@ def build_tree(
     kept = sorted(ranking[:num_nodes - 1])  # pool order: parents before children
     node_of = {pool_index: node for node, pool_index in enumerate(kept, start=1)}
     node_parents = [-1] + [0 if parents[index] < 0 else node_of[parents[index]] for index in kept]
-    return _tree_from_host([root] + [int(tokens[index]) for index in kept], node_parents, pool_tokens.device)
+    return tree_from_lists([root] + [int(tokens[index]) for index in kept], node_parents, pool_tokens.device)

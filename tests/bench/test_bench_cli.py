@@ -51,11 +51,27 @@ def test_cli_bench_runs_and_prints_the_table(cli_inputs, tmp_path):
     result = invoke(*cli_inputs["base"], "--prompts", cli_inputs["prompts"], "--tree-tokens", 4, "--tree-depth", 2,
                     "--out", tmp_path)
     assert result.exit_code == 0, (result.output, result.exception)
-    assert "| **overall** |" in result.output
+    assert "| **overall** |" in result.output and "| **overall** | prompt lookup |" in result.output
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["tree"] == {"tokens": 4, "depth": 2, "top_k": 4}  # unspecified options keep TreeConfig's defaults
+    assert [m["key"] for m in data["methods"]] == ["plain", "draft", "lookup"]  # prompt lookup is on by default
+    assert data["summaries"]["overall"]["lookup"]["identical"] is True
     assert data["prompt_sets"] == ["prompts", "prompts-2"]  # the same file twice: two sets, told apart
     assert (tmp_path / "bench.png").exists() and (tmp_path / "bench.md").exists()
+
+
+def test_cli_bench_prompt_lookup_options(cli_inputs, tmp_path):
+    result = invoke(*cli_inputs["base"], "--no-lookup", "--out", tmp_path / "off")
+    assert result.exit_code == 0, (result.output, result.exception)
+    data = json.loads((tmp_path / "off" / "bench.json").read_text())
+    assert [m["key"] for m in data["methods"]] == ["plain", "draft"] and data["config"]["lookup"] is None
+    assert "prompt lookup" not in result.output
+    result = invoke(*cli_inputs["base"], "--lookup-tokens", 4, "--lookup-depth", 3, "--lookup-max-ngram", 2,
+                    "--out", tmp_path / "small")
+    assert result.exit_code == 0, (result.output, result.exception)
+    data = json.loads((tmp_path / "small" / "bench.json").read_text())
+    assert data["config"]["lookup"] == {"tokens": 4, "depth": 3, "max_ngram": 2, "min_ngram": 1}
+    assert "- prompt lookup: tokens 4, depth 3, n-grams 1..2" in result.output
 
 
 def test_cli_bench_fails_loudly_when_outputs_differ(cli_inputs, tmp_path, monkeypatch):
@@ -75,7 +91,7 @@ def test_cli_bench_fails_loudly_when_outputs_differ(cli_inputs, tmp_path, monkey
 
     monkeypatch.setattr(bench_runner, "bench_decoders", broken)
     result = invoke(*cli_inputs["base"], "--out", tmp_path)
-    line = user_error(result, "LOSSLESS CHECK FAILED", "2 of 2")
+    line = user_error(result, "LOSSLESS CHECK FAILED", "2 of 4")  # 2 prompts x (draft + prompt lookup) checked
     assert "at new token 0" in line
     assert "LOSSLESS CHECK FAILED" in (tmp_path / "bench.md").read_text()  # the files are still written
     assert json.loads((tmp_path / "bench.json").read_text())["lossless"] is False
@@ -91,6 +107,8 @@ def test_cli_bench_fails_loudly_when_outputs_differ(cli_inputs, tmp_path, monkey
     (["--baseline-artifacts", "x"], ["--baseline-artifacts"]),
     (["--backend", "tensorrt"], ["unknown backend"]),
     (["--max-new-tokens", "400"], ["does not fit a KV cache"]),
+    (["--lookup-tokens", "0"], ["--lookup-tokens must be >= 1"]),
+    (["--lookup-min-ngram", "2", "--lookup-max-ngram", "1"], ["--lookup-min-ngram <= --lookup-max-ngram"]),
 ])
 def test_cli_bench_usage_errors_are_one_line(cli_inputs, tmp_path, extra, fragments):
     user_error(invoke(*cli_inputs["base"], *extra, "--out", tmp_path / "out"), *fragments)

@@ -1,5 +1,5 @@
 """`run_bench` end to end on a tiny random target: the three files, the lossless check (and its failure),
-tau > 1 with the oracle draft through the library API, and `--tree auto`."""
+tau > 1 with the oracle draft and with prompt lookup through the library API, and `--tree auto`."""
 
 import json
 from dataclasses import replace
@@ -9,8 +9,9 @@ import pytest
 from conftest import OracleDraft
 from hass_deploy.bench import BenchConfig, TreeSearchConfig, bench_decoders, run_bench
 from hass_deploy.bench.results import OVERALL
-from hass_deploy.bench.runner import EncodedSet, summarise_runs
-from hass_deploy.config import SamplingConfig, TreeConfig
+from hass_deploy.bench.runner import EncodedSet, LookupDecoder, summarise_runs
+from hass_deploy.config import LookupConfig, SamplingConfig, TreeConfig
+from hass_deploy.errors import ConfigError
 from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, save_draft, target_identity
 from hass_deploy.prompts import Prompt
 from hass_deploy.runtime.backends.torch import TorchTarget
@@ -43,24 +44,41 @@ def test_bench_writes_three_files_and_checks_lossless(bench_inputs, tmp_path):
     assert report.lossless is True
     assert report.prompt_sets == ("questions", "plain")
     assert report.prompt_encoding == "bytes"  # the tiny target has no tokenizer
-    assert [m.key for m in report.methods] == ["plain", "draft", "baseline"]
+    assert [m.key for m in report.methods] == ["plain", "draft", "baseline", "lookup"]
     assert report.label("draft").startswith("HASS") and report.label("baseline").startswith("EAGLE-2")
-    # 2 prompts per set (--max-prompts) x 3 methods, every method on every prompt.
-    assert len(report.runs) == 12
-    assert {(r.prompt_set, r.index) for r in report.runs if r.method == "baseline"} == {
-        (s, i) for s in ("questions", "plain") for i in range(2)}
+    assert report.label("lookup") == "prompt lookup"
+    # 2 prompts per set (--max-prompts) x 4 methods, every method on every prompt.
+    assert len(report.runs) == 16
+    for method in ("baseline", "lookup"):
+        assert {(r.prompt_set, r.index) for r in report.runs if r.method == method} == {
+            (s, i) for s in ("questions", "plain") for i in range(2)}
     overall = report.summaries[OVERALL]
     assert overall["draft"].tau >= 1.0 and overall["draft"].identical is True
-    assert overall["plain"].tau is None and overall["baseline"].speedup > 0
+    assert overall["lookup"].tau >= 1.0 and overall["lookup"].identical is True  # in the lossless check
+    assert overall["plain"].tau is None and overall["baseline"].speedup > 0 and overall["lookup"].speedup > 0
+    assert all(r.matches_plain is True for r in report.runs if r.method == "lookup")
     data = json.loads((out / "bench.json").read_text())
     assert data["lossless"] is True and data["tree"] == {"tokens": 6, "depth": 3, "top_k": 2}
+    assert data["config"]["lookup"] == {"tokens": 8, "depth": 5, "max_ngram": 3, "min_ngram": 1}
+    assert {"plain", "draft", "baseline", "lookup"} == set(data["summaries"]["questions"])
     assert {"cpu", "logical_cores", "torch", "onnxruntime", "date"} <= set(data["machine"])
     assert set(data["summaries"]) == {"questions", "plain", "overall"}
     assert data["summaries"]["overall"]["draft"]["tokens_per_s"]["iqr"] >= 0
     assert data["tree_auto"] is None
     markdown = (out / "bench.md").read_text()
     assert "| **overall** | HASS" in markdown and "PASSED" in markdown
+    assert "| **overall** | prompt lookup |" in markdown and "- prompt lookup: tokens 8, depth 5, n-grams 1..3" in markdown
+    assert "| prompt lookup | " in markdown  # its per-depth acceptance row
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_without_prompt_lookup(bench_inputs, tmp_path):
+    config = replace(FAST, lookup=None, max_prompts=1, warmup=0)
+    report = run_bench(bench_inputs["target"], bench_inputs["drafts"]["hass"], bench_inputs["prompts"][:1], config,
+                       out=tmp_path)
+    assert [m.key for m in report.methods] == ["plain", "draft"] and len(report.runs) == 2
+    assert "prompt lookup" not in (tmp_path / "bench.md").read_text()
+    assert json.loads((tmp_path / "bench.json").read_text())["config"]["lookup"] is None
 
 
 class _Corrupting:
@@ -104,6 +122,21 @@ def test_oracle_draft_through_the_library_api_gets_tau_above_one(targets):
     assert summary.depth_acceptance[0] > 0.5
     # The order of methods rotates from prompt to prompt; every prompt still has both.
     assert len(runs) == 6
+
+
+def test_prompt_lookup_through_the_library_api_gets_tau_above_one(targets):
+    """Repetitive prompts: lookup proposes from them and from the target's looping output, and its tau, depth
+    acceptance and lossless check are reported like a draft's."""
+    target = targets["llama"]
+    plain = SpeculativeDecoder(TorchTarget(target.module, 256), None)
+    decoders = {"plain": plain, "lookup": LookupDecoder(plain, LookupConfig())}
+    prompts = tuple((Prompt(text=None, ids=ids, question_id=i), ids)
+                    for i, ids in enumerate([[3, 9, 4] * 4, [7, 1, 8, 2] * 3, [5, 6] * 6]))
+    runs = bench_decoders([EncodedSet("repeats", prompts)], decoders, replace(FAST, max_new_tokens=24, warmup=0),
+                          TREE, ())
+    summary = summarise_runs(runs, ["repeats"], list(decoders), greedy=True)[OVERALL]["lookup"]
+    assert summary.tau > 1.5 and summary.identical is True
+    assert summary.depth_acceptance[0] > 0
 
 
 def test_a_decoder_that_changes_tokens_is_reported(targets):
@@ -165,12 +198,15 @@ def test_onnxruntime_backend_with_its_own_baseline_export(bench_inputs, targets,
         export_artifacts(bench_inputs["target"], bench_inputs["drafts"][name], out, export)
     search = TreeSearchConfig(tokens=(4, 6), depths=(2,), top_ks=(2, 4), chain_depths=(1, 3, 5), prompts=1,
                               max_new_tokens=6, finalists=2, repeats=2)
-    config = replace(FAST, tree=None, search=search, max_prompts=1,
+    config = replace(FAST, tree=None, search=search, max_prompts=1, lookup=LookupConfig(tokens=4),
                      runtime=replace(FAST.runtime, backend="onnxruntime"))
     report = run_bench(bench_inputs["target"], bench_inputs["drafts"]["hass"], bench_inputs["prompts"][:1], config,
                        baseline_draft=bench_inputs["drafts"]["eagle2"], artifacts=exports["hass"],
                        baseline_artifacts=exports["eagle2"])
-    assert report.lossless is True and len(report.runs) == 3
+    assert report.lossless is True and len(report.runs) == 4  # plain, draft, baseline, prompt lookup
+    with pytest.raises(ConfigError, match="--lookup-tokens 8 .*tree budget \\(4\\)"):  # refused before any run
+        run_bench(bench_inputs["target"], bench_inputs["drafts"]["hass"], bench_inputs["prompts"][:1],
+                  replace(config, lookup=LookupConfig()), artifacts=exports["hass"])
     assert {c.tree for c in report.tree_choice.screened} == {TreeConfig(2, 1, 1), TreeConfig(4, 3, 1),
                                                              TreeConfig(4, 2, 2)}
     assert report.machine["backend"] == "onnxruntime"

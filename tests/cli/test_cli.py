@@ -268,6 +268,34 @@ def test_speculative_greedy_is_lossless_with_accepted_drafts(small_vocab):
     assert spec["output_ids"] == plain["output_ids"] == _greedy_reference(model, [1, 2, 3], 40)
 
 
+def test_prompt_lookup_needs_no_draft_and_is_lossless(small_vocab):
+    model, target, draft = small_vocab
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    common = ("generate", "--target", target, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", 40,
+              "--json")
+    plain = records(ok(invoke(*common, "--no-draft")))[0]
+    looked_up = records(ok(invoke(*common, "--no-draft", "--lookup")))[0]
+    over_draft = records(ok(invoke(*common, "--draft", draft, "--lookup")))[0]  # --lookup: the head's tree is not used
+    narrow = records(ok(invoke(*common, "--no-draft", "--lookup", "--lookup-tokens", 3, "--lookup-depth", 2,
+                               "--lookup-max-ngram", 2, "--lookup-min-ngram", 2)))[0]
+    for record in (plain, looked_up, over_draft, narrow):
+        _check_record(record, prompt, 40)
+        assert record["output_ids"] == _greedy_reference(model, prompt, 40)
+    assert over_draft["accept_lengths"] == looked_up["accept_lengths"]
+    assert sum(looked_up["accept_lengths"]) > 0 and looked_up["rounds"] < plain["rounds"]
+    assert max(narrow["accept_lengths"]) <= 2 and sum(narrow["accept_lengths"]) > 0
+
+
+@pytest.mark.parametrize("option, value, pattern", [
+    ("--lookup-tokens", "0", r"lookup[-_]tokens must be >= 1.*got 0$"),
+    ("--lookup-depth", "0", r"lookup[-_]depth must be >= 1.*got 0$"),
+    ("--lookup-min-ngram", "4", r"lookup[-_]min[-_]ngram <= .*lookup[-_]max[-_]ngram.*got 4 and 3$"),
+])
+def test_bad_lookup_sizes_are_one_line(target, option, value, pattern):
+    line = user_error(_gen(target, "--no-draft", "--lookup", "--prompt-ids", "1,2", option, value))
+    assert re.search(pattern, line), (pattern, line)
+
+
 def test_sampling_is_reproducible_with_a_seed(small_vocab):
     _, target, draft = small_vocab
     args = ("generate", "--target", target, "--draft", draft, "--prompt-ids", "4,5", "--max-new-tokens", 20,
@@ -490,6 +518,64 @@ def test_bug_keeps_its_traceback(target, monkeypatch):
     monkeypatch.setattr(Pipeline, "load", load)
     result = _gen(target, "--no-draft", "--prompt-ids", "1")
     assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# widen (the tiny target: hidden 64, intermediate 176, 2 layers, 4 heads of 16 over 2 kv heads)
+
+WIDE = ("--hidden-size", 128, "--intermediate-size", 256, "--num-layers", 3)
+
+
+def test_widen_then_generate_gives_the_same_tokens_and_acceptance(root, target, draft):
+    out = root / "wide"
+    result = ok(invoke("widen", "--target", target, "--draft", draft, "--out", out, *WIDE))
+    assert result.stdout.strip() == str(out)
+    assert sorted(p.name for p in (out / "drafts").iterdir()) == ["draft"]
+    args = ("--prompt-ids", "5,6,7,8", "--max-new-tokens", 12, "--json")
+    before = records(ok(invoke("generate", "--target", target, "--draft", draft, *args)))[0]
+    after = records(ok(invoke("generate", "--target", out / "target", "--draft", out / "drafts" / "draft", *args)))[0]
+    assert after["output_ids"] == before["output_ids"] and after["accept_lengths"] == before["accept_lengths"]
+    assert json.loads((out / "target" / "config.json").read_text())["hidden_size"] == 128
+
+
+@pytest.mark.parametrize("shape,fragment", [
+    (("--hidden-size", 32, "--intermediate-size", 256, "--num-layers", 3), "--hidden-size 32 is smaller"),
+    (("--hidden-size", 128, "--intermediate-size", 100, "--num-layers", 3), "--intermediate-size 100 is smaller"),
+    (("--hidden-size", 128, "--intermediate-size", 256, "--num-layers", 1), "--num-layers 1 is smaller"),
+    (("--hidden-size", 72, "--intermediate-size", 256, "--num-layers", 3), "not a multiple of head_dim 16"),
+    (("--hidden-size", 80, "--intermediate-size", 256, "--num-layers", 3), "cannot keep the GQA group of 2"),
+    (("--hidden-size", 128, "--intermediate-size", 256, "--num-layers", 0), "--num-layers must be a positive"),
+])
+def test_widen_bad_shapes_are_one_line(target, tmp_path, shape, fragment):
+    user_error(invoke("widen", "--target", target, "--out", tmp_path / "out", *shape), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_widen_bad_directories_are_one_line(target, draft, small_vocab, tmp_path):
+    out = tmp_path / "out"
+    user_error(invoke("widen", "--target", tmp_path / "missing", "--out", out, *WIDE), "no such model directory")
+    broken = tmp_path / "broken"
+    shutil.copytree(target, broken)
+    (broken / "config.json").write_text("{not json")
+    user_error(invoke("widen", "--target", broken, "--out", out, *WIDE), "malformed JSON")
+    user_error(invoke("widen", "--target", target, "--draft", tmp_path / "nodraft", "--out", out, *WIDE),
+               "no such draft directory")
+    user_error(invoke("widen", "--target", target, "--draft", small_vocab[2], "--out", out, *WIDE), "hidden size")
+    assert not out.exists()
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    user_error(invoke("widen", "--target", target, "--out", afile, *WIDE), "is not a directory")
+    assert afile.read_text() == "x"
+
+
+def test_widen_refuses_non_empty_out_without_force(target, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    user_error(invoke("widen", "--target", target, "--out", out, *WIDE), "not empty", "--force")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    ok(invoke("widen", "--target", target, "--out", out, *WIDE, "--force"))
+    assert sorted(p.name for p in out.iterdir()) == ["target"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

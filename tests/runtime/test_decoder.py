@@ -1,16 +1,20 @@
 """The decode loop is lossless: greedy speculative output is token-identical to plain decoding and to
-`transformers` generate, for every architecture, tree shape, prompt length and draft quality, including
-generation that runs into the cache capacity; the target KV cache holds exactly the committed context."""
+`transformers` generate, for every architecture, tree shape, prompt length and draft quality, with trees from a
+draft or from prompt lookup, including generation that runs into the cache capacity; the target KV cache holds
+exactly the committed context."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import ARCHITECTURES, OracleDraft, make_decoder
-from hass_deploy.config import GenerationConfig, TreeConfig
-from hass_deploy.errors import CacheCapacityError, HassDeployError
+from hass_deploy.config import GenerationConfig, LookupConfig, TreeConfig
+from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError
 from hass_deploy.runtime.backends.torch import TorchTarget
+from hass_deploy.runtime.decoder import SpeculativeDecoder
 
 TREES = {
     "chain": TreeConfig(tokens=5, depth=4, top_k=1),
@@ -146,3 +150,101 @@ def test_bad_requests_are_one_line_errors(targets):
         decoder.generate(list(range(17)), greedy())
     with pytest.raises(HassDeployError, match="outside the vocabulary"):
         decoder.generate([1, 2, 96], greedy())
+
+
+LOOKUPS = {
+    "default": LookupConfig(),
+    "chain": LookupConfig(tokens=8, depth=7, max_ngram=4, min_ngram=2),
+    "wide": LookupConfig(tokens=12, depth=2, max_ngram=2),
+    "two-nodes": LookupConfig(tokens=2, depth=1),
+}
+
+
+class UnusedDraft:
+    """A draft backend that must not run: prompt lookup replaces it. Its KV rows are too few for any draft tree,
+    so the request check must not hold them against a lookup request either."""
+
+    device, max_len = torch.device("cpu"), 0
+
+    def step(self, *args, **kwargs):
+        raise AssertionError("the draft head ran although the request asked for prompt lookup")
+
+
+def repetitive_prompt(seed: int) -> list[int]:
+    """A phrase said three times: lookup proposes from the prompt at once, and the tiny random targets' greedy
+    outputs fall into loops that lookup then copies."""
+    return prompt(7, seed=seed) * 3
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lookup_greedy_is_token_identical(arch, targets, hf_models):
+    target = targets[arch]
+    ids = repetitive_prompt(seed=5)
+    plain = make_decoder(target).generate(ids, greedy(max_new_tokens=48, eos=()))
+    assert plain.output_ids == hf_greedy(hf_models[arch], ids, 48)
+    longest = 0
+    for name, lookup in LOOKUPS.items():
+        config = replace(greedy(max_new_tokens=48, eos=()), lookup=lookup)
+        alone = make_decoder(target).generate(ids, config)
+        over_draft = make_decoder(target, UnusedDraft()).generate(ids, config)
+        assert alone.output_ids == over_draft.output_ids == plain.output_ids, name
+        assert alone.accept_lengths == over_draft.accept_lengths
+        assert sum(alone.accept_lengths) > 0, f"{name}: lookup should propose and get tokens accepted"
+        assert max(alone.accept_lengths) <= min(lookup.depth, lookup.tokens - 1)
+        # The first token comes from the prefill, each round adds accepted + 1 (the last one cut at the budget).
+        rounds = [a + 1 for a in alone.accept_lengths]
+        assert 1 + sum(rounds[:-1]) < len(alone.output_ids) <= 1 + sum(rounds)
+        longest = max(longest, max(alone.accept_lengths))
+    assert longest >= 3, "some lookup tree should get a multi-token acceptance"
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_lookup_runs_into_cache_capacity(arch, targets):
+    """Lookup trees shrink to the rows left, as draft trees do; the output is plain decoding's to the last row."""
+    target, max_len = targets[arch], 40
+    ids = repetitive_prompt(seed=3)
+    config = replace(greedy(max_new_tokens=500, eos=()), lookup=LookupConfig(tokens=8, depth=7))
+    plain = make_decoder(target, max_len=max_len).generate(ids, replace(config, lookup=None))
+    spec = make_decoder(target, max_len=max_len).generate(ids, config)
+    assert len(plain.output_ids) == max_len - len(ids) + 1
+    assert spec.output_ids == plain.output_ids and spec.stop_reason == plain.stop_reason == "cache_full"
+    assert sum(spec.accept_lengths) > 0
+
+
+def test_lookup_statistics_are_the_loops_own(targets):
+    """Accept lengths and per-depth acceptance come from the same bookkeeping as a draft's trees: a root-only
+    round (no match) counts as a round with nothing tried."""
+    target = targets["qwen2"]
+    ids = repetitive_prompt(seed=8)
+    result = make_decoder(target).generate(ids, replace(greedy(max_new_tokens=40, eos=()), lookup=LookupConfig()))
+    assert result.tau == pytest.approx(sum(a + 1 for a in result.accept_lengths) / result.rounds)
+    assert result.depth_attempts[0] <= result.rounds
+    assert sum(result.depth_accepts) == sum(result.accept_lengths)
+    for d in range(1, len(result.depth_attempts)):  # depth d is tried only after depth d - 1 was accepted
+        assert result.depth_attempts[d] <= result.depth_accepts[d - 1]
+
+
+def test_kv_cache_holds_exactly_the_committed_context_with_lookup(targets):
+    target = targets["llama"]
+    ids = repetitive_prompt(seed=5)
+    emitted: list[int] = []
+    backend = CheckedTarget(target.module, 128, ids, emitted)
+    config = replace(greedy(max_new_tokens=30, eos=()), lookup=LookupConfig())
+    result = SpeculativeDecoder(backend, None).generate(ids, config, on_tokens=emitted.extend)
+    assert backend.checks == result.rounds
+    assert any(a > 0 for a in result.accept_lengths)
+
+
+def test_lookup_tree_larger_than_a_fixed_verify_budget_is_refused_before_any_step(targets):
+    """A backend with a fixed tree budget (an export's `max_tree_tokens`) refuses a larger lookup tree up front."""
+    target = targets["llama"]
+
+    class BudgetedTarget(TorchTarget):
+        max_tree_tokens = 4
+
+        def step(self, *args, **kwargs):
+            raise AssertionError("a step ran before the request was checked")
+
+    decoder = SpeculativeDecoder(BudgetedTarget(target.module, 64), None)
+    with pytest.raises(ConfigError, match="--lookup-tokens 8 .*tree budget \\(4\\)"):
+        decoder.generate([1, 2, 3], replace(greedy(), lookup=LookupConfig(tokens=8)))

@@ -3,7 +3,8 @@ tokens matches the target's own warped distribution, computed exactly by enumera
 
 Each case draws N samples with fixed seeds (so the test is deterministic) and applies a chi-square test at
 p > 1e-3, i.e. a 1-in-1000 false-failure rate for a fresh choice of seeds. The same test on plain sampling
-guards the reference path, and a deliberately biased sampler is shown to fail it (the test has power).
+guards the reference path, and a deliberately biased sampler is shown to fail it (the test has power). Trees
+come from draft heads (random, oracle, adversarial) and from prompt lookup over a repetitive prompt.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import OracleDraft, make_decoder
-from hass_deploy.config import GenerationConfig, SamplingConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, LookupConfig, SamplingConfig, TreeConfig
 from hass_deploy.models.checkpoint import init_draft
 from hass_deploy.models.loading import load_target
 from hass_deploy.models.random_target import random_hf_model
@@ -23,6 +24,9 @@ from hass_deploy.runtime.sampling import target_probs
 
 VOCAB, NEW_TOKENS, SAMPLES, PROMPT = 6, 3, 2500, [1, 4, 2]
 TREE = TreeConfig(tokens=6, depth=3, top_k=3)
+# Prompt lookup needs repetition to propose: 1 4 and 4 2 recur with different continuations, so its trees branch,
+# and about half the rounds accept two drafted tokens on the peaked target below.
+LOOKUP_PROMPT, LOOKUP = [1, 4, 2, 1, 4, 3, 1, 5, 2, 1, 4, 2], LookupConfig(tokens=6, depth=3)
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +42,10 @@ def peaked_target(tmp_path_factory):
     return load_target(path)
 
 
-def exact_joint(target, sampling: SamplingConfig) -> dict[tuple[int, ...], float]:
+def exact_joint(target, sampling: SamplingConfig, prompt: list[int] = PROMPT) -> dict[tuple[int, ...], float]:
     """P(x1, x2, x3 | prompt) under the warped target, by enumerating every prefix."""
     def next_probs(prefix):
-        ids = torch.tensor([PROMPT + list(prefix)])
+        ids = torch.tensor([prompt + list(prefix)])
         with torch.no_grad():
             logits = target.module.logits(target.module(ids, torch.arange(ids.shape[1])[None]))[0, -1]
         return target_probs(logits, sampling)
@@ -78,11 +82,16 @@ def chi_square_pvalue(samples: list[tuple[int, ...]], joint: dict) -> float:
     return float(chisquare(observed, expected, sum_check=False).pvalue)
 
 
-def draws(decoder, sampling: SamplingConfig) -> list[tuple[int, ...]]:
+def draws(decoder, sampling: SamplingConfig, prompt: list[int] = PROMPT, lookup: LookupConfig | None = None,
+          accepted: list[int] | None = None) -> list[tuple[int, ...]]:
+    """SAMPLES generations of NEW_TOKENS tokens (seeds 0..); every round's accept length goes to `accepted`."""
     out = []
     for seed in range(SAMPLES):
-        config = GenerationConfig(max_new_tokens=NEW_TOKENS, sampling=sampling, tree=TREE, seed=seed)
-        out.append(tuple(decoder.generate(PROMPT, config).output_ids))
+        config = GenerationConfig(max_new_tokens=NEW_TOKENS, sampling=sampling, tree=TREE, lookup=lookup, seed=seed)
+        result = decoder.generate(prompt, config)
+        out.append(tuple(result.output_ids))
+        if accepted is not None:
+            accepted.extend(result.accept_lengths)
     return out
 
 
@@ -105,6 +114,16 @@ def test_speculative_sampling_matches_exact_distribution(case, peaked_target):
     decoder = make_decoder(peaked_target, draft, max_len=64)
     samples = draws(decoder, sampling)
     assert chi_square_pvalue(samples, exact_joint(peaked_target, sampling)) > 1e-3
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=4)],
+                         ids=["t1", "t0.7-topk4"])
+def test_prompt_lookup_sampling_matches_exact_distribution(sampling, peaked_target):
+    """Lookup trees through the same loop and acceptance: no draft at all, trees copied from the history."""
+    accepted: list[int] = []
+    samples = draws(make_decoder(peaked_target, max_len=64), sampling, LOOKUP_PROMPT, LOOKUP, accepted)
+    assert sum(a >= 2 for a in accepted) > SAMPLES // 4, "lookup should often get two drafted tokens accepted"
+    assert chi_square_pvalue(samples, exact_joint(peaked_target, sampling, LOOKUP_PROMPT)) > 1e-3
 
 
 def test_plain_sampling_matches_exact_distribution_and_the_test_has_power(peaked_target):

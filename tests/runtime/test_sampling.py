@@ -13,8 +13,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from hass_deploy.config import SamplingConfig
+from hass_deploy.config import LookupConfig, SamplingConfig
 from hass_deploy.runtime import sampling
+from hass_deploy.runtime.lookup import PromptLookup
 from hass_deploy.runtime.sampling import (
     accept_greedy,
     accept_sampling,
@@ -389,6 +390,37 @@ def test_accept_sampling_is_lossless(shape):
     tree, probs = _ranked_tree(TREE_SHAPES[shape])
     counts = _emitted_pair_counts(tree, probs, DRAWS[shape], seed=sum(map(ord, shape)))
     assert _pair_law_p_value(counts) > P_VALUE_THRESHOLD
+
+
+def _oracle_probs(tree: DraftTree) -> torch.Tensor:
+    """[T, V] the oracle target's distribution at every node of any tree whose root token is 0."""
+    tokens = tree.tokens.tolist()
+    return torch.stack([_oracle(tuple(tokens[node] for node in path if node > 0)) for path in tree.paths.tolist()])
+
+
+def test_accept_sampling_is_lossless_on_a_prompt_lookup_tree():
+    """Prompt lookup's tree is copied from the history (most recent match first), ranked by no distribution, and
+    holds tokens the target gives probability 0; acceptance reads only p, so the law is exact all the same."""
+    lookup = PromptLookup(LookupConfig(tokens=10, depth=3))
+    lookup.extend([0, 2, 1, 3, 0, 1, 4, 0, 2, 5, 1, 0])
+    tree = lookup.propose(0, 10)
+    #        0
+    #      /   \
+    #     2     1
+    #    / \    |
+    #   5   1   4
+    #   |   |   |
+    #   1   3   0
+    assert tree.tokens.tolist() == [0, 2, 5, 1, 1, 4, 0, 1, 3] and tree.parents.tolist() == [-1, 0, 1, 2, 0, 4, 5, 1, 7]
+    counts = _emitted_pair_counts(tree, _oracle_probs(tree), 5000, seed=23)
+    assert _pair_law_p_value(counts) > P_VALUE_THRESHOLD
+
+
+def test_accept_sampling_refuses_duplicate_siblings():
+    """Two siblings with one token would be tested twice against the same p(c): refused, not silently biased."""
+    tree = tree_from_parents(torch.tensor([0, 3, 2, 3]), torch.tensor([-1, 0, 0, 0]))
+    with pytest.raises(ValueError, match="distinct"):
+        accept_sampling(tree, torch.full((4, VOCABULARY), 1 / VOCABULARY))
 
 
 def _bonus_keeps_rejected_children(node_probs, tokens, is_rejected):

@@ -26,7 +26,7 @@ def choose_backend(name: str, artifacts: str | Path | None) -> str:
 
 def open_backends(name: str, target: TargetModel, draft: DraftHead | None, max_len: int,
                   draft_extra_rows: int, artifacts: str | Path | None = None,
-                  device: str = "cpu") -> tuple[TargetBackend, DraftBackend | None]:
+                  device: str = "cpu", ort_graphs: str = "auto") -> tuple[TargetBackend, DraftBackend | None]:
     """Build the step backends, allocating KV buffers of `max_len` rows (plus the draft's tree rows).
 
     Args:
@@ -35,6 +35,7 @@ def open_backends(name: str, target: TargetModel, draft: DraftHead | None, max_l
         max_len: target KV rows; the draft gets `draft_extra_rows` more for its tree levels.
         artifacts: the `hass-deploy export` directory (onnxruntime only).
         device: where the onnxruntime backend runs ("cpu", "cuda[:N]"); torch runs where the models are.
+        ort_graphs: which exported graphs onnxruntime runs: auto (fused when exported), standard or fused.
     """
     if name == "torch":
         if artifacts is not None:
@@ -56,5 +57,5 @@ def open_backends(name: str, target: TargetModel, draft: DraftHead | None, max_l
         check_draft(manifest, None if draft is None else draft_identity(draft), "the given draft")
         check_capacity(manifest, max_len, None, None)
         return open_ort_backends(Path(artifacts), manifest, draft is not None, max_len, draft_extra_rows,
-                                 OrtConfig(device=device))
+                                 OrtConfig(device=device, graphs=ort_graphs))
     raise HassDeployError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

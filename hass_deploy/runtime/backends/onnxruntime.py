@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError, ModelLoadError
-from hass_deploy.export.manifest import GraphSpec, Manifest
+from hass_deploy.export.manifest import GraphSpec, Manifest, runtime_graph
 from hass_deploy.models.target import causal_tree_mask
 from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
 
@@ -69,8 +69,13 @@ class OrtConfig:
     # torch to one thread when the backend opens; None leaves torch's setting alone (e.g. OMP_WAIT_POLICY=PASSIVE).
     torch_threads: int | None = 1
     cache_optimized: bool = True  # keep the optimised graph in <artifacts>/cache and reuse it on the next load
+    # "auto": the fused graphs (`export/fused.py`) when the export has them, else the standard ones; "standard" or
+    # "fused" to insist (benchmarks compare the two).
+    graphs: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.graphs not in ("auto", "standard", "fused"):
+            raise ConfigError(f"ORT graphs must be auto, standard or fused, got {self.graphs!r}")
         if self.optimization not in ("basic", "extended", "all"):
             raise ConfigError(f"ORT optimization must be basic, extended or all, got {self.optimization!r}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
@@ -160,14 +165,15 @@ class BoundKV:
 
     One allocation `[L, 2, H_kv * max_len * D]` for the whole generation. The rows in use are the view
     `[L, 2, 1, H_kv, S_b, D]` of the first H_kv * S_b * D elements of each (layer, K|V) slot, so every layer's
-    K and V is a contiguous `[1, H_kv, S_b, D]` tensor ORT can read in place.
+    K and V is a contiguous `[1, H_kv, S_b, D]` tensor ORT can read in place. With `full`, S_b = max_len from the
+    start: for graphs whose attention reads only the rows in use whatever is bound (the fused graphs).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, full: bool = False):
         self.num_kv_heads, self.head_dim, self.max_len = num_kv_heads, head_dim, max_len
         self.storage = torch.zeros(num_layers, 2, num_kv_heads * max_len * head_dim, dtype=dtype, device=device)
-        self.rows = min(MIN_BOUND_ROWS, max_len)  # S_b
+        self.rows = max_len if full else min(MIN_BOUND_ROWS, max_len)  # S_b
 
     def view(self) -> torch.Tensor:
         """[L, 2, 1, H_kv, S_b, D]: layer l's K is view[l, 0], its V view[l, 1]."""
@@ -241,7 +247,7 @@ class _Plan:
 
     inputs: dict[str, torch.Tensor]  # the small per-step inputs (ids, positions, cache_len, mask, ...)
     outputs: dict[str, torch.Tensor]  # logits / hidden / top-k, overwritten by the next run
-    new_rows: torch.Tensor  # [L, 2, 1, H_kv, T, D] the step's new K/V rows, before they go into the KV buffers
+    new_rows: torch.Tensor | None  # [L, 2, 1, H_kv, T, D] the step's new K/V rows (None: the graph writes them)
     binding: object  # onnxruntime.IOBinding
 
 
@@ -252,13 +258,19 @@ class _Stepper:
     Per-step host work matters on 2 CPU cores: a round of speculative decoding makes four graph runs of a few
     milliseconds each, so the plan (buffers, per-layer KV views, binding) is built once per step shape and KV
     layout instead of on every run.
+
+    Two KV contracts (`GraphSpec.kv_update`): a standard graph returns the step's rows and the stepper writes them
+    into a context-sized view; a fused graph writes them itself into buffers bound at full length (its attention
+    reads only the rows in use), its present_* outputs bound to the same memory as its past_* inputs.
     """
 
     def __init__(self, session, spec: GraphSpec, dtype: torch.dtype, device: torch.device, max_len: int, chunk: int):
         self.session = session
         self.spec, self.dtype, self.device, self.max_len, self.chunk = spec, dtype, device, max_len, chunk
         self.device_type, self.device_id = device.type, device.index or 0
-        self.kv = BoundKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, max_len, dtype, device)
+        self.in_graph = spec.kv_update == "in_graph"
+        self.kv = BoundKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, max_len, dtype, device,
+                          full=self.in_graph)
         self.staging = Staging(device)
         self.plans: dict[tuple, _Plan] = {}
         self.causal: dict[int, torch.Tensor] = {}  # [1, T, T] masks of causal steps, by T (at most `chunk` of them)
@@ -280,7 +292,8 @@ class _Stepper:
         for name, value in feeds.items():
             plan.inputs[name].copy_(value)
         self.session.run_with_iobinding(plan.binding)
-        self.kv.write(cache_len, plan.new_rows)
+        if plan.new_rows is not None:
+            self.kv.write(cache_len, plan.new_rows)
         return plan.outputs
 
     def _plan(self, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple[tuple[int, ...], torch.dtype]],
@@ -288,7 +301,8 @@ class _Stepper:
         spec, staging = self.spec, self.staging
         inputs = {name: staging.view(name, tuple(value.shape), value.dtype) for name, value in feeds.items()}
         bound_outputs = {name: staging.view("out:" + name, shape, dtype) for name, (shape, dtype) in outputs.items()}
-        new_rows = staging.view("new_rows", (spec.num_layers, 2, 1, spec.num_kv_heads, steps, spec.head_dim), self.dtype)
+        new_rows = None if self.in_graph else staging.view(
+            "new_rows", (spec.num_layers, 2, 1, spec.num_kv_heads, steps, spec.head_dim), self.dtype)
         view = self.kv.view()
         binding = self.session.io_binding()
 
@@ -301,8 +315,12 @@ class _Stepper:
         for layer in range(spec.num_layers):
             bind(binding.bind_input, f"past_key_{layer}", view[layer, 0])
             bind(binding.bind_input, f"past_value_{layer}", view[layer, 1])
-            bind(binding.bind_output, f"new_key_{layer}", new_rows[layer, 0])
-            bind(binding.bind_output, f"new_value_{layer}", new_rows[layer, 1])
+            if self.in_graph:  # the same memory in and out: ORT's shared-buffer mode writes the rows in place
+                bind(binding.bind_output, f"present_key_{layer}", view[layer, 0])
+                bind(binding.bind_output, f"present_value_{layer}", view[layer, 1])
+            else:
+                bind(binding.bind_output, f"new_key_{layer}", new_rows[layer, 0])
+                bind(binding.bind_output, f"new_value_{layer}", new_rows[layer, 1])
         for name, tensor in bound_outputs.items():
             bind(binding.bind_output, name, tensor)
         return _Plan(inputs, bound_outputs, new_rows, binding)
@@ -328,8 +346,8 @@ class _Stepper:
 class OrtTarget:
     """`TargetBackend` over the exported target step graph."""
 
-    def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int):
-        spec = manifest.graphs["target"]
+    def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "target"):
+        spec = manifest.graphs[graph]
         self.dtype = _TORCH_DTYPES[manifest.dtype]
         self.stepper = _Stepper(session, spec, self.dtype, device, max_len, manifest.prefill_chunk)
         self.device, self.max_len, self.max_tree_tokens = device, max_len, manifest.max_tree_tokens
@@ -366,8 +384,8 @@ class OrtTarget:
 class OrtDraft:
     """`DraftBackend` over the exported draft step graph (the target's lm_head and top-k inside the graph)."""
 
-    def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int):
-        spec = manifest.graphs["draft"]
+    def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "draft"):
+        spec = manifest.graphs[graph]
         self.dtype = _TORCH_DTYPES[manifest.dtype]
         self.stepper = _Stepper(session, spec, self.dtype, device, max_len, manifest.prefill_chunk)
         self.device, self.max_len, self.max_top_k = device, max_len, manifest.max_top_k
@@ -402,9 +420,11 @@ def open_ort_backends(artifacts: Path, manifest: Manifest, with_draft: bool, max
     device = torch.device(config.device)
     if device.type == "cpu" and config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # process-wide, deliberately: see OrtConfig.torch_threads
-    target = OrtTarget(open_session(artifacts / manifest.graphs["target"].file, device, config), manifest, device,
-                       max_len)
+    target_graph = runtime_graph(manifest, "target", config.graphs)
+    target = OrtTarget(open_session(artifacts / manifest.graphs[target_graph].file, device, config), manifest, device,
+                       max_len, target_graph)
     if not with_draft:
         return target, None
-    draft_session = open_session(artifacts / manifest.graphs["draft"].file, device, config)
-    return target, OrtDraft(draft_session, manifest, device, max_len + draft_extra_rows)
+    draft_graph = runtime_graph(manifest, "draft", config.graphs)
+    draft_session = open_session(artifacts / manifest.graphs[draft_graph].file, device, config)
+    return target, OrtDraft(draft_session, manifest, device, max_len + draft_extra_rows, draft_graph)

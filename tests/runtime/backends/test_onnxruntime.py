@@ -1,17 +1,20 @@
 """The ONNX Runtime backend is a drop-in for the torch backend: greedy output token-identical to the torch
-backend and to `transformers` for every architecture and several tree shapes, into the cache capacity; the KV
-buffers hold exactly the committed context; the bound KV view grows without losing rows; bad requests get one
-line; the CUDA path skips cleanly without a GPU."""
+backend and to `transformers` for every architecture and several tree shapes, with draft and prompt-lookup trees,
+into the cache capacity; the KV buffers hold exactly the committed context; the bound KV view grows without losing
+rows; bad requests get one line; the CUDA path skips cleanly without a GPU."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import ARCHITECTURES, OracleDraft, make_decoder
-from ort_artifacts import CONFIG, exported
-from runtime.test_decoder import greedy, hf_greedy, prompt
-from hass_deploy.config import TreeConfig
+from ort_artifacts import CONFIG, LazyExports, exported
+from runtime.test_decoder import greedy, hf_greedy, prompt, repetitive_prompt
+from hass_deploy.config import GenerationConfig, LookupConfig, RuntimeConfig, TreeConfig
+from hass_deploy.generation import Pipeline
 from hass_deploy.models.checkpoint import init_draft
 from hass_deploy.errors import CacheCapacityError, ConfigError, DraftMismatchError, HassDeployError
 from hass_deploy.runtime.backends import open_backends
@@ -31,14 +34,7 @@ TREES = {
 @pytest.fixture(scope="session")
 def artifacts(targets, random_drafts, tmp_path_factory):
     """arch -> artifacts directory (target + draft graphs, fp32), exported on first use."""
-    base = tmp_path_factory.getbasetemp() / "onnx"
-
-    class Lazy(dict):
-        def __missing__(self, arch):
-            self[arch] = exported(base, f"{arch}-fp32", targets[arch], random_drafts[arch])
-            return self[arch]
-
-    return Lazy()
+    return LazyExports(tmp_path_factory.getbasetemp() / "onnx", targets, random_drafts)
 
 
 def ort(target, draft, artifacts_dir, max_len=256, tree=TreeConfig()):
@@ -79,6 +75,40 @@ def test_generation_runs_into_cache_capacity(arch, targets, random_drafts, artif
     assert len(reference.output_ids) == max_len - len(ids) + 1
     assert spec.output_ids == guided.output_ids == reference.output_ids
     assert spec.stop_reason == guided.stop_reason == "cache_full"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # exported for other tests already
+def test_lookup_greedy_is_token_identical_to_torch(arch, targets, random_drafts, artifacts):
+    """Prompt-lookup trees through the exported target graph: with no draft backend, and with the exported draft
+    open but unused; a 21-token prompt (chunked prefill) and 48 new tokens (a re-layout of the bound KV view)."""
+    target = targets[arch]
+    ids = repetitive_prompt(seed=5)
+    ort_target, ort_draft = ort(target, random_drafts[arch], artifacts[arch])
+    reference = make_decoder(target).generate(ids, greedy(max_new_tokens=48, eos=())).output_ids
+    for lookup in (LookupConfig(), LookupConfig(tokens=12, depth=2, max_ngram=2)):
+        config = replace(greedy(max_new_tokens=48, eos=()), lookup=lookup)
+        alone = SpeculativeDecoder(ort_target, None).generate(ids, config)
+        over_draft = SpeculativeDecoder(ort_target, ort_draft).generate(ids, config)
+        assert alone.output_ids == over_draft.output_ids == reference, lookup
+        assert sum(alone.accept_lengths) > 0, "lookup should propose and get tokens accepted"
+
+
+def test_lookup_through_the_python_api_and_the_exports_tree_budget(targets, hf_dirs, artifacts):
+    """`Pipeline` without a draft on an export: lookup decodes like plain decoding; a lookup tree larger than the
+    export's verify-step budget is refused up front, at load and at the request, never mid-generation."""
+    runtime = RuntimeConfig(backend="onnxruntime")
+    lookup = LookupConfig()
+    pipe = Pipeline.load(hf_dirs["llama"], None, runtime, GenerationConfig(lookup=lookup), artifacts["llama"])
+    assert pipe.decoder.draft is None
+    ids = repetitive_prompt(seed=5)
+    plain = pipe.generate(ids, GenerationConfig(max_new_tokens=24))
+    looked_up = pipe.generate(ids, GenerationConfig(max_new_tokens=24, lookup=lookup))
+    assert looked_up.output_ids == plain.output_ids and sum(looked_up.accept_lengths) > 0
+    too_big = GenerationConfig(lookup=LookupConfig(tokens=CONFIG.max_tree_tokens + 1))
+    with pytest.raises(ConfigError, match=r"--lookup-tokens 65 .*tree budget \(64\)"):
+        Pipeline.load(hf_dirs["llama"], None, runtime, too_big, artifacts["llama"])
+    with pytest.raises(ConfigError, match=r"--lookup-tokens 65 .*tree budget \(64\)"):
+        pipe.generate(ids, too_big)
 
 
 class CheckedOrtTarget(OrtTarget):

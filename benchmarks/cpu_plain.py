@@ -1,0 +1,145 @@
+"""Plain (and speculative) decoding on ONNX Runtime, graph variant against graph variant, side by side (a script,
+not a timed test): the standard graphs, the fused ONNX Runtime graphs, and an int8 export, on the same prompts,
+alternating prompt by prompt so that drift on shared cores spreads over every variant.
+
+    python benchmarks/cpu_plain.py --target T --artifacts W/onnx/hass [--int8-artifacts W/onnx-int8/hass] \
+        --prompts W/corpus/heldout_prompts.jsonl --max-prompts 12 --new-tokens 128 [--draft W/drafts/hass] \
+        [--tree 11,3,2] [--steps] [--out cpu_plain.json]
+
+EOS is ignored, so every run makes exactly --new-tokens tokens, as llama.cpp's `--ignore-eos` runs do
+(`benchmarks/llama_cpp.py`, the side-by-side peer). Every greedy output is compared token for token with the
+fp32 standard graph's plain decoding; an int8 target is compared with its own plain decoding (lossless) and its
+drift from fp32 is reported (new tokens matched before the first difference).
+
+`--steps` adds the step-cost curve: target step latency for T = 1..64 new rows at the prompts' context, per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from hass_deploy.bench.runner import encode_prompt, load_prompt_sets
+from hass_deploy.config import GenerationConfig, TreeConfig
+from hass_deploy.export.manifest import read_manifest
+from hass_deploy.models.checkpoint import load_draft
+from hass_deploy.models.loading import load_target
+from hass_deploy.models.target import causal_tree_mask
+from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends
+from hass_deploy.runtime.decoder import SpeculativeDecoder
+
+STEPS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def variants(args, target, head) -> dict[str, tuple]:
+    """name -> (target backend, draft backend or None) over each export and graph kind asked for."""
+    out = {}
+    tree = TreeConfig(*args.tree)
+    for label, artifacts in (("", args.artifacts), ("int8 ", args.int8_artifacts)):
+        if artifacts is None:
+            continue
+        manifest = read_manifest(artifacts)
+        kinds = ["standard", "fused"] if "target_ort" in manifest.graphs else ["standard"]
+        if label:
+            kinds = ["fused"]  # an int8 export's standard graphs are the fp32 reference
+        for kind in kinds:
+            backends = open_ort_backends(Path(artifacts), manifest, head is not None and manifest.draft is not None,
+                                         args.max_seq_len, tree.draft_rows, OrtConfig(graphs=kind))
+            out[f"{label}{kind}"] = backends
+    return out
+
+
+def step_curve(backend, context: int, repeats: int) -> dict[int, float]:
+    """Median ms of a target step of T rows at `context` committed rows, T interleaved round-robin."""
+    backend.step(torch.zeros(1, context, dtype=torch.long), torch.arange(context)[None], 0, None, last_only=True)
+    sizes = [t for t in STEPS if t <= backend.max_tree_tokens]  # the export's verify-step budget
+    times: dict[int, list[float]] = {t: [] for t in sizes}
+    for _ in range(repeats):
+        for t in sizes:
+            ids, positions = torch.zeros(1, t, dtype=torch.long), torch.arange(context, context + t)[None]
+            mask = causal_tree_mask(t)
+            start = time.perf_counter()
+            backend.step(ids, positions, context, mask)
+            times[t].append(1e3 * (time.perf_counter() - start))
+    return {t: statistics.median(v) for t, v in times.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", type=Path, required=True)
+    parser.add_argument("--artifacts", type=Path, required=True, help="an fp32 export (standard + fused graphs)")
+    parser.add_argument("--int8-artifacts", type=Path, help="an export with --target-quantization int8")
+    parser.add_argument("--draft", type=Path, help="also time speculative decoding with this draft")
+    parser.add_argument("--tree", type=lambda s: tuple(int(x) for x in s.split(",")), default=(11, 3, 2))
+    parser.add_argument("--prompts", type=Path, required=True)
+    parser.add_argument("--max-prompts", type=int, default=12)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--steps", action="store_true", help="also measure the step-cost curve T = 1..64")
+    parser.add_argument("--step-repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    target = load_target(args.target, "fp32")
+    head = None if args.draft is None else load_draft(args.draft, target)[0]
+    prompts = [encode_prompt(p, target.tokenizer, target.config.vocab_size, None)[0]
+               for s in load_prompt_sets([args.prompts], args.max_prompts) for p in s.prompts]
+    backends = variants(args, target, head)
+    config = GenerationConfig(max_new_tokens=args.new_tokens, tree=TreeConfig(*args.tree), eos_token_ids=())
+    runs = {f"{name} {mode}": (t, d if mode == "speculative" else None)
+            for name, (t, d) in backends.items() for mode in ("plain", "speculative") if mode == "plain" or d}
+    for decoder_backends in runs.values():  # warm-up: sessions, plans, page cache
+        SpeculativeDecoder(*decoder_backends).generate(prompts[0], config)
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    taus: dict[str, list[float]] = {name: [] for name in runs}
+    outputs: dict[str, list[list[int]]] = {name: [] for name in runs}
+    names = list(runs)
+    for i, ids in enumerate(prompts):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate the order prompt by prompt
+            result = SpeculativeDecoder(*runs[name]).generate(ids, config)
+            rates[name].append(result.tokens_per_s)
+            taus[name].append(result.tau)
+            outputs[name].append(result.output_ids)
+        print(f"prompt {i}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in names), flush=True)
+
+    reference = outputs["standard plain"]
+    report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "prompts": len(prompts), "new_tokens": args.new_tokens, "tree": args.tree, "variants": {}}
+    print(f"\n| variant | tokens/s (median) | vs standard plain | tau | identical to fp32 plain | "
+          f"identical to its own plain | first difference from fp32 (median) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    base = statistics.median(rates["standard plain"])
+    for name in names:
+        own = outputs[name.rsplit(" ", 1)[0] + " plain"]
+        same = sum(a == b for a, b in zip(outputs[name], reference))
+        same_own = sum(a == b for a, b in zip(outputs[name], own))
+        firsts = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                  for x, y in zip(outputs[name], reference)]
+        median = statistics.median(rates[name])
+        report["variants"][name] = {"tokens_per_s": rates[name], "median_tokens_per_s": median,
+                                    "tau": statistics.mean(taus[name]), "identical_to_fp32_plain": same,
+                                    "identical_to_own_plain": same_own, "first_difference": firsts}
+        print(f"| {name} | {median:.1f} | {median / base:.2f}x | {statistics.mean(taus[name]):.2f} | "
+              f"{same}/{len(prompts)} | {same_own}/{len(prompts)} | {statistics.median(firsts)} |")
+    if args.steps:
+        context = int(statistics.median(len(p) for p in prompts)) + args.new_tokens // 2
+        print(f"\nstep-cost curve at {context} rows of context (ms, median of {args.step_repeats}):")
+        print("| variant | " + " | ".join(f"T={t}" for t in STEPS) + " |")
+        print("|---|" + "---:|" * len(STEPS))
+        report["steps"] = {"context": context}
+        for name, (t, _) in backends.items():
+            curve = step_curve(t, context, args.step_repeats)
+            report["steps"][name] = curve
+            print(f"| {name} | " + " | ".join(f"{curve[s]:.2f}" if s in curve else "-" for s in STEPS) + " |")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

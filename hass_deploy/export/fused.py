@@ -1,0 +1,331 @@
+"""The ONNX Runtime variant of the step graphs: the same step contract, built from ORT's fused operators.
+
+The standard graphs (`onnx.py`, `steps.py`) are the reference and the TensorRT source: about 340 standard
+operators per target step. On a few CPU cores ONNX Runtime pays a thread-pool dispatch for each of them, which
+for a small model costs more than the arithmetic of a T = 1 step (docs/RESULTS.md §4). These graphs are for the
+ONNX Runtime backend only and are written node by node from our own modules' weights:
+
+    per layer: RMSNormalization -> MatMul(q|k|v) -> GroupQueryAttention (RoPE, causal + tree bias,
+               KV rows written in place) -> MatMul(o) -> SkipSimplifiedLayerNorm (residual add + norm)
+               -> MatMul(gate|up) -> Split -> QuickGelu * up -> MatMul(down) -> the next layer's Skip norm
+
+About 11 operators per layer instead of about 40. Attention reads only the `cache_len + T` rows in use
+(GroupQueryAttention's `seqlens_k`), whatever the buffer's length, so the KV buffers are bound at full length
+and never re-laid out, and the step's new K/V rows are written into them by the operator itself (the
+`present_*` outputs alias the `past_*` inputs: ORT's shared-buffer mode). Weights may be int8 (`MatMulNBits`,
+blockwise, 8 bits): weight-only quantisation as CPU users run it (`--target-quantization int8`).
+
+    target: input_ids [1, T], position_ids [1, T], cache_len [1], tree_mask [1, T, T], logits_index [R],
+            past_key_i / past_value_i [1, H_kv, S_max, D]
+         -> logits [1, R, V], hidden [1, T, H], present_key_i / present_value_i (the same buffers, rows written)
+    draft:  features [1, T, H], input_ids, position_ids, cache_len, tree_mask [1, T, M], past_key_0 / past_value_0
+         -> hidden [1, T, H], top_logprobs [1, T, K], top_tokens [1, T, K], present_key_0 / present_value_0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from hass_deploy.errors import ConfigError
+from hass_deploy.models.draft import DraftHead
+from hass_deploy.models.target import DecoderLayer, ModelConfig, Rotary, Transformer
+
+OPSET = 23  # RMSNormalization (standard since 23); ORT 1.32 runs it
+MS = "com.microsoft"
+QUANTIZATIONS = ("int8",)
+BLOCK_SIZE = 32  # int8 blocks along the input dimension, as llama.cpp's q8_0: one fp32 scale per 32 weights
+# MatMulNBits accuracy level 4: activations are quantised to int8 per block too, so the inner product runs on
+# int8 dot-product instructions (VNNI), as llama.cpp's q8_0 does. The result is still a deterministic function of
+# the quantised weights, which is what losslessness is measured against.
+ACCURACY_LEVEL = 4
+
+
+def unsupported_reason(config: ModelConfig) -> str | None:
+    """Why a target cannot have fused graphs (None if it can), from what ORT's GroupQueryAttention supports."""
+    if config.rope_parameters.get("rope_type", "default") == "dynamic":
+        return "dynamic NTK RoPE changes its frequencies with the context length"
+    if config.head_dim % 8:
+        return f"GroupQueryAttention needs a head dimension that is a multiple of 8, not {config.head_dim}"
+    return None
+
+
+@dataclass
+class _Graph:
+    """Nodes and initializers of one graph, with unique names."""
+
+    quantization: str | None
+    nodes: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+    count: int = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def const(self, hint: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs: int | list[str] = 1,
+           domain: str = "", **attrs):
+        """Add a node; returns its output name, or the list of names when `outputs` is a count > 1 or a list."""
+        from onnx import helper
+
+        names = outputs if isinstance(outputs, list) else [self.name(hint or op_type) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name("n_" + op_type), domain=domain,
+                                           **attrs))
+        return names[0] if not isinstance(outputs, list) and outputs == 1 else names
+
+    def scalar(self, hint: str, value, dtype) -> str:
+        return self.const(hint, np.array(value, dtype=dtype))
+
+    def linear(self, x: str, layers: list[nn.Linear], hint: str, out: str | None = None) -> str:
+        """x [.., in] through the linear layers side by side (one MatMul whose output is their concatenation);
+        `out` names the result (a graph output)."""
+        weight = torch.cat([layer.weight.detach() for layer in layers]).float().numpy()  # [N, K]
+        biases = [layer.bias for layer in layers]
+        has_bias = any(b is not None for b in biases)
+        named = [out] if out is not None and not has_bias else 1
+        if self.quantization == "int8":
+            y = self._int8_matmul(x, weight, hint, named)
+        else:
+            y = self.op("MatMul", [x, self.const(hint + "_w", weight.T)], hint, outputs=named)
+        y = y[0] if isinstance(y, list) else y
+        if has_bias:
+            bias = torch.cat([b.detach() if b is not None else torch.zeros(layer.out_features)
+                              for b, layer in zip(biases, layers)]).float().numpy()
+            y = self.op("Add", [y, self.const(hint + "_b", bias)], hint, outputs=[out] if out is not None else 1)
+            y = y[0] if isinstance(y, list) else y
+        return y
+
+    def _int8_matmul(self, x: str, weight: np.ndarray, hint: str, outputs) -> str:
+        """MatMulNBits with symmetric int8 blocks: w ~ scale * (q - 128), q uint8, one scale per BLOCK_SIZE inputs."""
+        n, k = weight.shape
+        blocks = -(-k // BLOCK_SIZE)
+        padded = np.zeros((n, blocks * BLOCK_SIZE), dtype=np.float32)
+        padded[:, :k] = weight
+        grouped = padded.reshape(n, blocks, BLOCK_SIZE)
+        scales = np.abs(grouped).max(axis=-1) / 127.0  # [N, blocks]
+        scales = np.where(scales == 0, 1.0, scales).astype(np.float32)  # an all-zero block: any scale is exact
+        quantized = (np.clip(np.rint(grouped / scales[..., None]), -127, 127) + 128).astype(np.uint8)
+        return self.op("MatMulNBits", [x, self.const(hint + "_q", quantized), self.const(hint + "_s", scales)],
+                       hint, outputs=outputs, domain=MS, K=k, N=n, bits=8, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL)
+
+
+def dequantized_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight [N, K] an int8 `MatMulNBits` of this module uses, in fp32: what the quantised model computes."""
+    n, k = weight.shape
+    blocks = -(-k // BLOCK_SIZE)
+    padded = torch.zeros(n, blocks * BLOCK_SIZE)
+    padded[:, :k] = weight.float()
+    grouped = padded.view(n, blocks, BLOCK_SIZE)
+    scales = grouped.abs().amax(-1) / 127.0
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    quantized = torch.clamp(torch.round(grouped / scales[..., None]), -127, 127)
+    return (quantized * scales[..., None]).view(n, -1)[:, :k]
+
+
+def _rope_tables(rotary: Rotary, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [positions, D/2] for GroupQueryAttention, from the same frequencies and scaling as `Rotary`."""
+    cos, sin = rotary(torch.arange(positions)[None], torch.float32)  # [1, P, D], the two halves equal
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
+
+
+class _Step:
+    """What the target and draft graphs share: the attention inputs every layer reads, built once per step."""
+
+    def __init__(self, g: _Graph, config: ModelConfig, rotary: Rotary, max_positions: int):
+        self.g, self.config = g, config
+        cos, sin = _rope_tables(rotary, max_positions)
+        self.cos, self.sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
+        # total = cache_len + T rows after the step; GroupQueryAttention takes total - 1 (int32 [1]) and total.
+        steps = g.op("Gather", [g.op("Shape", ["input_ids"]), g.scalar("one", 1, np.int64)], "steps")  # T
+        total = g.op("Add", ["cache_len", steps], "total")  # [1]
+        self.seqlens = g.op("Cast", [g.op("Sub", [total, g.scalar("one", [1], np.int64)])], "seqlens_k", to=6)
+        self.total = g.op("Cast", [g.op("Squeeze", [total])], "total_len", to=6)
+        self.bias = self._bias(steps, total)
+
+    def _bias(self, steps: str, total: str) -> str:
+        """attention_bias [1, 1, T, total]: 0 where a row may attend, -inf elsewhere (`step_attention_mask`).
+
+        Columns before the tree mask's M columns are committed context; the last M columns (ending at `total`)
+        follow `tree_mask`. GroupQueryAttention's own causal mask is implied by every tree mask (ancestors precede
+        their descendants), so adding the bias to it gives exactly the tree mask.
+        """
+        g, int64 = self.g, np.int64
+        width = g.op("Gather", [g.op("Shape", ["tree_mask"]), g.scalar("two", 2, int64)], "width")  # M
+        context = g.op("Sub", [total, g.op("Unsqueeze", [width, g.scalar("axis", [0], int64)])], "context")  # [1]
+        shape = g.op("Concat", [g.scalar("ones", [1, 1], int64), g.op("Unsqueeze", [steps, g.scalar("axis", [0], int64)]),
+                                context], axis=0)
+        past = g.op("ConstantOfShape", [shape], "past_bias",
+                    value=_tensor_attr(np.zeros(1, dtype=np.float32)))  # [1, 1, T, total - M]
+        tree = g.op("Where", [g.op("Unsqueeze", ["tree_mask", g.scalar("axis", [1], int64)]),
+                              g.scalar("zero", 0.0, np.float32), g.scalar("neg_inf", -np.inf, np.float32)])
+        bias = g.op("Concat", [past, tree], "attention_bias", axis=3)  # [1, 1, T, total]
+        window = self.config.sliding_window
+        if window is not None:
+            # Mistral: row at position p sees columns c with p - c < window (`columns_attention_mask`).
+            cols = g.op("Range", [g.scalar("zero", 0, int64), g.op("Squeeze", [total]), g.scalar("one", 1, int64)])
+            distance = g.op("Sub", [g.op("Unsqueeze", ["position_ids", g.scalar("axis", [2], int64)]), cols])
+            inside = g.op("Less", [distance, g.scalar("window", window, int64)])  # [1, T, total]
+            bias = g.op("Where", [g.op("Unsqueeze", [inside, g.scalar("axis", [1], int64)]), bias,
+                                  g.scalar("neg_inf", -np.inf, np.float32)])
+        return bias
+
+    def attention(self, x: str, layer: DecoderLayer, index: int) -> str:
+        """Normalised x [1, T, H] -> the attention block's output (o_proj applied) [1, T, H]; writes the layer's
+        K/V rows at cache_len.. of its buffers."""
+        g, attn, c = self.g, layer.self_attn, self.config
+        qkv = g.linear(x, [attn.q_proj, attn.k_proj, attn.v_proj], f"l{index}_qkv")  # [1, T, (nH + 2 nKV) D]
+        q_k_v = [qkv, "", ""]  # packed
+        if c.qk_norm:
+            # Qwen3's per-head RMSNorm before RoPE. GroupQueryAttention's own q/k-norm inputs are CUDA/WebGPU only
+            # in ORT 1.32 ("not supported" on CPU), so the norms run here on [1, T, heads, D] views.
+            sizes = g.const("qkv_sizes", np.array([c.num_heads, c.num_kv_heads, c.num_kv_heads]) * c.head_dim)
+            q, k, v = g.op("Split", [qkv, sizes], f"l{index}_qkv_split", outputs=3, axis=-1)
+            q_k_v = [self._head_norm(q, attn.q_norm, c.num_heads, f"l{index}_q_norm"),
+                     self._head_norm(k, attn.k_norm, c.num_kv_heads, f"l{index}_k_norm"), v]
+        inputs = [*q_k_v, f"past_key_{index}", f"past_value_{index}", self.seqlens, self.total, self.cos, self.sin,
+                  "position_ids", self.bias]
+        attrs = dict(num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0)
+        out = g.op("GroupQueryAttention", inputs, outputs=[g.name(f"l{index}_attn"), f"present_key_{index}",
+                                                            f"present_value_{index}"], domain=MS, **attrs)[0]
+        return g.linear(out, [attn.o_proj], f"l{index}_o")
+
+    def _head_norm(self, x: str, norm_module, heads: int, hint: str) -> str:
+        """RMSNorm over each head of x [1, T, heads * D]."""
+        g, dim = self.g, self.config.head_dim
+        split = g.op("Reshape", [x, g.const("heads_shape", np.array([0, 0, heads, dim], dtype=np.int64))])
+        return g.op("Reshape", [self.norm(split, norm_module, hint),
+                                g.const("flat_shape", np.array([0, 0, heads * dim], dtype=np.int64))])
+
+    def mlp(self, x: str, layer: DecoderLayer, index: int) -> str:
+        g, mlp = self.g, layer.mlp
+        both = g.linear(x, [mlp.gate_proj, mlp.up_proj], f"l{index}_gate_up")  # [1, T, 2I]
+        gate, up = g.op("Split", [both], f"l{index}_split", outputs=2, axis=-1, num_outputs=2)
+        act = g.op("QuickGelu", [gate], domain=MS, alpha=1.0)  # x * sigmoid(x) = SiLU
+        return g.linear(g.op("Mul", [act, up]), [mlp.down_proj], f"l{index}_down")
+
+    def norm(self, x: str, norm_module, hint: str) -> str:
+        return self.g.op("RMSNormalization", [x, self._gamma(norm_module, hint)], hint, axis=-1,
+                         epsilon=float(norm_module.eps), stash_type=1)
+
+    def skip_norm(self, x: str, skip: str, norm_module, hint: str) -> tuple[str, str]:
+        """(norm(x + skip), x + skip) in one operator."""
+        g = self.g
+        normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", [x, skip, self._gamma(norm_module, hint)],
+                                   outputs=[g.name(hint), "", "", g.name(hint + "_sum")], domain=MS,
+                                   epsilon=float(norm_module.eps))
+        return normed, total
+
+    def _gamma(self, norm_module, hint: str) -> str:
+        return self.g.const(hint + "_gamma", norm_module.weight.detach().float().numpy())
+
+
+def _tensor_attr(array: np.ndarray):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(array)
+
+
+def _kv_io(config: ModelConfig, layers: int):
+    from onnx import TensorProto, helper
+
+    inputs, outputs = [], []
+    for layer in range(layers):
+        for kind in ("key", "value"):
+            shape = [1, config.num_kv_heads, "S", config.head_dim]
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{layer}", TensorProto.FLOAT, shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{layer}", TensorProto.FLOAT, shape))
+    return inputs, outputs
+
+
+def _common_inputs(width: str):
+    from onnx import TensorProto, helper
+
+    return [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "T"]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "T"]),
+            helper.make_tensor_value_info("cache_len", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("tree_mask", TensorProto.BOOL, [1, "T", width])]
+
+
+def _model(g: _Graph, name: str, inputs: list, outputs: list):
+    from onnx import helper
+
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                             producer_name="hass-deploy")
+
+
+def _check(config: ModelConfig, quantization: str | None) -> None:
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise ConfigError(f"no fused ONNX Runtime graphs for this model: {reason}; export with --no-ort-graphs")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+
+
+@torch.no_grad()
+def target_graph(model: Transformer, max_positions: int, quantization: str | None = None):
+    """The target step as an ONNX Runtime graph (onnx.ModelProto); fp32 activations and KV."""
+    from onnx import TensorProto, helper
+
+    config = model.config
+    _check(config, quantization)
+    g = _Graph(quantization)
+    step = _Step(g, config, model.rotary, max_positions)
+    residual = g.op("Gather", [g.const("embed_tokens", model.embed_tokens.weight.detach().float().numpy()),
+                               "input_ids"], "embed", axis=0)  # [1, T, H]
+    x = step.norm(residual, model.layers[0].input_layernorm, "l0_in_norm")
+    for i, layer in enumerate(model.layers):
+        attended = step.attention(x, layer, i)
+        x, residual = step.skip_norm(attended, residual, layer.post_attention_layernorm, f"l{i}_post_norm")
+        down = step.mlp(x, layer, i)
+        next_norm = model.layers[i + 1].input_layernorm if i + 1 < len(model.layers) else model.norm
+        x, residual = step.skip_norm(down, residual, next_norm, f"l{i + 1}_in_norm")
+    g.op("Identity", [x], outputs=["hidden"])  # [1, T, H] post-final-norm
+    rows = g.op("Gather", ["hidden", "logits_index"], "rows", axis=1)  # [1, R, H]
+    g.linear(rows, [model.lm_head], "lm_head", out="logits")
+    kv_in, kv_out = _kv_io(config, config.num_layers)
+    inputs = [*_common_inputs("T"), helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["R"]), *kv_in]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "R", config.vocab_size]),
+               helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "T", config.hidden_size]), *kv_out]
+    return _model(g, "target_step_ort", inputs, outputs)
+
+
+@torch.no_grad()
+def draft_graph(head: DraftHead, lm_head: nn.Linear, top_k: int, max_positions: int,
+                quantization: str | None = None):
+    """The draft step (head + the target's lm_head + top-k of log-probabilities) as an ONNX Runtime graph."""
+    from onnx import TensorProto, helper
+
+    config = head.config
+    _check(config, quantization)
+    g = _Graph(quantization)
+    step = _Step(g, config, head.rotary, max_positions)
+    embedded = g.op("Gather", [g.const("embed_tokens", head.embed_tokens.weight.detach().float().numpy()),
+                               "input_ids"], "embed", axis=0)  # [1, T, H]
+    fused = g.linear(g.op("Concat", [embedded, "features"], axis=-1), [head.fc], "fc")  # embedding first (EAGLE)
+    layer = head.layers[0]
+    attended = step.attention(fused, layer, 0)  # the draft's layer has no input norm
+    x, residual = step.skip_norm(attended, fused, layer.post_attention_layernorm, "post_norm")
+    g.op("Add", [step.mlp(x, layer, 0), residual], outputs=["hidden"])  # [1, T, H], no final norm
+    logits = g.linear("hidden", [lm_head], "lm_head")  # [1, T, V]
+    logprobs = g.op("LogSoftmax", [logits], axis=-1)
+    g.op("TopK", [logprobs, g.scalar("k", [top_k], np.int64)], outputs=["top_logprobs", "top_tokens"], axis=-1,
+         largest=1, sorted=1)
+    kv_in, kv_out = _kv_io(config, 1)
+    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, "T", config.hidden_size]),
+              *_common_inputs("M"), *kv_in]
+    outputs = [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "T", config.hidden_size]),
+               helper.make_tensor_value_info("top_logprobs", TensorProto.FLOAT, [1, "T", top_k]),
+               helper.make_tensor_value_info("top_tokens", TensorProto.INT64, [1, "T", top_k]), *kv_out]
+    return _model(g, "draft_step_ort", inputs, outputs)

@@ -1,0 +1,144 @@
+"""The fused ONNX Runtime graphs (export/fused.py) are a drop-in for the standard ones: greedy output
+token-identical to the torch backend and to `transformers` for every architecture and tree shape, the KV rows the
+graph writes in place hold exactly the committed context, and an int8 target decodes speculatively exactly as it
+decodes plainly (lossless w.r.t. the quantised target), close to fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, OracleDraft, make_decoder
+from ort_artifacts import CONFIG, LazyExports, exported
+from runtime.backends.test_onnxruntime import TREES, CheckedOrtTarget
+from runtime.test_decoder import greedy, hf_greedy, prompt
+from hass_deploy.config import TreeConfig
+from hass_deploy.errors import ConfigError
+from hass_deploy.export.config import ExportConfig
+from hass_deploy.export.manifest import read_manifest
+from hass_deploy.export.onnx import export_onnx
+from hass_deploy.export.parity import validate_artifacts
+from hass_deploy.runtime.backends import open_backends
+from hass_deploy.runtime.decoder import SpeculativeDecoder
+
+INT8 = ExportConfig(**{**CONFIG.__dict__, "target_quantization": "int8", "draft_quantization": "int8"})
+
+
+@pytest.fixture(scope="session")
+def fused_artifacts(fusable_targets, fusable_drafts, tmp_path_factory):
+    """arch -> artifacts with standard and fused graphs (fp32), exported on first use."""
+    return LazyExports(tmp_path_factory.getbasetemp() / "onnx-fused", fusable_targets, fusable_drafts)
+
+
+def ort(target, draft, artifacts_dir, graphs="fused", max_len=256, tree=TreeConfig()):
+    return open_backends("onnxruntime", target, draft, max_len, tree.draft_rows, artifacts_dir, ort_graphs=graphs)
+
+
+def test_fused_graphs_are_written_where_ort_can_run_them(targets, fusable_targets, fused_artifacts, tmp_path):
+    manifest = read_manifest(fused_artifacts["qwen3"])
+    assert set(manifest.graphs) == {"target", "draft", "target_ort", "draft_ort"}
+    standard, fused = manifest.graphs["target"], manifest.graphs["target_ort"]
+    assert fused.kv_update == "in_graph" and standard.kv_update == "runtime"
+    assert "com.microsoft::GroupQueryAttention" in fused.operators and fused.quantization is None
+    assert [t.name for t in fused.inputs[:5]] == [t.name for t in standard.inputs[:5]]
+    # head_dim 12 cannot run GroupQueryAttention: the standard graphs only, and the runtime runs those.
+    export_onnx(targets["llama"], None, tmp_path / "narrow", CONFIG)
+    assert set(read_manifest(tmp_path / "narrow").graphs) == {"target"}
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        export_onnx(targets["llama"], None, tmp_path / "asked", ExportConfig(**{**CONFIG.__dict__, "ort_graphs": True}))
+    with pytest.raises(ConfigError, match="graphs are fp32"):
+        ExportConfig(dtype="fp16", ort_graphs=True)
+    with pytest.raises(ConfigError, match="--target-quantization"):
+        ExportConfig(target_quantization="int8", ort_graphs=False)
+    with pytest.raises(ConfigError, match="no fused"):
+        ort(targets["llama"], None, tmp_path / "narrow", graphs="fused")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_is_token_identical_to_torch_and_transformers(arch, fusable_targets, fusable_drafts, fused_artifacts):
+    from transformers import AutoModelForCausalLM
+
+    target = fusable_targets[arch]
+    hf_model = AutoModelForCausalLM.from_pretrained(target.path, dtype=torch.float32).eval()
+    for shape, tree in TREES.items():
+        fused_target, fused_draft = ort(target, fusable_drafts[arch], fused_artifacts[arch], tree=tree)
+        standard_target, _ = ort(target, None, fused_artifacts[arch], graphs="standard", tree=tree)
+        for length in (3, 21):  # 21 > the prefill chunk of 8: a chunked prefill
+            ids = prompt(length, seed=200 + length)
+            config = greedy(tree, max_new_tokens=48, eos=())
+            reference = make_decoder(target).generate(ids, config).output_ids
+            spec = SpeculativeDecoder(fused_target, fused_draft).generate(ids, config)
+            plain = SpeculativeDecoder(fused_target, None).generate(ids, config)
+            guided = SpeculativeDecoder(fused_target, OracleDraft(target, ids[0], 256 + tree.draft_rows, noise=0.3,
+                                                                  seed=length)).generate(ids, config)
+            standard = SpeculativeDecoder(standard_target, None).generate(ids, config)
+            assert spec.output_ids == plain.output_ids == guided.output_ids == standard.output_ids == reference
+            assert reference == hf_greedy(hf_model, ids, 48)
+            if tree.tokens > 2 and tree.depth > 1:
+                assert max(guided.accept_lengths) >= 2, "the oracle should get multi-token acceptances"
+
+
+def test_kv_rows_written_in_place_hold_exactly_the_committed_context(fusable_targets, fused_artifacts):
+    """The graph writes its rows into the bound buffers; the backend compacts them: across chunked prefill, tree
+    verification and compaction, rows [0, cache_len) equal a fresh torch prefill of the committed tokens."""
+    target, tree = fusable_targets["qwen2"], TreeConfig(tokens=10, depth=4, top_k=3)
+    ids = prompt(20, seed=5)
+    committed = list(ids)
+    fused_target, _ = ort(target, None, fused_artifacts["qwen2"], tree=tree)
+    checked = CheckedOrtTarget(fused_target, target.module, committed)
+    decoder = SpeculativeDecoder(checked, OracleDraft(target, ids[0], 256 + tree.draft_rows, noise=0.3))
+    result = decoder.generate(ids, greedy(tree, max_new_tokens=70, eos=()), on_tokens=committed.extend)
+    assert checked.checks == result.rounds and checked.stepper.kv.rows == 256  # bound at full length, never moved
+    assert any(a > 0 for a in result.accept_lengths)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])  # sliding window in the bias; q/k norm inside the attention
+def test_generation_runs_into_cache_capacity(arch, fusable_targets, fusable_drafts, fused_artifacts):
+    target, tree, max_len = fusable_targets[arch], TreeConfig(tokens=8, depth=4, top_k=3), 29
+    ids = prompt(9, seed=3)
+    config = greedy(tree, max_new_tokens=500, eos=())
+    reference = make_decoder(target, max_len=max_len).generate(ids, config)
+    fused_target, fused_draft = ort(target, fusable_drafts[arch], fused_artifacts[arch], max_len=max_len, tree=tree)
+    spec = SpeculativeDecoder(fused_target, fused_draft).generate(ids, config)
+    assert spec.output_ids == reference.output_ids and spec.stop_reason == "cache_full"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int8_target_is_lossless_against_its_own_plain_decoding(arch, fusable_targets, fusable_drafts, tmp_path):
+    """Speculative decoding of the int8 target equals plain decoding of the int8 target, token for token, with
+    trees of several shapes; its logits stay close to fp32's (it is a different, quantised model)."""
+    target, draft = fusable_targets[arch], fusable_drafts[arch]
+    out = exported(tmp_path, arch, target, draft, INT8)
+    manifest = read_manifest(out)
+    assert manifest.target_quantization == "int8" and manifest.graphs["target_ort"].quantization == "int8"
+    assert "com.microsoft::MatMulNBits" in manifest.graphs["target_ort"].operators
+    assert manifest.graphs["target"].quantization is None  # the standard graphs stay the fp32 reference
+    for tree in (TREES["chain"], TREES["wide"], TREES["deep"]):
+        int8_target, int8_draft = ort(target, draft, out, tree=tree)
+        oracle = OracleDraft(target, 0, 256 + tree.draft_rows, noise=0.3)
+        for length in (3, 21):
+            ids = prompt(length, seed=400 + length)
+            config = greedy(tree, max_new_tokens=40, eos=())
+            plain = SpeculativeDecoder(int8_target, None).generate(ids, config).output_ids
+            oracle.first_token = ids[0]
+            assert SpeculativeDecoder(int8_target, int8_draft).generate(ids, config).output_ids == plain
+            assert SpeculativeDecoder(int8_target, oracle).generate(ids, config).output_ids == plain
+    ids = torch.tensor([prompt(12, seed=1)])
+    quantized = int8_target.step(ids, torch.arange(12)[None], 0, None).logits
+    reference = make_decoder(target).target.step(ids, torch.arange(12)[None], 0, None).logits
+    assert not torch.equal(quantized, reference)
+    assert float((quantized - reference).abs().max()) < 0.05 * float(reference.abs().max())
+
+
+def test_validate_checks_the_fused_graphs(fusable_dirs, fusable_targets, fusable_drafts, fused_artifacts, tmp_path):
+    draft_dir = tmp_path / "draft"
+    from hass_deploy.models.checkpoint import DraftMetadata, save_draft, target_identity
+
+    save_draft(fusable_drafts["qwen3"], draft_dir, DraftMetadata(format_version=1, recipe="random-init",
+                                                                 target=target_identity(fusable_targets["qwen3"])))
+    report = validate_artifacts(fused_artifacts["qwen3"], fusable_dirs["qwen3"], draft_dir, max_new_tokens=16)
+    names = [check.name for check in report.checks]
+    assert report.passed, report.render()
+    assert any(n.startswith("target_ort values") for n in names) and any(n.startswith("draft_ort") for n in names)
+    assert "ORT fused speculative == ORT fused plain" in names and "ORT fused speculative == PyTorch plain" in names
