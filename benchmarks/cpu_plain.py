@@ -21,12 +21,13 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from hass_deploy.bench.runner import encode_prompt, load_prompt_sets
-from hass_deploy.config import GenerationConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, LookupConfig, TreeConfig
 from hass_deploy.export.manifest import read_manifest
 from hass_deploy.models.checkpoint import load_draft
 from hass_deploy.models.loading import load_target
@@ -81,6 +82,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-prompts", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--lookup", action="store_true", help="also time prompt-lookup decoding (no draft)")
     parser.add_argument("--steps", action="store_true", help="also measure the step-cost curve T = 1..64")
     parser.add_argument("--step-repeats", type=int, default=20)
     parser.add_argument("--out", type=Path)
@@ -92,17 +94,20 @@ def main(argv=None) -> None:
                for s in load_prompt_sets([args.prompts], args.max_prompts) for p in s.prompts]
     backends = variants(args, target, head)
     config = GenerationConfig(max_new_tokens=args.new_tokens, tree=TreeConfig(*args.tree), eos_token_ids=())
+    modes = ("plain", "speculative", "lookup")
     runs = {f"{name} {mode}": (t, d if mode == "speculative" else None)
-            for name, (t, d) in backends.items() for mode in ("plain", "speculative") if mode == "plain" or d}
-    for decoder_backends in runs.values():  # warm-up: sessions, plans, page cache
-        SpeculativeDecoder(*decoder_backends).generate(prompts[0], config)
+            for name, (t, d) in backends.items() for mode in modes
+            if mode == "plain" or (mode == "speculative" and d) or (mode == "lookup" and args.lookup)}
+    configs = {name: replace(config, lookup=LookupConfig()) if name.endswith("lookup") else config for name in runs}
+    for name, decoder_backends in runs.items():  # warm-up: sessions, plans, page cache
+        SpeculativeDecoder(*decoder_backends).generate(prompts[0], configs[name])
     rates: dict[str, list[float]] = {name: [] for name in runs}
     taus: dict[str, list[float]] = {name: [] for name in runs}
     outputs: dict[str, list[list[int]]] = {name: [] for name in runs}
     names = list(runs)
     for i, ids in enumerate(prompts):
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotate the order prompt by prompt
-            result = SpeculativeDecoder(*runs[name]).generate(ids, config)
+            result = SpeculativeDecoder(*runs[name]).generate(ids, configs[name])
             rates[name].append(result.tokens_per_s)
             taus[name].append(result.tau)
             outputs[name].append(result.output_ids)

@@ -125,7 +125,8 @@ def _auto_section(report: BenchReport) -> list[str]:
     if outcome is not None:
         lines += ["| | predicted tok/s | measured tok/s (mean over prompts) |", "|---|---:|---:|",
                   f"| {report.label('draft')} | {outcome.predicted_tokens_per_s:.1f} (with the bench's τ: "
-                  f"{outcome.predicted_with_bench_tau:.1f}) | {outcome.measured_tokens_per_s:.1f} |",
+                  f"{outcome.predicted_with_bench_tau:.1f}) | {outcome.measured_tokens_per_s:.1f} (runtime "
+                  f"efficiency {outcome.efficiency:.2f}) |",
                   f"| plain decoding | {outcome.predicted_plain_tokens_per_s:.1f} | "
                   f"{outcome.measured_plain_tokens_per_s:.1f} |", ""]
     lines += ["| tokens | depth | top-k | τ (calibration) | prompts | round ms | predicted tok/s |",

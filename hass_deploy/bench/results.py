@@ -109,6 +109,12 @@ class AutoOutcome:
     predicted_plain_tokens_per_s: float
     measured_plain_tokens_per_s: float
 
+    @property
+    def efficiency(self) -> float:
+        """Measured over predicted speed at the benchmark's own tau: what the runtime delivers of what its step
+        costs promise (1.0 = no loss to the loop, caches or the host), acceptance taken out of the comparison."""
+        return self.measured_tokens_per_s / self.predicted_with_bench_tau if self.predicted_with_bench_tau else 0.0
+
 
 @dataclass(frozen=True)
 class BenchReport:
@@ -163,7 +169,8 @@ class BenchReport:
             "methods": [asdict(m) for m in self.methods],
             "tree": asdict(self.tree), "tree_auto": None if self.tree_choice is None else {
                 **self.tree_choice.to_dict(),
-                "outcome": None if self.auto_outcome is None else asdict(self.auto_outcome)},
+                "outcome": None if self.auto_outcome is None else {**asdict(self.auto_outcome),
+                                                                    "efficiency": self.auto_outcome.efficiency}},
             "prompt_sets": list(self.prompt_sets), "prompt_encoding": self.prompt_encoding,
             "truncated_prompts": self.truncated_prompts,
             "lossless": self.lossless, "lossless_check": self.lossless_line(),

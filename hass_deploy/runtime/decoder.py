@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -98,6 +98,8 @@ class SpeculativeDecoder:
         lookup = None if config.lookup is None else PromptLookup(config.lookup, device)
         if lookup is not None:
             lookup.extend(prompt_ids)
+        uses_draft = self.draft is not None and lookup is None
+        root_only = trees.root_only(root.view(1))  # plain steps reuse its constant parts, only the token changes
         while True:
             if lookup is not None:
                 lookup.extend(new)  # this round's committed tokens and the new root (host ints: no sync)
@@ -117,19 +119,21 @@ class SpeculativeDecoder:
                 tree = self._grow(root, pending_features, pending_tokens, draft_len, config.tree, room)
                 draft_len = cache_len
             else:
-                tree = trees.root_only(root.view(1))
+                tree = replace(root_only, tokens=root.view(1))
             out = self.target.step(tree.tokens[None], (cache_len + tree.depths)[None], cache_len, tree.mask[None])
             logits = out.logits[0]  # [T, V]
             if config.sampling.greedy:
                 accepted = sampling.accept_greedy(tree, logits.argmax(-1))
             else:
                 accepted = sampling.accept_sampling(tree, sampling.target_probs(logits, config.sampling), generator)
-            self.target.compact(cache_len, accepted.path)
-            cache_len += accepted.path.numel()
-            pending_features = out.hidden[:, accepted.path]  # [1, a+1, H] verified features of the committed nodes
+            if not accepted.in_place:  # plain steps and chains accepted whole keep their rows where they are
+                self.target.compact(cache_len, accepted.path)
+            cache_len += len(accepted.nodes)
             pending_tokens = torch.tensor(accepted.tokens[1:], dtype=torch.long, device=device)  # [a+1]
+            if uses_draft:
+                pending_features = out.hidden[:, accepted.path]  # [1, a+1, H] verified features of the committed nodes
             root = pending_tokens[-1]
-            self._record(result, tree, accepted.path)
+            self._record(result, accepted)
             new = accepted.tokens[1:]
 
     def _check_request(self, prompt_ids: list[int], config: GenerationConfig) -> None:
@@ -209,12 +213,12 @@ class SpeculativeDecoder:
                                 torch.cat(pool_parents), budget)
 
     @staticmethod
-    def _record(result: GenerationResult, tree: trees.DraftTree, path: torch.Tensor) -> None:
+    def _record(result: GenerationResult, acceptance: sampling.Acceptance) -> None:
         """Accept length, and per-depth acceptance conditioned on reaching that depth (EAGLE's n-alpha)."""
-        accepted = path.numel() - 1
+        accepted = acceptance.accepted
         result.accept_lengths.append(accepted)
-        # Depth accepted + 1 was tried only if the last accepted node has children (host sync, [T] bools).
-        reached = accepted + int(bool((tree.parents == path[-1]).any()))
+        # Depth accepted + 1 was tried only if the last accepted node has children.
+        reached = accepted + (0 if acceptance.leaf else 1)
         while len(result.depth_attempts) < reached:
             result.depth_attempts.append(0)
             result.depth_accepts.append(0)

@@ -25,10 +25,20 @@ class Acceptance:
     Attributes:
         path: [a + 1] int64 node ids root..best on the tree's device (the nodes whose KV to keep).
         tokens: the a + 1 committed tree tokens (root first) followed by the bonus token, a + 2 ints on the host.
+        nodes: `path` on the host.
+        leaf: whether the deepest accepted node has no children in the tree (depth a + 1 was not tried).
     """
 
     path: torch.Tensor
     tokens: list[int]
+    nodes: tuple[int, ...]
+    leaf: bool
+
+    @property
+    def in_place(self) -> bool:
+        """The kept rows are already where they belong (nodes 0..a: a chain accepted whole, or a root alone),
+        so compacting them would copy every row onto itself."""
+        return self.nodes[-1] == len(self.nodes) - 1
 
     @property
     def accepted(self) -> int:
@@ -120,6 +130,9 @@ def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> Acceptance:
     """
     if target_tokens.shape != (tree.num_nodes,):
         raise ValueError(f"target_tokens must have shape [{tree.num_nodes}], got {tuple(target_tokens.shape)}")
+    if tree.num_nodes == 1:  # plain decoding: the root, then the target's token; a few microseconds count here
+        return Acceptance(path=tree.paths[0], tokens=[int(tree.tokens[0]), int(target_tokens[0])], nodes=(0,),
+                          leaf=True)
     # The one host sync: the tree and the target's choices, 3T ints read together; the walk is then a few
     # Python operations, not a dozen tiny kernels.
     tokens, parents, chosen = torch.stack([tree.tokens, tree.parents,
@@ -140,7 +153,8 @@ def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> Acceptance:
         path.append(parents[path[-1]])
     path.reverse()
     return Acceptance(path=torch.tensor(path, dtype=torch.int64, device=tree.tokens.device),
-                      tokens=[tokens[node] for node in path] + [chosen[best]])
+                      tokens=[tokens[node] for node in path] + [chosen[best]], nodes=tuple(path),
+                      leaf=best not in parents)
 
 
 def accept_sampling(
@@ -221,7 +235,8 @@ def accept_sampling(
     bonus = sample_token(residual, generator)
     committed = [host_tokens[path_node] for path_node in path_nodes]
     path = tree.paths[node, : len(path_nodes)]  # [a + 1], on the tree's device
-    return Acceptance(path=path, tokens=committed + [int(bonus)])  # host sync 2: the bonus token
+    return Acceptance(path=path, tokens=committed + [int(bonus)], nodes=tuple(path_nodes),  # host sync 2: the bonus
+                      leaf=not children[node])
 
 
 def _first_accepted_child(

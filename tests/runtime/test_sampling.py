@@ -159,18 +159,33 @@ SEVEN = tree_from_parents(torch.tensor([50, 11, 12, 13, 14, 15, 16]), torch.tens
 ])
 def test_accept_greedy_golden(target_tokens, path, tokens):
     acceptance = accept_greedy(SEVEN, torch.tensor(target_tokens))
-    assert acceptance.path.tolist() == path
+    assert acceptance.path.tolist() == path and list(acceptance.nodes) == path
     assert acceptance.path.dtype == torch.int64
     assert acceptance.tokens == tokens
     assert acceptance.accepted == len(path) - 1
     assert acceptance.bonus == tokens[-1]
+    # The deepest accepted node's children (SEVEN's parents) decide whether the next depth was tried.
+    assert acceptance.leaf == (path[-1] not in (0, 1, 2, 3))
+    # Rows 0..a already in place: the root alone (path [0]) or a prefix of node ids; [0, 1, 3, 5] must move.
+    assert acceptance.in_place == (path == list(range(len(path))))
 
 
 def test_accept_greedy_root_only():
     acceptance = accept_greedy(root_only(torch.tensor(50)), torch.tensor([8]))
-    assert acceptance.path.tolist() == [0]
+    assert acceptance.path.tolist() == [0] and acceptance.nodes == (0,)
     assert acceptance.tokens == [50, 8]
     assert acceptance.accepted == 0 and acceptance.bonus == 8
+    assert acceptance.leaf and acceptance.in_place
+
+
+def test_accept_sampling_reports_the_path_on_the_host():
+    probs = torch.zeros(7, 100)
+    probs[0, 11] = probs[1, 13] = probs[3, 15] = probs[5, 42] = 1.0  # one-hot: accepts 11 -> 13 -> 15
+    for node in (2, 4, 6):
+        probs[node, 0] = 1.0
+    acceptance = accept_sampling(SEVEN, probs, torch.Generator().manual_seed(0))
+    assert acceptance.nodes == (0, 1, 3, 5) and acceptance.path.tolist() == [0, 1, 3, 5]
+    assert acceptance.leaf and not acceptance.in_place
 
 
 def _random_tree(rng: random.Random, vocabulary: int) -> DraftTree:

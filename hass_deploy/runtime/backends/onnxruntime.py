@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ MIN_BOUND_ROWS = 64  # the first KV view and the unit it grows by; below this a 
 # but bound up to 2x the rows in use: steps 10-20 % slower at 512-1024 rows of context (docs/ONNX.md).
 GROWTH_DIVISOR = 4
 MAX_PLANS = 64  # run plans cached per session (one per distinct step shape, until the KV layout moves)
+_INPUT_DTYPES = {"input_ids": torch.int64, "position_ids": torch.int64, "cache_len": torch.int64,
+                 "tree_mask": torch.bool, "logits_index": torch.int64}
 
 
 def import_onnxruntime():
@@ -246,6 +249,7 @@ class _Plan:
     inputs in."""
 
     inputs: dict[str, torch.Tensor]  # the small per-step inputs (ids, positions, cache_len, mask, ...)
+    constants: dict[str, torch.Tensor]  # inputs that follow from the step's shape (causal mask, logit rows)
     outputs: dict[str, torch.Tensor]  # logits / hidden / top-k, overwritten by the next run
     new_rows: torch.Tensor | None  # [L, 2, 1, H_kv, T, D] the step's new K/V rows (None: the graph writes them)
     binding: object  # onnxruntime.IOBinding
@@ -273,33 +277,43 @@ class _Stepper:
                           full=self.in_graph)
         self.staging = Staging(device)
         self.plans: dict[tuple, _Plan] = {}
-        self.causal: dict[int, torch.Tensor] = {}  # [1, T, T] masks of causal steps, by T (at most `chunk` of them)
 
-    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    def run(self, key: tuple, feeds: dict[str, torch.Tensor], shape: Callable[[], tuple[dict, dict]],
             cache_len: int, steps: int) -> dict[str, torch.Tensor]:
-        """One graph run at cache_len: copy the feeds into the plan's buffers, run, write the new KV rows; return
-        the named outputs (views of staging, valid until the next run)."""
+        """One graph run of `steps` new rows at cache_len; returns the named outputs (views of staging, valid until
+        the next run).
+
+        `key` names the step's shape: every input and output shape follows from it. `feeds` change from run to
+        run and are copied into the plan's staging buffers (converting dtype). `shape()` is called only when a
+        plan is made, and returns the inputs that follow from the shape alone (a causal mask, the rows that get
+        logits), which the plan owns and binds once, and the outputs {name: (shape, dtype)}.
+        """
+        if cache_len + steps > self.max_len:
+            raise CacheCapacityError(f"KV cache overflow: {cache_len + steps} rows needed, {self.max_len} allocated")
         if self.kv.reserve(cache_len + steps):
             self.plans.clear()  # the KV views moved
-        key = (steps, tuple((name, value.shape, value.dtype) for name, value in feeds.items()), tuple(outputs.items()))
         plan = self.plans.get(key)
         if plan is None:
             allocations = self.staging.allocations
-            plan = self._plan(feeds, outputs, steps)
+            plan = self._plan(feeds, *shape(), steps)
             if self.staging.allocations != allocations or len(self.plans) >= MAX_PLANS:
                 self.plans.clear()  # a staging buffer moved: the other plans still point at (and hold) the old one
             self.plans[key] = plan
         for name, value in feeds.items():
             plan.inputs[name].copy_(value)
+        plan.inputs["cache_len"].fill_(cache_len)
         self.session.run_with_iobinding(plan.binding)
         if plan.new_rows is not None:
             self.kv.write(cache_len, plan.new_rows)
         return plan.outputs
 
-    def _plan(self, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-              steps: int) -> _Plan:
+    def _plan(self, feeds: dict[str, torch.Tensor], constants: dict[str, torch.Tensor],
+              outputs: dict[str, tuple[tuple[int, ...], torch.dtype]], steps: int) -> _Plan:
         spec, staging = self.spec, self.staging
-        inputs = {name: staging.view(name, tuple(value.shape), value.dtype) for name, value in feeds.items()}
+        inputs = {name: staging.view(name, tuple(value.shape), self._dtype(name)) for name, value in feeds.items()}
+        inputs["cache_len"] = staging.view("cache_len", (1,), torch.int64)
+        owned = {name: value.to(device=self.device, dtype=self._dtype(name)).contiguous()
+                 for name, value in constants.items()}
         bound_outputs = {name: staging.view("out:" + name, shape, dtype) for name, (shape, dtype) in outputs.items()}
         new_rows = None if self.in_graph else staging.view(
             "new_rows", (spec.num_layers, 2, 1, spec.num_kv_heads, steps, spec.head_dim), self.dtype)
@@ -310,7 +324,7 @@ class _Stepper:
             method(name, self.device_type, self.device_id, _ONNX_TYPES[tensor.dtype], tuple(tensor.shape),
                    tensor.data_ptr())
 
-        for name, tensor in inputs.items():
+        for name, tensor in {**inputs, **owned}.items():
             bind(binding.bind_input, name, tensor)
         for layer in range(spec.num_layers):
             bind(binding.bind_input, f"past_key_{layer}", view[layer, 0])
@@ -323,18 +337,10 @@ class _Stepper:
                 bind(binding.bind_output, f"new_value_{layer}", new_rows[layer, 1])
         for name, tensor in bound_outputs.items():
             bind(binding.bind_output, name, tensor)
-        return _Plan(inputs, bound_outputs, new_rows, binding)
+        return _Plan(inputs, owned, bound_outputs, new_rows, binding)
 
-    def common_feeds(self, input_ids, position_ids, cache_len: int, tree_mask) -> dict[str, torch.Tensor]:
-        steps = input_ids.shape[1]
-        if cache_len + steps > self.max_len:
-            raise CacheCapacityError(f"KV cache overflow: {cache_len + steps} rows needed, {self.max_len} allocated")
-        if tree_mask is None:
-            if steps not in self.causal:
-                self.causal[steps] = causal_tree_mask(steps, self.device)
-            tree_mask = self.causal[steps]
-        return {"input_ids": input_ids.to(torch.int64), "position_ids": position_ids.to(torch.int64),
-                "cache_len": torch.tensor([cache_len], dtype=torch.int64), "tree_mask": tree_mask.to(torch.bool)}
+    def _dtype(self, name: str) -> torch.dtype:
+        return _INPUT_DTYPES.get(name, self.dtype)  # features (the draft's) are in the graph's precision
 
     def chunks(self, steps: int, tree_mask) -> list[tuple[int, int]]:
         """Row ranges to run: one for a tree step, pieces of `chunk` rows for a long causal step (a prompt)."""
@@ -344,12 +350,24 @@ class _Stepper:
 
 
 class OrtTarget:
-    """`TargetBackend` over the exported target step graph."""
+    """`TargetBackend` over the exported target step graph.
+
+    An int8 target runs every one-row step as two rows (the row twice; the copy's logits are not computed and its
+    KV row, past the committed ones, is overwritten later). ORT's int8 MatMulNBits kernel computes a row of a
+    one-row product slightly differently (~1e-6) from the same row of a longer one, and int8 activation rounding
+    can turn that into a different token at a near-tie: plain decoding (one-row steps) would then not be the
+    model that verifies trees. From two rows on, a row's result does not depend on how many rows the step has
+    (tests/runtime/backends/test_onnxruntime_fused.py), so plain and speculative decoding compute bit for bit the
+    same quantised model.
+    """
 
     def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "target"):
         spec = manifest.graphs[graph]
         self.dtype = _TORCH_DTYPES[manifest.dtype]
-        self.stepper = _Stepper(session, spec, self.dtype, device, max_len, manifest.prefill_chunk)
+        self.pad_single_rows = spec.quantization is not None
+        # The padded copy's KV row may sit one past the last usable row.
+        self.stepper = _Stepper(session, spec, self.dtype, device, max_len + self.pad_single_rows,
+                                manifest.prefill_chunk)
         self.device, self.max_len, self.max_tree_tokens = device, max_len, manifest.max_tree_tokens
         self.vocab_size = manifest.target["vocab_size"]
         self.hidden_size = manifest.target["hidden_size"]
@@ -359,19 +377,31 @@ class OrtTarget:
         steps = input_ids.shape[1]
         if tree_mask is not None and steps > self.max_tree_tokens:
             raise ConfigError(f"a tree of {steps} nodes is more than the artifacts' tree budget ({self.max_tree_tokens})")
-        pieces = self.stepper.chunks(steps, tree_mask)
+        if cache_len + steps > self.max_len:
+            raise CacheCapacityError(f"KV cache overflow: {cache_len + steps} rows needed, {self.max_len} allocated")
         hidden, logits = [], []
-        for start, stop in pieces:
+        for start, stop in self.stepper.chunks(steps, tree_mask):
             rows = stop - start
-            feeds = self.stepper.common_feeds(input_ids[:, start:stop], position_ids[:, start:stop],
-                                              cache_len + start, tree_mask)
             # Prefill wants the last row's logits only; an earlier chunk's row is computed and dropped.
-            wanted = [rows - 1] if last_only else list(range(rows))
-            feeds["logits_index"] = torch.tensor(wanted, dtype=torch.int64)
-            out = self.stepper.run(feeds, {"logits": ((1, len(wanted), self.vocab_size), self.dtype),
-                                           "hidden": ((1, rows, self.hidden_size), self.dtype)},
-                                   cache_len + start, rows)
-            hidden.append(out["hidden"].clone())
+            wanted = 1 if last_only else rows
+            ids, positions, mask = input_ids[:, start:stop], position_ids[:, start:stop], tree_mask
+            padded = rows == 1 and self.pad_single_rows
+            if padded:  # see the class docstring: [x] -> [x, x], causal; row 0 is the step
+                ids, positions, mask, rows = ids.expand(1, 2), positions.expand(1, 2), None, 2
+            feeds = {"input_ids": ids, "position_ids": positions}
+            if mask is not None:
+                feeds["tree_mask"] = mask
+
+            def shape(rows=rows, wanted=wanted, mask=mask, padded=padded):
+                first = 0 if padded else rows - wanted
+                constants = {"logits_index": torch.arange(first, first + wanted)}
+                if mask is None:
+                    constants["tree_mask"] = causal_tree_mask(rows)
+                return constants, {"logits": ((1, wanted, self.vocab_size), self.dtype),
+                                   "hidden": ((1, rows, self.hidden_size), self.dtype)}
+
+            out = self.stepper.run((rows, wanted, mask is None, padded), feeds, shape, cache_len + start, rows)
+            hidden.append(out["hidden"][:, :stop - start].clone())
             if not last_only or stop == steps:
                 logits.append(out["logits"].clone())
         return TargetOutput(logits=torch.cat(logits, dim=1) if len(logits) > 1 else logits[0],
@@ -399,13 +429,19 @@ class OrtDraft:
         hidden, logprobs, tokens = [], [], []
         for start, stop in self.stepper.chunks(steps, tree_mask):
             rows = stop - start
-            feeds = self.stepper.common_feeds(input_ids[:, start:stop], position_ids[:, start:stop],
-                                              cache_len + start, tree_mask)
-            feeds["features"] = features[:, start:stop].to(self.dtype)
-            out = self.stepper.run(feeds, {"hidden": ((1, rows, self.hidden_size), self.dtype),
-                                           "top_logprobs": ((1, rows, self.max_top_k), torch.float32),
-                                           "top_tokens": ((1, rows, self.max_top_k), torch.int64)},
-                                   cache_len + start, rows)
+            feeds = {"features": features[:, start:stop], "input_ids": input_ids[:, start:stop],
+                     "position_ids": position_ids[:, start:stop]}
+            if tree_mask is not None:
+                feeds["tree_mask"] = tree_mask  # [1, T, M]: a tree level sees earlier levels' rows
+
+            def shape(rows=rows):
+                constants = {} if tree_mask is not None else {"tree_mask": causal_tree_mask(rows)}
+                return constants, {"hidden": ((1, rows, self.hidden_size), self.dtype),
+                                   "top_logprobs": ((1, rows, self.max_top_k), torch.float32),
+                                   "top_tokens": ((1, rows, self.max_top_k), torch.int64)}
+
+            key = (rows, None if tree_mask is None else tree_mask.shape[-1])
+            out = self.stepper.run(key, feeds, shape, cache_len + start, rows)
             hidden.append(out["hidden"].clone())
             # TopK sorts descending, so the first top_k of the graph's K columns are the top_k.
             logprobs.append(out["top_logprobs"][..., :top_k].clone())

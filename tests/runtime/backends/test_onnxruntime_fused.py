@@ -131,6 +131,28 @@ def test_int8_target_is_lossless_against_its_own_plain_decoding(arch, fusable_ta
     assert float((quantized - reference).abs().max()) < 0.05 * float(reference.abs().max())
 
 
+def test_int8_rows_do_not_depend_on_the_step_size(fusable_targets, fusable_drafts, tmp_path):
+    """What the int8 target's lossless decoding rests on (OrtTarget pads one-row steps to two): a row's logits in a
+    plain step are bit for bit those of the same row in a chain of any length, so a token accepted from a tree is
+    the token plain decoding would have produced, even at a near-tie that int8 rounding could tip."""
+    target = fusable_targets["qwen2"]
+    out = exported(tmp_path, "qwen2", target, fusable_drafts["qwen2"], INT8)
+    prefix, chain = torch.tensor([prompt(30, seed=9)]), torch.tensor([prompt(16, seed=10)])
+
+    def fresh():
+        backend, _ = ort(target, None, out)
+        backend.step(prefix, torch.arange(30)[None], 0, None, last_only=True)
+        return backend
+
+    plain, rows = fresh(), []
+    for i in range(16):
+        rows.append(plain.step(chain[:, i:i + 1], torch.tensor([[30 + i]]), 30 + i, None).logits[0, 0])
+    for length in (2, 5, 11, 16):
+        logits = fresh().step(chain[:, :length], torch.arange(30, 30 + length)[None], 30,
+                              torch.ones(1, length, length, dtype=torch.bool).tril()).logits[0]
+        assert all(torch.equal(logits[i], rows[i]) for i in range(length)), length
+
+
 def test_validate_checks_the_fused_graphs(fusable_dirs, fusable_targets, fusable_drafts, fused_artifacts, tmp_path):
     draft_dir = tmp_path / "draft"
     from hass_deploy.models.checkpoint import DraftMetadata, save_draft, target_identity
