@@ -75,13 +75,14 @@ class _Graph:
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs: int | list[str] = 1,
            domain: str = "", **attrs):
-        """Add a node; returns its output name, or the list of names when `outputs` is a count > 1 or a list."""
+        """Add a node with `outputs` new outputs (a count) or the named ones (a list); returns the output's name, or
+        the list of names when there are several."""
         from onnx import helper
 
         names = outputs if isinstance(outputs, list) else [self.name(hint or op_type) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name("n_" + op_type), domain=domain,
                                            **attrs))
-        return names[0] if not isinstance(outputs, list) and outputs == 1 else names
+        return names[0] if len(names) == 1 else names
 
     def scalar(self, hint: str, value, dtype) -> str:
         return self.const(hint, np.array(value, dtype=dtype))
@@ -97,12 +98,10 @@ class _Graph:
             y = self._int8_matmul(x, weight, hint, named)
         else:
             y = self.op("MatMul", [x, self.const(hint + "_w", weight.T)], hint, outputs=named)
-        y = y[0] if isinstance(y, list) else y
         if has_bias:
             bias = torch.cat([b.detach() if b is not None else torch.zeros(layer.out_features)
                               for b, layer in zip(biases, layers)]).float().numpy()
             y = self.op("Add", [y, self.const(hint + "_b", bias)], hint, outputs=[out] if out is not None else 1)
-            y = y[0] if isinstance(y, list) else y
         return y
 
     def _int8_matmul(self, x: str, weight: np.ndarray, hint: str, outputs) -> str:
@@ -116,20 +115,8 @@ class _Graph:
         scales = np.where(scales == 0, 1.0, scales).astype(np.float32)  # an all-zero block: any scale is exact
         quantized = (np.clip(np.rint(grouped / scales[..., None]), -127, 127) + 128).astype(np.uint8)
         return self.op("MatMulNBits", [x, self.const(hint + "_q", quantized), self.const(hint + "_s", scales)],
-                       hint, outputs=outputs, domain=MS, K=k, N=n, bits=8, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL)
-
-
-def dequantized_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight [N, K] an int8 `MatMulNBits` of this module uses, in fp32: what the quantised model computes."""
-    n, k = weight.shape
-    blocks = -(-k // BLOCK_SIZE)
-    padded = torch.zeros(n, blocks * BLOCK_SIZE)
-    padded[:, :k] = weight.float()
-    grouped = padded.view(n, blocks, BLOCK_SIZE)
-    scales = grouped.abs().amax(-1) / 127.0
-    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-    quantized = torch.clamp(torch.round(grouped / scales[..., None]), -127, 127)
-    return (quantized * scales[..., None]).view(n, -1)[:, :k]
+                       hint, outputs=outputs, domain=MS, K=k, N=n, bits=8, block_size=BLOCK_SIZE,
+                       accuracy_level=ACCURACY_LEVEL)
 
 
 def _rope_tables(rotary: Rotary, positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,8 +150,8 @@ class _Step:
         g, int64 = self.g, np.int64
         width = g.op("Gather", [g.op("Shape", ["tree_mask"]), g.scalar("two", 2, int64)], "width")  # M
         context = g.op("Sub", [total, g.op("Unsqueeze", [width, g.scalar("axis", [0], int64)])], "context")  # [1]
-        shape = g.op("Concat", [g.scalar("ones", [1, 1], int64), g.op("Unsqueeze", [steps, g.scalar("axis", [0], int64)]),
-                                context], axis=0)
+        rows = g.op("Unsqueeze", [steps, g.scalar("axis", [0], int64)])  # [1]: T
+        shape = g.op("Concat", [g.scalar("ones", [1, 1], int64), rows, context], axis=0)  # [1, 1, T, total - M]
         past = g.op("ConstantOfShape", [shape], "past_bias",
                     value=_tensor_attr(np.zeros(1, dtype=np.float32)))  # [1, 1, T, total - M]
         tree = g.op("Where", [g.op("Unsqueeze", ["tree_mask", g.scalar("axis", [1], int64)]),

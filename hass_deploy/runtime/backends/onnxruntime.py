@@ -376,7 +376,8 @@ class OrtTarget:
     def step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False) -> TargetOutput:
         steps = input_ids.shape[1]
         if tree_mask is not None and steps > self.max_tree_tokens:
-            raise ConfigError(f"a tree of {steps} nodes is more than the artifacts' tree budget ({self.max_tree_tokens})")
+            raise ConfigError(f"a tree of {steps} nodes is more than the artifacts' tree budget "
+                              f"({self.max_tree_tokens})")
         if cache_len + steps > self.max_len:
             raise CacheCapacityError(f"KV cache overflow: {cache_len + steps} rows needed, {self.max_len} allocated")
         hidden, logits = [], []
