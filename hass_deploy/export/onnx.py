@@ -205,7 +205,7 @@ def quantize_draft_graph(path: Path, spec: GraphSpec) -> GraphSpec:
     onnx.checker.check_model(str(quantized))
     model = onnx.load(str(quantized), load_external_data=False)
     return replace(spec, file=quantized.name, operators=tensorrt_ops.operators(model),
-                   tensorrt_unsupported=tensorrt_ops.unsupported_operators(model))
+                   tensorrt_unsupported=tensorrt_ops.unsupported_operators(model), quantization="int8")
 
 
 def _versions() -> dict[str, str]:

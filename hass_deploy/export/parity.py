@@ -290,15 +290,17 @@ def compare_fused(graph: str, artifacts: Path, manifest: Manifest, module: torch
         names = [t.name for t in manifest.graphs[role].outputs]
         expected = dict(zip(names, expected))
         steps_ = feeds["input_ids"].shape[1]
+        # A captured prefill carries its causal mask; replayed as a causal step it is chunked like a prompt, not held
+        # to the tree budget.
+        mask = None if torch.equal(feeds["tree_mask"], causal_tree_mask(steps_)) else feeds["tree_mask"]
         if role == "target":
-            out = backend.step(feeds["input_ids"], feeds["position_ids"], cache_len, feeds["tree_mask"])
+            out = backend.step(feeds["input_ids"], feeds["position_ids"], cache_len, mask)
             logits = out.logits[:, feeds["logits_index"]]  # [1, R, V]: the rows the module computed
             got = {"logits": logits, "hidden": out.hidden}
             argmax_same += bool((logits.argmax(-1) == expected["logits"].argmax(-1)).all())
         else:
             top_k = expected["top_tokens"].shape[-1]
-            out = backend.step(feeds["features"], feeds["input_ids"], feeds["position_ids"], cache_len,
-                               feeds["tree_mask"], top_k)
+            out = backend.step(feeds["features"], feeds["input_ids"], feeds["position_ids"], cache_len, mask, top_k)
             got = {"hidden": out.hidden, "top_logprobs": out.logprobs}
             argmax_same += bool((out.tokens[..., 0] == expected["top_tokens"][..., 0]).all())
         for layer in range(spec.num_layers):
@@ -418,10 +420,11 @@ def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir:
         spec = manifest.graphs[graph]
         session = open_session(artifacts / spec.file, torch.device("cpu"), OrtConfig())
         checks = compare_graph(graph, session, module, spec, samples[graph], tolerance)
-        if graph == "draft" and manifest.draft_quantization is not None:
+        quantized = spec.quantization or (manifest.draft_quantization if "draft_ort" not in manifest.graphs else None)
+        if graph == "draft" and quantized is not None:
             # A quantised draft is meant to differ from PyTorch; what it proposes can only change acceptance, and
             # the end-to-end checks below still require every output to be the target's own, token for token.
-            checks = [Check(f"{c.name} [{manifest.draft_quantization} draft]", None, c.detail) for c in checks]
+            checks = [Check(f"{c.name} [{quantized} draft]", None, c.detail) for c in checks]
         report.checks.extend(checks)
     report.checks.extend(end_to_end(artifacts, manifest, target, head, reference.module, prompts, config,
                                     tolerance, max_len))

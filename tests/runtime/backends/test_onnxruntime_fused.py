@@ -159,7 +159,11 @@ def test_validate_checks_the_fused_graphs(fusable_dirs, fusable_targets, fusable
 
     save_draft(fusable_drafts["qwen3"], draft_dir, DraftMetadata(format_version=1, recipe="random-init",
                                                                  target=target_identity(fusable_targets["qwen3"])))
-    report = validate_artifacts(fused_artifacts["qwen3"], fusable_dirs["qwen3"], draft_dir, max_new_tokens=16)
+    # The first prompt's prefill (70 rows) is longer than the tree budget (64) and the prefill chunk (8): replayed
+    # as a causal step, chunked, not refused as a tree.
+    prompts = [prompt(70, seed=21), prompt(5, seed=22)]
+    report = validate_artifacts(fused_artifacts["qwen3"], fusable_dirs["qwen3"], draft_dir, prompts=prompts,
+                                max_new_tokens=16)
     names = [check.name for check in report.checks]
     assert report.passed, report.render()
     assert any(n.startswith("target_ort values") for n in names) and any(n.startswith("draft_ort") for n in names)
