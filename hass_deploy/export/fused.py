@@ -134,7 +134,7 @@ class _Step:
         cos, sin = _rope_tables(rotary, max_positions)
         self.cos, self.sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
         # total = cache_len + T rows after the step; GroupQueryAttention takes total - 1 (int32 [1]) and total.
-        steps = g.op("Gather", [g.op("Shape", ["input_ids"]), g.scalar("one", 1, np.int64)], "steps")  # T
+        steps = g.op("Shape", ["input_ids"], "steps", start=1, end=2)  # [1]: T
         total = g.op("Add", ["cache_len", steps], "total")  # [1]
         self.seqlens = g.op("Cast", [g.op("Sub", [total, g.scalar("one", [1], np.int64)])], "seqlens_k", to=6)
         self.total = g.op("Cast", [g.op("Squeeze", [total])], "total_len", to=6)
@@ -148,10 +148,10 @@ class _Step:
         their descendants), so adding the bias to it gives exactly the tree mask.
         """
         g, int64 = self.g, np.int64
-        width = g.op("Gather", [g.op("Shape", ["tree_mask"]), g.scalar("two", 2, int64)], "width")  # M
-        context = g.op("Sub", [total, g.op("Unsqueeze", [width, g.scalar("axis", [0], int64)])], "context")  # [1]
-        rows = g.op("Unsqueeze", [steps, g.scalar("axis", [0], int64)])  # [1]: T
-        shape = g.op("Concat", [g.scalar("ones", [1, 1], int64), rows, context], axis=0)  # [1, 1, T, total - M]
+        # Every operator here runs once per step on tiny tensors: few of them, since each costs a dispatch.
+        width = g.op("Shape", ["tree_mask"], "width", start=2, end=3)  # [1]: M
+        context = g.op("Sub", [total, width], "context")  # [1]: total - M
+        shape = g.op("Concat", [g.scalar("ones", [1, 1], int64), steps, context], axis=0)  # [1, 1, T, total - M]
         past = g.op("ConstantOfShape", [shape], "past_bias",
                     value=_tensor_attr(np.zeros(1, dtype=np.float32)))  # [1, 1, T, total - M]
         tree = g.op("Where", [g.op("Unsqueeze", ["tree_mask", g.scalar("axis", [1], int64)]),
@@ -205,11 +205,11 @@ class _Step:
         return self.g.op("RMSNormalization", [x, self._gamma(norm_module, hint)], hint, axis=-1,
                          epsilon=float(norm_module.eps), stash_type=1)
 
-    def skip_norm(self, x: str, skip: str, norm_module, hint: str) -> tuple[str, str]:
-        """(norm(x + skip), x + skip) in one operator."""
+    def skip_norm(self, x: str, skip: str, norm_module, hint: str, out: str | None = None) -> tuple[str, str]:
+        """(norm(x + skip), x + skip) in one operator; `out` names the first (a graph output)."""
         g = self.g
         normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", [x, skip, self._gamma(norm_module, hint)],
-                                   outputs=[g.name(hint), "", "", g.name(hint + "_sum")], domain=MS,
+                                   outputs=[out or g.name(hint), "", "", g.name(hint + "_sum")], domain=MS,
                                    epsilon=float(norm_module.eps))
         return normed, total
 
@@ -276,9 +276,10 @@ def target_graph(model: Transformer, max_positions: int, quantization: str | Non
         attended = step.attention(x, layer, i)
         x, residual = step.skip_norm(attended, residual, layer.post_attention_layernorm, f"l{i}_post_norm")
         down = step.mlp(x, layer, i)
-        next_norm = model.layers[i + 1].input_layernorm if i + 1 < len(model.layers) else model.norm
-        x, residual = step.skip_norm(down, residual, next_norm, f"l{i + 1}_in_norm")
-    g.op("Identity", [x], outputs=["hidden"])  # [1, T, H] post-final-norm
+        last = i + 1 == len(model.layers)
+        next_norm = model.norm if last else model.layers[i + 1].input_layernorm
+        # The last one is the final norm: its output is the graph's `hidden` [1, T, H] (post-final-norm).
+        x, residual = step.skip_norm(down, residual, next_norm, f"l{i + 1}_in_norm", "hidden" if last else None)
     rows = g.op("Gather", ["hidden", "logits_index"], "rows", axis=1)  # [1, R, H]
     g.linear(rows, [model.lm_head], "lm_head", out="logits")
     kv_in, kv_out = _kv_io(config, config.num_layers)
