@@ -18,6 +18,7 @@ from hass_deploy.bench.config import BenchConfig
 from hass_deploy.config import GenerationConfig, LookupConfig, RuntimeConfig, SamplingConfig, TrainConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export.config import ExportConfig
+from hass_deploy.models.widen import Widening
 from hass_deploy.training.data import DataConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -405,9 +406,6 @@ def quickstart(
         _fail(f"{workdir} exists and is not a directory")
     summary = run_quickstart(workdir, preset, tuple(prompts), progress, log=lambda line: typer.echo(line, err=True))
     typer.echo(render_summary(summary))
-
-
-from hass_deploy.models.widen import Widening  # noqa: E402  (kept beside its command: the seed default comes from it)
 
 
 @app.command()

@@ -60,14 +60,14 @@ class ExportConfig:
             raise ConfigError(f"--target-quantization must be one of {', '.join(TARGET_QUANTIZATIONS)}, "
                               f"got {self.target_quantization!r}")
         if self.ort_graphs and self.dtype != "fp32":
-            raise ConfigError(f"the fused ONNX Runtime graphs are fp32 (CPU): export them with --dtype fp32")
+            raise ConfigError("the fused ONNX Runtime graphs are fp32 (CPU): export them with --dtype fp32")
         if self.target_quantization is not None and not self.fused:
             raise ConfigError("--target-quantization int8 quantises the fused ONNX Runtime target graph: export "
                               "with --dtype fp32 and without --no-ort-graphs")
+        if self.opset < 18:
+            raise ConfigError(f"--opset must be >= 18 (the dynamo exporter's floor), got {self.opset}")
 
     @property
     def fused(self) -> bool:
         """Whether the fused ONNX Runtime graphs are written."""
         return self.ort_graphs if self.ort_graphs is not None else self.dtype == "fp32"
-        if self.opset < 18:
-            raise ConfigError(f"--opset must be >= 18 (the dynamo exporter's floor), got {self.opset}")

@@ -122,6 +122,13 @@ def test_int8_draft_is_quantised_informational_in_parity_and_still_lossless(targ
     assert all(c.passed is True for c in report.checks if c.name.startswith("ORT"))
 
 
+def test_export_config_refuses_an_opset_below_the_exporters_floor():
+    from hass_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--opset must be >= 18"):
+        ExportConfig(opset=17)
+
+
 def test_int8_needs_an_fp32_export():
     from hass_deploy.errors import ConfigError
 

@@ -249,7 +249,7 @@ class _Plan:
     inputs in."""
 
     inputs: dict[str, torch.Tensor]  # the small per-step inputs (ids, positions, cache_len, mask, ...)
-    constants: dict[str, torch.Tensor]  # inputs that follow from the step's shape (causal mask, logit rows)
+    constants: dict[str, torch.Tensor]  # inputs that follow from the shape (causal mask, logit rows); held: bound
     outputs: dict[str, torch.Tensor]  # logits / hidden / top-k, overwritten by the next run
     new_rows: torch.Tensor | None  # [L, 2, 1, H_kv, T, D] the step's new K/V rows (None: the graph writes them)
     binding: object  # onnxruntime.IOBinding
