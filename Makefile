@@ -13,7 +13,7 @@ $(BIN)/hass-deploy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_CPU)
-	$(BIN)/pip install --quiet -e '.[dev,onnx]'
+	$(BIN)/pip install --quiet -e '.[dev,onnx,serve]'
 	touch $@
 
 install: $(BIN)/hass-deploy

@@ -19,6 +19,8 @@ from hass_deploy.config import GenerationConfig, LookupConfig, RuntimeConfig, Sa
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export.config import ExportConfig
 from hass_deploy.models.widen import Widening
+from hass_deploy.serving.engine import EngineConfig
+from hass_deploy.serving.loadtest import LoadTestConfig
 from hass_deploy.training.data import DataConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,6 +30,8 @@ _TREE, _SAMPLING, _GEN, _RUNTIME = TreeConfig(), SamplingConfig(), GenerationCon
 _LOOKUP = LookupConfig()
 _TRAIN = TrainConfig()
 _BENCH = BenchConfig()
+_LOADTEST = LoadTestConfig()
+_ENGINE = EngineConfig()
 _EXPORT = ExportConfig()
 _DATA = DataConfig()
 
@@ -387,6 +391,113 @@ def bench(
     typer.echo((out / "bench.md").read_text())
     if report.lossless is False:
         _fail(report.lossless_line())
+
+
+@app.command("bench-serve")
+@_user_errors
+def bench_serve(
+    url: str = typer.Option(_LOADTEST.url, help="The running OpenAI-compatible server (`hass-deploy serve`)."),
+    prompts: list[Path] = typer.Option(..., help="JSONL prompts (EAGLE questions or {\"prompt\"} lines); repeatable; "
+                                       "requests cycle through them."),
+    max_prompts: Optional[int] = typer.Option(_LOADTEST.max_prompts, help="First N prompts of each file."),
+    num_requests: int = typer.Option(_LOADTEST.num_requests, help="Requests sent in all."),
+    concurrency: int = typer.Option(_LOADTEST.concurrency, help="Most requests in flight at once."),
+    request_rate: float = typer.Option(_LOADTEST.request_rate, help="Requests/s, Poisson arrivals (inf: all at "
+                                       "once)."),
+    max_tokens: int = typer.Option(_LOADTEST.max_tokens, help="max_tokens of each request."),
+    temperature: float = typer.Option(_LOADTEST.temperature, help="0 = greedy (what --check compares)."),
+    chat: bool = typer.Option(_LOADTEST.chat, "--chat/--no-chat", help="/v1/chat/completions instead of "
+                              "/v1/completions."),
+    model: Optional[str] = typer.Option(_LOADTEST.model, help="Model name to request (default: the server's first)."),
+    metrics_prefix: str = typer.Option(_LOADTEST.metrics_prefix, help="Prefix of the server's Prometheus counters "
+                                       "(hass_deploy, vllm, ...)."),
+    check: bool = typer.Option(False, "--check", help="Compare greedy responses with offline generation by --target."),
+    target: Optional[Path] = typer.Option(None, help="--check: the target model directory the server serves."),
+    draft: Optional[Path] = typer.Option(None, help="--check: a draft head directory (optional)."),
+    artifacts: Optional[Path] = typer.Option(None, help="--check: a `hass-deploy export` directory (onnxruntime)."),
+    timeout: float = typer.Option(_LOADTEST.timeout, help="Seconds per request, sent to last chunk."),
+    out: Optional[Path] = typer.Option(None, help="Directory for serve_bench.json and serve_bench.md."),
+    seed: int = typer.Option(_LOADTEST.seed, help="Seed of the Poisson arrival times."),
+) -> None:
+    """Load-test a running server: throughput, TTFT/TPOT/ITL/E2E latency, acceptance from its /metrics (and with
+    --check, greedy responses against offline generation)."""
+    from hass_deploy.serving.loadtest import check_line, render_markdown, run_load_test
+
+    if not check and any(v is not None for v in (target, draft, artifacts)):
+        _fail("--target, --draft and --artifacts are for --check")
+    if check and target is None:
+        _fail("--check needs --target (the model the server serves)")
+    if check and temperature != 0:
+        _fail("--check compares greedy responses: use --temperature 0")
+    if out is not None and out.exists() and not out.is_dir():
+        _fail(f"{out} exists and is not a directory")
+    config = LoadTestConfig(url=url.rstrip("/"), model=model, num_requests=num_requests, concurrency=concurrency,
+                            request_rate=request_rate, max_tokens=max_tokens, temperature=temperature, chat=chat,
+                            metrics_prefix=metrics_prefix, timeout=timeout, seed=seed, max_prompts=max_prompts)
+    report = run_load_test(config, prompts, out, check=check, target=target, draft=draft, artifacts=artifacts)
+    typer.echo(render_markdown(report))
+    if check and not report["check"]["identical"]:
+        _fail(check_line(report["check"]))
+
+
+@app.command()
+@_user_errors
+def serve(
+    target: Path = typer.Option(..., help="Target model directory (Hugging Face format)."),
+    draft: Optional[Path] = typer.Option(None, help="Draft head directory; without one, requests decode plainly or "
+                                         "by prompt lookup."),
+    artifacts: Optional[Path] = typer.Option(None, help="`hass-deploy export` directory (--backend onnxruntime)."),
+    backend: str = typer.Option("auto", help="torch, onnxruntime, or auto: onnxruntime when --artifacts is given."),
+    parallel: int = typer.Option(_ENGINE.parallel, help="Decoder slots: requests decoded concurrently, each with "
+                                 "its own KV buffers over shared weights."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port, printed when ready)."),
+    max_queue: int = typer.Option(_ENGINE.max_queue, help="Requests waiting for a slot before new ones get 429."),
+    served_model_name: Optional[str] = typer.Option(None, help="The model name clients use (default: the target "
+                                                    "directory's name)."),
+    shutdown_timeout: float = typer.Option(30.0, help="On SIGTERM: seconds for running requests to finish before "
+                                           "they are cancelled."),
+    speculation: str = typer.Option(_ENGINE.speculation, help="Per-request default (requests may override it): "
+                                    "draft, lookup or off."),
+    request_timeout: Optional[float] = typer.Option(None, help="Seconds a request may take from arrival (default: "
+                                                    "none; requests may set `timeout`)."),
+    tree_tokens: int = typer.Option(_TREE.tokens, help="Tree nodes verified per round, root included."),
+    tree_depth: int = typer.Option(_TREE.depth, help="Draft levels per round."),
+    tree_top_k: int = typer.Option(_TREE.top_k, help="Children per node and beam width."),
+    dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16 (torch backend)."),
+    device: str = typer.Option(_RUNTIME.device, help="cpu or cuda (torch backend)."),
+    max_seq_len: Optional[int] = typer.Option(None, help="KV rows per slot: prompt + completion (default: the "
+                                              "export's, or min(max_position_embeddings, 4096))."),
+    metrics_prefix: str = typer.Option("hass_deploy", help="Prefix of the Prometheus metric names."),
+) -> None:
+    """Serve the target (and draft) over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions,
+    /v1/models, /health, /metrics."""
+    from hass_deploy.runtime.backends import choose_backend
+    from hass_deploy.serving.engine import Engine, EngineConfig
+    from hass_deploy.serving.server import Server
+
+    if not 0 <= port <= 65535:
+        _fail(f"--port must be in 0..65535, got {port}")
+    if not shutdown_timeout >= 0:
+        _fail(f"--shutdown-timeout must be >= 0 seconds, got {shutdown_timeout}")
+    if max_seq_len is not None and max_seq_len < 1:
+        _fail(f"--max-seq-len must be >= 1, got {max_seq_len}")
+    if not target.is_dir():
+        _fail(f"{target}: no such model directory")
+    config = EngineConfig(parallel=parallel, max_queue=max_queue, speculation=speculation,
+                          request_timeout=request_timeout, tree=TreeConfig(tree_tokens, tree_depth, tree_top_k))
+    runtime = RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype, device=device,
+                            max_seq_len=max_seq_len)
+    name = served_model_name or target.resolve().name
+
+    def load(metrics):
+        return Engine.load(target, draft, config, runtime, artifacts, metrics)
+
+    def ready(bound: int) -> None:
+        typer.echo(f"serving {name} on http://{host}:{bound} ({parallel} slot{'s' * (parallel > 1)}, "
+                   f"speculation {config.speculation if draft is not None else 'off/lookup'})", err=True)
+
+    Server(load, name, host, port, shutdown_timeout, metrics_prefix, on_ready=ready).serve_until_stopped()
 
 
 @app.command()

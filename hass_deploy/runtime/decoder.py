@@ -31,6 +31,7 @@ class GenerationResult:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)  # new tokens only
     accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per round
+    draft_lengths: list[int] = field(default_factory=list)  # draft tokens verified per round (tree nodes - 1)
     depth_attempts: list[int] = field(default_factory=list)  # [d] rounds that tried a token at depth d+1
     depth_accepts: list[int] = field(default_factory=list)  # [d] rounds that accepted one there
     stop_reason: str = ""  # "eos", "max_new_tokens" or "cache_full"
@@ -104,14 +105,14 @@ class SpeculativeDecoder:
             if lookup is not None:
                 lookup.extend(new)  # this round's committed tokens and the new root (host ints: no sync)
             new, stop = self._truncate(new, len(result.output_ids), config, eos)
+            room = self.target.max_len - cache_len
+            if stop is None and room <= 0:
+                stop = "cache_full"
             result.output_ids.extend(new)
+            # Set before the yield, so a consumer knows these are the last tokens without asking for more.
+            result.stop_reason = stop or ""
             yield new
             if stop is not None:
-                result.stop_reason = stop
-                return
-            room = self.target.max_len - cache_len
-            if room <= 0:
-                result.stop_reason = "cache_full"
                 return
             if lookup is not None and room > 1:
                 tree = lookup.propose(new[-1], min(config.lookup.tokens, room))  # new[-1] is the pending root
@@ -133,7 +134,7 @@ class SpeculativeDecoder:
             if uses_draft:
                 pending_features = out.hidden[:, accepted.path]  # [1, a+1, H] verified features of the committed nodes
             root = pending_tokens[-1]
-            self._record(result, accepted)
+            self._record(result, accepted, tree.num_nodes - 1)
             new = accepted.tokens[1:]
 
     def _check_request(self, prompt_ids: list[int], config: GenerationConfig) -> None:
@@ -213,10 +214,12 @@ class SpeculativeDecoder:
                                 torch.cat(pool_parents), budget)
 
     @staticmethod
-    def _record(result: GenerationResult, acceptance: sampling.Acceptance) -> None:
-        """Accept length, and per-depth acceptance conditioned on reaching that depth (EAGLE's n-alpha)."""
+    def _record(result: GenerationResult, acceptance: sampling.Acceptance, drafted: int) -> None:
+        """Accept length, draft tokens, and per-depth acceptance conditioned on reaching that depth (EAGLE's
+        n-alpha)."""
         accepted = acceptance.accepted
         result.accept_lengths.append(accepted)
+        result.draft_lengths.append(drafted)
         # Depth accepted + 1 was tried only if the last accepted node has children.
         reached = accepted + (0 if acceptance.leaf else 1)
         while len(result.depth_attempts) < reached:

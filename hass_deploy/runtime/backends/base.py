@@ -51,6 +51,11 @@ class TargetBackend(Protocol):
         """Move KV rows cache_len + keep[j] to cache_len + j (keep [n] increasing): the accepted path."""
         ...
 
+    def fork(self) -> "TargetBackend":
+        """Another backend over the same weights (module, session), with KV buffers of its own: a serving slot
+        costs its KV buffers, not a copy of the model."""
+        ...
+
 
 class DraftBackend(Protocol):
     device: torch.device
@@ -66,4 +71,8 @@ class DraftBackend(Protocol):
         top_k: int,
     ) -> DraftOutput:
         """Run T (feature, next token) pairs [1, T, H], [1, T]; tree_mask [1, T, M] covers the last M rows."""
+        ...
+
+    def fork(self) -> "DraftBackend":
+        """Another backend over the same weights, with KV buffers of its own (see TargetBackend.fork)."""
         ...

@@ -363,6 +363,7 @@ class OrtTarget:
 
     def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "target"):
         spec = manifest.graphs[graph]
+        self.manifest, self.graph = manifest, graph
         self.dtype = _TORCH_DTYPES[manifest.dtype]
         self.pad_single_rows = spec.quantization is not None
         # The padded copy's KV row may sit one past the last usable row.
@@ -411,12 +412,17 @@ class OrtTarget:
     def compact(self, cache_len: int, keep: torch.Tensor) -> None:
         self.stepper.kv.compact(cache_len, keep)
 
+    def fork(self) -> "OrtTarget":
+        """The same session (ORT runs one session from several threads), new KV buffers and run plans."""
+        return OrtTarget(self.stepper.session, self.manifest, self.device, self.max_len, self.graph)
+
 
 class OrtDraft:
     """`DraftBackend` over the exported draft step graph (the target's lm_head and top-k inside the graph)."""
 
     def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "draft"):
         spec = manifest.graphs[graph]
+        self.manifest, self.graph = manifest, graph
         self.dtype = _TORCH_DTYPES[manifest.dtype]
         self.stepper = _Stepper(session, spec, self.dtype, device, max_len, manifest.prefill_chunk)
         self.device, self.max_len, self.max_top_k = device, max_len, manifest.max_top_k
@@ -449,6 +455,9 @@ class OrtDraft:
             tokens.append(out["top_tokens"][..., :top_k].clone())
         join = (lambda parts: torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
         return DraftOutput(hidden=join(hidden), logprobs=join(logprobs), tokens=join(tokens))
+
+    def fork(self) -> "OrtDraft":
+        return OrtDraft(self.stepper.session, self.manifest, self.device, self.max_len, self.graph)
 
 
 def open_ort_backends(artifacts: Path, manifest: Manifest, with_draft: bool, max_len: int, draft_extra_rows: int,

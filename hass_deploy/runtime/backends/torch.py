@@ -33,6 +33,9 @@ class TorchTarget:
     def compact(self, cache_len: int, keep: torch.Tensor) -> None:
         self.kv.compact(cache_len, keep)
 
+    def fork(self) -> "TorchTarget":
+        return TorchTarget(self.module, self.max_len)
+
 
 class TorchDraft:
     """The draft head with the target's lm_head (shared, not copied)."""
@@ -50,3 +53,6 @@ class TorchDraft:
         logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1, T, V]
         top = torch.topk(logprobs, top_k, dim=-1)
         return DraftOutput(hidden=hidden, logprobs=top.values, tokens=top.indices)
+
+    def fork(self) -> "TorchDraft":
+        return TorchDraft(self.head, self.lm_head, self.max_len)
