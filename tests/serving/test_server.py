@@ -5,6 +5,9 @@ httpx, on the bigram target (its greedy text is known: "café☕!café☕!...") 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -343,3 +346,86 @@ def test_health_is_503_while_loading(models):
         gate.set()
         server.should_exit = True
         thread.join(30)
+
+
+# -- shutdown ---------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_running_requests_then_stops(models):
+    """The signal handler's path, in process: new requests get 503, the running one finishes, the server stops."""
+    gated, load = gated_loader(models[0], EngineConfig(parallel=1, max_queue=4, speculation="off"))
+    ready = threading.Event()
+    server = Server(load, "bigram", "127.0.0.1", 0, 30.0, on_ready=lambda port: ready.set())
+    thread = threading.Thread(target=server.serve_until_stopped, daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    with httpx.Client() as client:
+        _, lines = _open_stream(client, server, gated)
+        server.handle_exit(signal.SIGTERM, None)
+        assert httpx.get(url(server) + "/health").json() == {"status": "draining"}
+        refused = httpx.post(url(server) + "/v1/completions", json={"prompt": "café", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+        gated.release()
+        events = [line for line in lines if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_sigterm_past_the_shutdown_timeout_cancels(models):
+    gated, load = gated_loader(models[0], EngineConfig(parallel=1, max_queue=4, speculation="off"))
+    ready = threading.Event()
+    server = Server(load, "bigram", "127.0.0.1", 0, 0.2, on_ready=lambda port: ready.set())
+    thread = threading.Thread(target=server.serve_until_stopped, daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    with httpx.Client() as client:
+        _, lines = _open_stream(client, server, gated)
+        server.handle_exit(signal.SIGTERM, None)
+        time.sleep(0.5)  # past the timeout: the engine cancels at the next round boundary
+        gated.release()
+        events = [line for line in lines if line]
+    assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "abort"
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_the_serve_command_exits_0_on_sigterm(models, tmp_path):
+    """The real process: it prints its address when ready, serves, and a SIGTERM ends it with status 0."""
+    command = [sys.executable, "-m", "hass_deploy.cli", "serve", "--target", str(models[0]), "--draft",
+               str(models[1]), "--port", "0", "--served-model-name", "bigram", "--parallel", "2"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving bigram on" not in line:
+            line = process.stderr.readline()
+            assert line or process.poll() is None, "the server exited before it was ready"
+        address = line.split(" on ")[1].split()[0]
+        response = httpx.post(address + "/v1/completions", json={"prompt": "café", "max_tokens": 9,
+                                                                   "temperature": 0})
+        assert response.json()["choices"][0]["text"] == "☕!café"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--target", "missing-dir"], "no such model directory"),
+    (["--parallel", "0"], "--parallel must be >= 1"),
+    (["--speculation", "fast"], "--speculation must be one of"),
+    (["--port", "70000"], "--port must be in"),
+    (["--max-queue", "-1"], "--max-queue must be >= 0"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
+])
+def test_the_serve_command_refuses_bad_options_in_one_line(models, args, words):
+    from typer.testing import CliRunner
+
+    from hass_deploy.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--target", str(models[0]), *args])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
