@@ -189,14 +189,18 @@ class Handle:
                 pass
 
     def _pop(self):
+        """The next item, or None when there is none yet; the end marker stays, so iterating again (or
+        `wait()` after a loop) ends at once."""
         with self._ready:
-            return self._items.popleft() if self._items else None
+            if not self._items:
+                return None
+            return self._items[0] if self._items[0] is _END else self._items.popleft()
 
     def __iter__(self) -> Iterator[Delta]:
         while True:
             with self._ready:
                 self._ready.wait_for(lambda: self._items)
-                item = self._items.popleft()
+            item = self._pop()
             if item is _END:
                 return
             yield item
@@ -277,10 +281,14 @@ class Engine:
 
     @classmethod
     def load(cls, target_dir: str | Path, draft_dir: str | Path | None = None, config: EngineConfig = EngineConfig(),
-             runtime: RuntimeConfig = RuntimeConfig(), artifacts: str | Path | None = None,
+             runtime: RuntimeConfig | None = None, artifacts: str | Path | None = None,
              metrics: EngineMetrics | None = None) -> "Engine":
-        """Load the models once (through `Pipeline.load`: the same checks as `generate`) and fork the slots."""
+        """Load the models once (through `Pipeline.load`: the same checks as `generate`) and fork the slots.
+        `runtime` None: ONNX Runtime when `artifacts` is given, else torch on the CPU in fp32."""
         from hass_deploy.generation import Pipeline
+        from hass_deploy.runtime.backends import choose_backend
+
+        runtime = runtime or RuntimeConfig(backend=choose_backend("auto", artifacts))
 
         # Lookup's budget is checked per request (`_generation`): the server may run fine without it.
         pipe = Pipeline.load(target_dir, draft_dir, runtime, GenerationConfig(tree=config.tree), artifacts)
