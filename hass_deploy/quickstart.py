@@ -375,4 +375,9 @@ def render_summary(summary: dict) -> str:
     lines.append(bench["lossless_check"])
     lines.append(f"target validation loss {summary['target']['validation_loss']:.3f} nats/token; "
                  f"artifacts under {summary['artifacts']['work_dir']}; summary: {summary['artifacts']['summary']}")
+    paths = summary["artifacts"]
+    if "onnx_hass" in paths:  # the next step: serve what was built (docs/SERVING.md)
+        lines.append(f"serve it: hass-deploy serve --target {paths['target']} --draft {paths['draft_hass']} "
+                     f"--artifacts {paths['onnx_hass']} --tree-tokens {tree['tokens']} --tree-depth {tree['depth']} "
+                     f"--tree-top-k {tree['top_k']}")
     return "\n".join(lines)

@@ -140,6 +140,8 @@ def test_runs_every_stage_once_then_reuses_them(fakes, tmp_path):
     assert json.loads((tmp_path / "work" / "summary.json").read_text())["bench"]["speedup"]["draft"] == 1.5
     assert "HASS draft | 2.50 | 15.0 | 1.50x" in quickstart.render_summary(summary)
     assert "prompt lookup (no draft) | 1.40 | 11.0 | 1.10x" in quickstart.render_summary(summary)
+    serve = quickstart.render_summary(summary).splitlines()[-1]
+    assert serve.startswith("serve it: hass-deploy serve --target ") and str(tmp_path / "work" / "onnx" / "hass") in serve
     del summary["bench"]["tokens_per_s"]["lookup"]  # a summary from before prompt lookup was benchmarked
     assert "prompt lookup" not in quickstart.render_summary(summary)
     records = [json.loads(line) for line in (tmp_path / "work" / "corpus" / "draft_text.jsonl").read_text().splitlines()]
