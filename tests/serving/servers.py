@@ -11,10 +11,11 @@ from hass_deploy.serving.server import Server
 
 @contextlib.contextmanager
 def running_server(load, name: str = "test-model", shutdown_timeout: float = 5.0):
-    """Yields the Server once its engine is loaded (`server.port`, `server.state.engine`); stops it after."""
+    """Yields the Server once its engine is loaded (`server.port`, `server.state.engine`, `server.thread`); stops
+    it after."""
     ready = threading.Event()
     server = Server(load, name, "127.0.0.1", 0, shutdown_timeout, on_ready=lambda port: ready.set())
-    thread = threading.Thread(target=server.serve_until_stopped, daemon=True)
+    server.thread = thread = threading.Thread(target=server.serve_until_stopped, daemon=True)
     thread.start()
     assert ready.wait(120), f"the server did not start: {server.state.load_error}"
     try:

@@ -351,44 +351,24 @@ def test_health_is_503_while_loading(models):
 # -- shutdown ---------------------------------------------------------------------------------------------------
 
 
-def test_sigterm_drains_running_requests_then_stops(models):
-    """The signal handler's path, in process: new requests get 503, the running one finishes, the server stops."""
+@pytest.mark.parametrize("shutdown_timeout, finish_reason", [(30.0, "length"), (0.2, "abort")])
+def test_sigterm_drains_running_requests_then_stops(models, shutdown_timeout, finish_reason):
+    """The signal handler's path, in process: new requests get 503; the running one finishes within the shutdown
+    timeout or is cancelled at its end; then the server stops."""
     gated, load = gated_loader(models[0], EngineConfig(parallel=1, max_queue=4, speculation="off"))
-    ready = threading.Event()
-    server = Server(load, "bigram", "127.0.0.1", 0, 30.0, on_ready=lambda port: ready.set())
-    thread = threading.Thread(target=server.serve_until_stopped, daemon=True)
-    thread.start()
-    assert ready.wait(60)
-    with httpx.Client() as client:
+    with running_server(load, "bigram", shutdown_timeout) as server, httpx.Client() as client:
         _, lines = _open_stream(client, server, gated)
         server.handle_exit(signal.SIGTERM, None)
         assert httpx.get(url(server) + "/health").json() == {"status": "draining"}
         refused = httpx.post(url(server) + "/v1/completions", json={"prompt": "café", "max_tokens": 2})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+        time.sleep(2 * shutdown_timeout if shutdown_timeout < 1 else 0)  # past a short timeout: cancelled
         gated.release()
         events = [line for line in lines if line]
-    assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
-    thread.join(30)
-    assert not thread.is_alive()
-
-
-def test_sigterm_past_the_shutdown_timeout_cancels(models):
-    gated, load = gated_loader(models[0], EngineConfig(parallel=1, max_queue=4, speculation="off"))
-    ready = threading.Event()
-    server = Server(load, "bigram", "127.0.0.1", 0, 0.2, on_ready=lambda port: ready.set())
-    thread = threading.Thread(target=server.serve_until_stopped, daemon=True)
-    thread.start()
-    assert ready.wait(60)
-    with httpx.Client() as client:
-        _, lines = _open_stream(client, server, gated)
-        server.handle_exit(signal.SIGTERM, None)
-        time.sleep(0.5)  # past the timeout: the engine cancels at the next round boundary
-        gated.release()
-        events = [line for line in lines if line]
-    assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "abort"
-    thread.join(30)
-    assert not thread.is_alive()
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == finish_reason
+        server.thread.join(30)
+        assert not server.thread.is_alive()
 
 
 def test_the_serve_command_exits_0_on_sigterm(models, tmp_path):
