@@ -28,7 +28,7 @@ import torch
 
 from hass_deploy.bench.runner import encode_prompt, load_prompt_sets
 from hass_deploy.config import GenerationConfig, LookupConfig, TreeConfig
-from hass_deploy.export.manifest import read_manifest
+from hass_deploy.manifest import read_manifest
 from hass_deploy.models.checkpoint import load_draft
 from hass_deploy.models.loading import load_target
 from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends

@@ -35,7 +35,7 @@ from hass_deploy.models.checkpoint import init_draft, load_draft
 from hass_deploy.models.loading import load_target
 from hass_deploy.models.random_target import random_hf_model
 from hass_deploy.runtime.backends import open_backends
-from hass_deploy.export.manifest import read_manifest
+from hass_deploy.manifest import read_manifest
 from hass_deploy.prompts import read_prompt_file
 from hass_deploy.runtime.backends.onnxruntime import BoundKV, OrtConfig, open_ort_backends
 from hass_deploy.runtime.decoder import SpeculativeDecoder

@@ -20,7 +20,7 @@ from hass_deploy.bench.costs import measure_cost_curve
 from hass_deploy.bench.tree_search import RoundOverhead, predict_tokens_per_s
 from hass_deploy.config import TreeConfig
 from hass_deploy.export.config import ExportConfig
-from hass_deploy.export.manifest import read_manifest
+from hass_deploy.manifest import read_manifest
 from hass_deploy.export.onnx import export_onnx
 from hass_deploy.models.checkpoint import init_draft
 from hass_deploy.models.loading import load_target

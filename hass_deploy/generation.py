@@ -12,15 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hass_deploy.config import GenerationConfig, RuntimeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.models.checkpoint import DraftMetadata, load_draft
-from hass_deploy.models.loading import TargetModel, load_target
+from hass_deploy.models.loading import TargetHead, TargetModel, load_target, load_target_head
 from hass_deploy.prompts import Prompt, encode
 from hass_deploy.runtime.backends import open_backends
 from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
 from hass_deploy.runtime.lookup import check_tree_budget
+
+if TYPE_CHECKING:
+    from hass_deploy.manifest import Manifest
 
 
 def default_max_seq_len(target: TargetModel) -> int:
@@ -28,9 +32,11 @@ def default_max_seq_len(target: TargetModel) -> int:
 
 
 def _load_for_artifacts(target_dir, draft_dir, runtime: RuntimeConfig, generation: GenerationConfig,
-                        artifacts) -> tuple[TargetModel, int]:
-    """The target (fp32, CPU) and the KV rows for an exported pipeline, after checking the request fits it."""
-    from hass_deploy.export.manifest import check_capacity, read_manifest
+                        artifacts) -> tuple[TargetHead, int, "Manifest"]:
+    """What an exported pipeline needs of the target (its config, embedding and lm_head for the identity check and
+    the draft, its tokenizer and stop tokens: not its layers, which the graphs hold), the KV rows, and the manifest,
+    read once, after checking that the request fits it."""
+    from hass_deploy.manifest import check_capacity, read_manifest
 
     if artifacts is None:
         raise HassDeployError("--backend onnxruntime needs --artifacts DIR (made by `hass-deploy export`)")
@@ -44,12 +50,12 @@ def _load_for_artifacts(target_dir, draft_dir, runtime: RuntimeConfig, generatio
                    generation.tree.top_k if with_draft else None)
     if generation.lookup is not None:
         check_tree_budget(generation.lookup, manifest.max_tree_tokens)
-    return load_target(target_dir, "fp32", "cpu"), max_seq_len
+    return load_target_head(target_dir, tokenizer=True), max_seq_len, manifest
 
 
 @dataclass
 class Pipeline:
-    target: TargetModel
+    target: TargetModel | TargetHead  # the head alone when the layers run in exported graphs
     decoder: SpeculativeDecoder
     draft_metadata: DraftMetadata | None
     runtime: RuntimeConfig
@@ -66,14 +72,16 @@ class Pipeline:
         run there, and the models given are loaded in fp32 on the CPU only to check that the graphs were
         exported from them (and for the tokenizer and stop tokens).
         """
+        manifest = None
         if runtime.backend == "onnxruntime":
-            target, max_seq_len = _load_for_artifacts(target_dir, draft_dir, runtime, generation, artifacts)
+            target, max_seq_len, manifest = _load_for_artifacts(target_dir, draft_dir, runtime, generation, artifacts)
         else:
             target = load_target(target_dir, runtime.dtype, runtime.device)
             max_seq_len = runtime.max_seq_len or default_max_seq_len(target)
         head, metadata = (None, None) if draft_dir is None else load_draft(draft_dir, target)
         target_backend, draft_backend = open_backends(runtime.backend, target, head, max_seq_len,
-                                                      generation.tree.draft_rows, artifacts, runtime.device)
+                                                      generation.tree.draft_rows, artifacts, runtime.device,
+                                                      manifest=manifest)
         return cls(target, SpeculativeDecoder(target_backend, draft_backend), metadata, runtime, max_seq_len)
 
     def encode(self, prompt: str | Prompt, chat: bool | None = None) -> list[int]:

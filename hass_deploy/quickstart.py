@@ -186,7 +186,7 @@ def _draft_fingerprint(directory: Path) -> str:
 
 
 def _artifacts_intact(directory: Path) -> bool:
-    from hass_deploy.export.manifest import read_manifest
+    from hass_deploy.manifest import read_manifest
 
     try:
         read_manifest(directory)  # a readable manifest whose graph files are all there

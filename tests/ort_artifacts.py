@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hass_deploy.export.config import ExportConfig
-from hass_deploy.export.manifest import MANIFEST_FILE
+from hass_deploy.manifest import MANIFEST_FILE
 from hass_deploy.export.onnx import export_onnx
 
 pytest.importorskip("onnxruntime")

@@ -321,7 +321,7 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
 
 def _export_limits(artifacts) -> tuple[int | None, int | None]:
     """The tree budget and top-k an ONNX export was made for (the grid must stay inside them)."""
-    from hass_deploy.export.manifest import read_manifest
+    from hass_deploy.manifest import read_manifest
 
     manifest = read_manifest(artifacts)
     return manifest.max_tree_tokens, manifest.max_top_k

@@ -26,7 +26,7 @@ from hass_deploy.atomic import replacing_directory
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 from hass_deploy.export import fused, steps, tensorrt_ops
 from hass_deploy.export.config import ExportConfig
-from hass_deploy.export.manifest import GraphSpec, Manifest, TensorSpec, draft_identity
+from hass_deploy.manifest import GraphSpec, Manifest, TensorSpec, draft_identity
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.loading import TargetModel, parse_dtype
 from hass_deploy.models.target import Rotary

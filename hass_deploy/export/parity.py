@@ -25,7 +25,7 @@ import torch
 from hass_deploy.config import GenerationConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export import steps
-from hass_deploy.export.manifest import Manifest, read_manifest
+from hass_deploy.manifest import Manifest, read_manifest
 from hass_deploy.models.target import causal_tree_mask
 from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
 from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
@@ -376,7 +376,7 @@ def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir:
     Returns:
         The report; `report.passed` is False on any mismatch.
     """
-    from hass_deploy.export.manifest import check_draft, check_target, draft_identity
+    from hass_deploy.manifest import check_draft, check_target, draft_identity
     from hass_deploy.models.checkpoint import load_draft, target_identity
     from hass_deploy.models.loading import load_target
     from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_session

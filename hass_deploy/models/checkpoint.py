@@ -151,6 +151,7 @@ def load_draft(path: str | Path, target: TargetModel | TargetHead, dtype: torch.
         raise ModelLoadError(f"{directory}: draft weights do not match its config.json ({detail})") from None
     head.embed_tokens.weight.requires_grad_(False)
     head.rotary = type(head.rotary)(config)
+    head.to(target.embedding.device)  # where the target runs: a CUDA target must not meet a CPU draft
     meta_path = directory / METADATA_FILE
     try:
         metadata = DraftMetadata(**read_json(meta_path)) if meta_path.exists() else DraftMetadata(

@@ -61,12 +61,15 @@ class TargetModel:
 
 @dataclass(frozen=True)
 class TargetHead:
-    """The parts of a target a draft trainer needs: its config, embedding and lm_head (fp32), nothing else."""
+    """The parts of a target that a draft trainer, or a runtime whose layers are exported graphs, needs: its config,
+    embedding and lm_head (fp32), and optionally its stop tokens and tokenizer; not its layers."""
 
     path: Path
     config: ModelConfig
     embedding: torch.Tensor  # [V, H]
     lm_head: torch.Tensor  # [V, H]
+    eos_token_ids: tuple[int, ...] = ()
+    tokenizer: Any | None = None
 
 
 def target_fingerprint(embedding: torch.Tensor | Transformer) -> str:
@@ -275,8 +278,8 @@ def load_target(path: str | Path, dtype: str = "fp32", device: str = "cpu", toke
     )
 
 
-def load_target_head(path: str | Path) -> TargetHead:
-    """Read only the embedding and lm_head of a target directory (for draft training)."""
+def load_target_head(path: str | Path, tokenizer: bool = False) -> TargetHead:
+    """Read only the embedding and lm_head of a target directory (and with `tokenizer`, its tokenizer)."""
     directory = Path(path)
     if not directory.is_dir():
         raise ModelLoadError(f"{directory}: no such model directory")
@@ -290,4 +293,5 @@ def load_target_head(path: str | Path) -> TargetHead:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     if "lm_head.weight" not in state:
         raise ModelLoadError(f"{directory}: no lm_head.weight in the checkpoint (and embeddings are not tied)")
-    return TargetHead(directory, config, state["embed_tokens.weight"], state["lm_head.weight"])
+    return TargetHead(directory, config, state["embed_tokens.weight"], state["lm_head.weight"], eos_ids(directory, raw),
+                      load_tokenizer(directory) if tokenizer else None)

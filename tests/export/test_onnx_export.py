@@ -15,7 +15,7 @@ from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.export import onnx as onnx_export
 from hass_deploy.export import tensorrt_ops
 from hass_deploy.export.config import ExportConfig
-from hass_deploy.export.manifest import MANIFEST_FILE, read_manifest
+from hass_deploy.manifest import MANIFEST_FILE, read_manifest
 from hass_deploy.export.onnx import export_onnx
 from hass_deploy.runtime.backends import open_backends
 

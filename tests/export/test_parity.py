@@ -107,7 +107,7 @@ def test_int8_draft_is_quantised_informational_in_parity_and_still_lossless(targ
     config = ExportConfig(max_seq_len=256, max_tree_tokens=64, max_top_k=16, prefill_chunk=8, draft_quantization="int8")
     artifacts = exported(tmp_path_factory.getbasetemp() / "onnx", "llama-int8-draft", targets["llama"],
                          random_drafts["llama"], config)
-    from hass_deploy.export.manifest import read_manifest
+    from hass_deploy.manifest import read_manifest
 
     manifest = read_manifest(artifacts)
     spec = manifest.graphs["draft"]

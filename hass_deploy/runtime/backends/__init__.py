@@ -7,11 +7,15 @@ without them; a backend whose engine is missing fails with the extra to install,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hass_deploy.errors import HassDeployError
 from hass_deploy.models.draft import DraftHead
-from hass_deploy.models.loading import TargetModel
+from hass_deploy.models.loading import TargetHead, TargetModel
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
+
+if TYPE_CHECKING:
+    from hass_deploy.manifest import Manifest
 
 BACKENDS = ("torch", "onnxruntime")
 AUTO = "auto"  # the CLI's default: ONNX Runtime when there are exported artifacts to run, torch otherwise
@@ -24,35 +28,40 @@ def choose_backend(name: str, artifacts: str | Path | None) -> str:
     return "onnxruntime" if artifacts is not None else "torch"
 
 
-def open_backends(name: str, target: TargetModel, draft: DraftHead | None, max_len: int,
+def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead | None, max_len: int,
                   draft_extra_rows: int, artifacts: str | Path | None = None,
-                  device: str = "cpu", ort_graphs: str = "auto") -> tuple[TargetBackend, DraftBackend | None]:
+                  device: str = "cpu", ort_graphs: str = "auto",
+                  manifest: "Manifest | None" = None) -> tuple[TargetBackend, DraftBackend | None]:
     """Build the step backends, allocating KV buffers of `max_len` rows (plus the draft's tree rows).
 
     Args:
         name: one of BACKENDS.
-        target, draft: the loaded models (torch runs them; onnxruntime checks the artifacts were made from them).
+        target, draft: the loaded models (torch runs them; onnxruntime checks the artifacts were made from them,
+            for which the target's head is enough: `load_target_head`).
         max_len: target KV rows; the draft gets `draft_extra_rows` more for its tree levels.
         artifacts: the `hass-deploy export` directory (onnxruntime only).
         device: where the onnxruntime backend runs ("cpu", "cuda[:N]"); torch runs where the models are.
         ort_graphs: which exported graphs onnxruntime runs: auto (fused when exported), standard or fused.
+        manifest: the artifacts' manifest when the caller has read it already (it is read once).
     """
     if name == "torch":
         if artifacts is not None:
             raise HassDeployError("--artifacts is for --backend onnxruntime; the torch backend runs the models directly")
+        if not isinstance(target, TargetModel):
+            raise HassDeployError("the torch backend runs the target's layers: load it with load_target, not its head")
         from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
 
         target_backend = TorchTarget(target.module, max_len)
         draft_backend = None if draft is None else TorchDraft(draft, target.module.lm_head, max_len + draft_extra_rows)
         return target_backend, draft_backend
     if name == "onnxruntime":
-        from hass_deploy.export.manifest import check_capacity, check_draft, check_target, draft_identity, read_manifest
+        from hass_deploy.manifest import check_capacity, check_draft, check_target, draft_identity, read_manifest
         from hass_deploy.models.checkpoint import target_identity
         from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends
 
         if artifacts is None:
             raise HassDeployError("the onnxruntime backend needs --artifacts DIR (made by `hass-deploy export`)")
-        manifest = read_manifest(artifacts)
+        manifest = manifest or read_manifest(artifacts)
         check_target(manifest, target_identity(target), str(target.path))
         check_draft(manifest, None if draft is None else draft_identity(draft), "the given draft")
         check_capacity(manifest, max_len, None, None)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError, ModelLoadError
-from hass_deploy.export.manifest import GraphSpec, Manifest, runtime_graph
+from hass_deploy.manifest import GraphSpec, Manifest, runtime_graph
 from hass_deploy.models.target import causal_tree_mask
 from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
 

@@ -15,7 +15,7 @@ from runtime.test_decoder import greedy, hf_greedy, prompt
 from hass_deploy.config import TreeConfig
 from hass_deploy.errors import ConfigError
 from hass_deploy.export.config import ExportConfig
-from hass_deploy.export.manifest import read_manifest
+from hass_deploy.manifest import read_manifest
 from hass_deploy.export.onnx import export_onnx
 from hass_deploy.export.parity import validate_artifacts
 from hass_deploy.runtime.backends import open_backends
