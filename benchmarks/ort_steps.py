@@ -37,7 +37,8 @@ from hass_deploy.models.random_target import random_hf_model
 from hass_deploy.runtime.backends import open_backends
 from hass_deploy.manifest import read_manifest
 from hass_deploy.prompts import read_prompt_file
-from hass_deploy.runtime.backends.onnxruntime import BoundKV, OrtConfig, open_ort_backends
+from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends
+from hass_deploy.runtime.kv import KVBuffers
 from hass_deploy.runtime.decoder import SpeculativeDecoder
 
 STEPS = (1, 2, 4, 8, 16, 32, 64)
@@ -93,8 +94,8 @@ def relayout_ms(target, contexts: list[int]) -> str:
     """Time of one growth of the bound KV view past each context (the amortised, once-per-25 %-growth copy)."""
     spec, cells = target.stepper.spec, []
     for context in contexts:
-        kv = BoundKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, target.max_len, target.dtype,
-                     torch.device("cpu"))
+        kv = KVBuffers(spec.num_layers, spec.num_kv_heads, spec.head_dim, target.max_len, target.dtype,
+                       torch.device("cpu"), full=False)
         kv.reserve(context)
         start = time.perf_counter()
         kv.reserve(kv.rows + 1)

@@ -1,7 +1,7 @@
 """Tiny exported artifacts for the export, validation and ONNX Runtime backend tests, exported once per session.
 
 A prefill chunk of 8 rows makes every prompt longer than 8 tokens exercise chunked prefill, and generations
-past 64 rows exercise the re-layout of the bound KV view (`onnxruntime.MIN_BOUND_ROWS`).
+past 64 rows exercise the re-layout of the bound KV view (`runtime.kv.MIN_BOUND_ROWS`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from conftest import ARCHITECTURES, TINY
 from hass_deploy.models.loading import load_target
 from hass_deploy.models.random_target import random_hf_model
 from hass_deploy.models.target import step_attention_mask
-from hass_deploy.runtime.kv import KVCache
+from hass_deploy.runtime.kv import KVBuffers
 
 ROPE_SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 2.0},
@@ -58,7 +58,7 @@ def test_incremental_decoding_equals_full_forward(arch, targets):
     target, ids = targets[arch], ids_for(4)
     full = our_logits(target, ids)
     config = target.config
-    kv = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, 64, torch.float32)
+    kv = KVBuffers(config.num_layers, config.num_kv_heads, config.head_dim, 64, torch.float32)
     pieces, start = [], 0
     with torch.no_grad():
         for stop in (13, 14, 20, 21, 40):  # a prefill, single tokens and chunks
@@ -74,7 +74,7 @@ def test_tree_step_equals_each_branch_alone(arch, targets):
     target, context = targets[arch], ids_for(5, length=18)
     r, a1, b1, a2, b2 = 3, 10, 11, 20, 21
     config = target.config
-    kv = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, 64, torch.float32)
+    kv = KVBuffers(config.num_layers, config.num_kv_heads, config.head_dim, 64, torch.float32)
     prompt_len = context.shape[1]
     parents = [-1, 0, 0, 1, 2]
     mask = torch.eye(5, dtype=torch.bool)

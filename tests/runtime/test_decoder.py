@@ -120,8 +120,8 @@ class CheckedTarget(TorchTarget):
             committed = (self.prompt_ids + self.emitted)[:cache_len]
             reference = TorchTarget(self.module, cache_len)
             reference.step(torch.tensor([committed]), torch.arange(cache_len)[None], 0, None)
-            keys, values = self.kv.rows(cache_len)
-            ref_keys, ref_values = reference.kv.rows(cache_len)
+            keys, values = self.kv.rows_in_use(cache_len)
+            ref_keys, ref_values = reference.kv.rows_in_use(cache_len)
             torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
             self.checks += 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hass_deploy.models.checkpoint import init_draft
-from hass_deploy.runtime.kv import KVCache
+from hass_deploy.runtime.kv import KVBuffers
 from hass_deploy.training.alignment import HarmonizedDraft, alignment_mask, shift_predictions
 
 
@@ -25,7 +25,7 @@ def decode_at_depth(head, features, ids, t, depth):
     """Run the draft as the decoder does: true pairs (f_i, x_{i+1}) for i <= t - depth, then `depth` steps
     feeding back its own output with the teacher-forced token, through its KV cache."""
     config = head.config
-    kv = KVCache(1, config.num_kv_heads, config.head_dim, 64, torch.float32)
+    kv = KVBuffers(1, config.num_kv_heads, config.head_dim, 64, torch.float32)
     start = t - depth
     with torch.no_grad():
         out = head(features[:, : start + 1], ids[:, : start + 1], torch.arange(start + 1)[None], None, kv, 0)

@@ -6,12 +6,9 @@ writes the new rows itself and compacts the accepted path itself, both O(new row
 tensors are copied into bound staging buffers (through a run plan cached per step shape): ids, positions,
 cache_len, the tree mask.
 
-Why the buffers are bound as a context-sized view rather than at full length: attention over the bound rows
-costs O(bound rows), and binding all S_max rows made a T = 32 step on 2 CPU cores about 4x slower at
-S_max = 4096 than at 256 rows (docs/ONNX.md). ORT only takes contiguous tensors and a prefix of the row axis of
-[1, H_kv, S_max, D] is not contiguous, so each layer's buffer is laid out as [1, H_kv, S_b, D] inside its
-static allocation, with S_b at most ~25 % above the rows in use; growing S_b re-lays the rows out in place
-(each row moves about four times in a whole generation: amortised O(1) per token).
+The standard graphs attend over every bound row, so their buffers are bound as a context-sized view that grows
+with the context (`runtime/kv.py`, `full=False`); the fused graphs read only the rows in use and are bound at
+full length.
 
 `onnxruntime` is imported inside this module, so `import hass_deploy` works without it.
 """
@@ -31,15 +28,11 @@ from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError,
 from hass_deploy.manifest import GraphSpec, Manifest, runtime_graph
 from hass_deploy.models.target import causal_tree_mask
 from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
+from hass_deploy.runtime.kv import KVBuffers
 
 # ONNX TensorProto element types of the torch dtypes bound to the graphs (IO binding takes the int for bf16).
 _ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.bool: 9}
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MIN_BOUND_ROWS = 64  # the first KV view and the unit it grows by; below this a re-layout costs more than it saves
-# The view grows by at least 1/4 (then rounds up to 64 rows): attention reads at most ~25 % stale rows, and each
-# row is moved about 4 times in a whole generation (amortised O(1) per token). Doubling moved rows half as often
-# but bound up to 2x the rows in use: steps 10-20 % slower at 512-1024 rows of context (docs/ONNX.md).
-GROWTH_DIVISOR = 4
 MAX_PLANS = 64  # run plans cached per session (one per distinct step shape, until the KV layout moves)
 _INPUT_DTYPES = {"input_ids": torch.int64, "position_ids": torch.int64, "cache_len": torch.int64,
                  "tree_mask": torch.bool, "logits_index": torch.int64}
@@ -163,61 +156,6 @@ def _writable(directory: Path) -> bool:
         return False
 
 
-class BoundKV:
-    """Static K/V buffers of a decoder, bound to its graph as a context-sized view.
-
-    One allocation `[L, 2, H_kv * max_len * D]` for the whole generation. The rows in use are the view
-    `[L, 2, 1, H_kv, S_b, D]` of the first H_kv * S_b * D elements of each (layer, K|V) slot, so every layer's
-    K and V is a contiguous `[1, H_kv, S_b, D]` tensor ORT can read in place. With `full`, S_b = max_len from the
-    start: for graphs whose attention reads only the rows in use whatever is bound (the fused graphs).
-    """
-
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, full: bool = False):
-        self.num_kv_heads, self.head_dim, self.max_len = num_kv_heads, head_dim, max_len
-        self.storage = torch.zeros(num_layers, 2, num_kv_heads * max_len * head_dim, dtype=dtype, device=device)
-        self.rows = max_len if full else min(MIN_BOUND_ROWS, max_len)  # S_b
-
-    def view(self) -> torch.Tensor:
-        """[L, 2, 1, H_kv, S_b, D]: layer l's K is view[l, 0], its V view[l, 1]."""
-        used = self.num_kv_heads * self.rows * self.head_dim
-        return self.storage[:, :, :used].view(*self.storage.shape[:2], 1, self.num_kv_heads, self.rows, self.head_dim)
-
-    def reserve(self, rows: int) -> bool:
-        """Make the view hold at least `rows` rows; True if the layout changed (bindings must be redone).
-
-        Head h's rows move from offset h * S_b * D to h * S_new * D, last head first, so no block is overwritten
-        before it has moved. O(S_b), once per growth of S_b by a quarter.
-        """
-        if rows > self.max_len:
-            raise CacheCapacityError(f"KV cache overflow: {rows} rows needed, {self.max_len} allocated")
-        if rows <= self.rows:
-            return False
-        old = self.rows
-        grown = max(rows, old + old // GROWTH_DIVISOR)
-        new = min(self.max_len, -(-grown // MIN_BOUND_ROWS) * MIN_BOUND_ROWS)  # rounded up to whole 64-row blocks
-        block = old * self.head_dim
-        for head in range(self.num_kv_heads - 1, 0, -1):
-            source = self.storage[:, :, head * block:(head + 1) * block]
-            start = head * new * self.head_dim
-            # A clone, because with S_new < 2 S_b the new place of a head overlaps its old one.
-            self.storage[:, :, start:start + block] = source.clone() if new < 2 * old else source
-        self.rows = new
-        return True
-
-    def write(self, cache_len: int, new_rows: torch.Tensor) -> None:
-        """Copy a step's new rows [L, 2, 1, H_kv, T, D] to rows cache_len .. cache_len + T: O(T)."""
-        steps = new_rows.shape[4]
-        self.view()[:, :, :, :, cache_len:cache_len + steps] = new_rows
-
-    def compact(self, cache_len: int, keep: torch.Tensor) -> None:
-        """Move rows cache_len + keep[j] to cache_len + j (keep increasing) in every layer: O(accepted rows)."""
-        if keep.numel() == 0:
-            return
-        view = self.view()
-        view[:, :, :, :, cache_len:cache_len + keep.numel()] = view.index_select(4, cache_len + keep)
-
-
 class Staging:
     """Grow-only device buffers, one per name, handed out as contiguous views of exact shape.
 
@@ -273,8 +211,8 @@ class _Stepper:
         self.spec, self.dtype, self.device, self.max_len, self.chunk = spec, dtype, device, max_len, chunk
         self.device_type, self.device_id = device.type, device.index or 0
         self.in_graph = spec.kv_update == "in_graph"
-        self.kv = BoundKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, max_len, dtype, device,
-                          full=self.in_graph)
+        self.kv = KVBuffers(spec.num_layers, spec.num_kv_heads, spec.head_dim, max_len, dtype, device,
+                            full=self.in_graph)
         self.staging = Staging(device)
         self.plans: dict[tuple, _Plan] = {}
 

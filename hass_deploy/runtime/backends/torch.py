@@ -7,13 +7,13 @@ import torch
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.target import Transformer
 from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
-from hass_deploy.runtime.kv import KVCache
+from hass_deploy.runtime.kv import KVBuffers
 
 
-def _kv_for(module: torch.nn.Module, num_layers: int, max_len: int) -> KVCache:
+def _kv_for(module: torch.nn.Module, num_layers: int, max_len: int) -> KVBuffers:
     config = module.config
     weight = module.embed_tokens.weight
-    return KVCache(num_layers, config.num_kv_heads, config.head_dim, max_len, weight.dtype, weight.device)
+    return KVBuffers(num_layers, config.num_kv_heads, config.head_dim, max_len, weight.dtype, weight.device)
 
 
 class TorchTarget:

@@ -18,10 +18,9 @@ from hass_deploy.generation import Pipeline
 from hass_deploy.models.checkpoint import init_draft
 from hass_deploy.errors import CacheCapacityError, ConfigError, DraftMismatchError, HassDeployError
 from hass_deploy.runtime.backends import open_backends
-from hass_deploy.runtime.backends.onnxruntime import BoundKV, OrtTarget
+from hass_deploy.runtime.backends.onnxruntime import OrtTarget
 from hass_deploy.runtime.backends.torch import TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
-from hass_deploy.runtime.kv import KVCache
 
 TREES = {
     "chain": TreeConfig(tokens=5, depth=4, top_k=1),
@@ -160,35 +159,6 @@ def test_step_buffers_follow_the_largest_step_not_the_number_of_shapes(targets, 
     # The largest step is one chunk of 8 rows; a grow-only buffer at most doubles past what it needs.
     assert sizes["out:hidden"] <= 2 * 8 * hidden and sizes["input_ids"] <= 2 * 8
     assert staging.allocations <= 2 * len(sizes)
-
-
-def test_bound_kv_relayout_write_and_compact_match_static_buffers():
-    """BoundKV against runtime.kv.KVCache: the same rows after writes, growth (incl. the clamp at max_len) and
-    compaction."""
-    layers, heads, dim, max_len = 2, 3, 4, 100
-    bound = BoundKV(layers, heads, dim, max_len, torch.float32, torch.device("cpu"))
-    static = KVCache(layers, heads, dim, max_len, torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    cache_len = 0
-    for steps, keep in ((50, None), (10, [0, 2, 5]), (30, [0, 1, 2, 3]), (12, [0, 4]), (9, list(range(9)))):
-        new = torch.randn(layers, 2, 1, heads, steps, dim, generator=generator)
-        bound.reserve(cache_len + steps)
-        bound.write(cache_len, new)
-        for layer in range(layers):
-            static.update(layer, cache_len, new[layer, 0], new[layer, 1], cache_len + steps)
-        if keep is None:
-            cache_len += steps
-            continue
-        keep = torch.tensor(keep)
-        bound.compact(cache_len, keep)
-        static.compact(cache_len, keep)
-        cache_len += keep.numel()
-        view = bound.view()
-        assert torch.equal(view[:, 0, :, :, :cache_len], static.keys[:, :, :, :cache_len])
-        assert torch.equal(view[:, 1, :, :, :cache_len], static.values[:, :, :, :cache_len])
-    assert bound.rows == max_len  # 64 -> 100: the last growth was clamped (S_new < 2 S_b, overlapping blocks)
-    with pytest.raises(CacheCapacityError, match="overflow"):
-        bound.reserve(max_len + 1)
 
 
 def test_outputs_follow_the_step_contract(targets, random_drafts, artifacts):
