@@ -1,17 +1,25 @@
-"""The step contract every backend implements (DESIGN D2).
+"""The step contract every backend implements (DESIGN D2), checked in one place.
 
-A backend owns its KV buffers (allocated once, static length) and keeps them on its device; the decode loop
-passes only small tensors (ids, positions, masks, accepted indices) and a host-side `cache_len`. Torch tensors
-are the currency at this boundary, on the backend's `device`, so ONNX Runtime (IO binding) and TensorRT
-(device buffers) implement the same protocol without host copies.
+A backend owns its KV buffers (`runtime/kv.py`, allocated once, static length) and keeps them on its device; the
+decode loop passes only small tensors (ids, positions, masks, accepted indices) and a host-side `cache_len`.
+Torch tensors are the currency at this boundary, on the backend's `device`, so ONNX Runtime (IO binding) and
+TensorRT (device buffers) implement the same contract without host copies.
+
+As in Polygraphy's `infer`/`infer_impl`: `step()` checks the call against the contract (shapes, dtypes, the KV
+capacity, an export's tree budget and top-k) and then calls the backend's `_step()`, so each backend implements
+only the computation, and a new backend is held to the same checks and proven by the same contract tests
+(`tests/runtime/backends/test_contract.py`). The checks read shapes only: no device synchronisation.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
+
+from hass_deploy.errors import CacheCapacityError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,52 +35,102 @@ class DraftOutput:
     tokens: torch.Tensor  # [1, T, K] their token ids
 
 
-class TargetBackend(Protocol):
+class TargetBackend(ABC):
     device: torch.device
     vocab_size: int
     max_len: int  # rows in the static KV buffers
+    max_tree_tokens: int | None = None  # the most nodes one tree step may verify (an export's budget); None: any
 
-    def step(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache_len: int,
-        tree_mask: torch.Tensor | None,
-        last_only: bool = False,
-    ) -> TargetOutput:
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,
+             tree_mask: torch.Tensor | None, last_only: bool = False) -> TargetOutput:
         """Run input_ids [1, T] at position_ids [1, T], writing K/V rows cache_len..cache_len+T.
 
         tree_mask [1, T, T] bool says which new rows each new row sees (None: causal); every row before
         cache_len is visible. With last_only, only the last row's logits are computed (prefill).
         """
-        ...
+        steps = check_step(input_ids, position_ids, cache_len, tree_mask, self.max_len)
+        if tree_mask is not None:
+            if tree_mask.shape[2] != steps:
+                raise ValueError(f"a target step's tree_mask must be [1, T, T], got {tuple(tree_mask.shape)}")
+            if self.max_tree_tokens is not None and steps > self.max_tree_tokens:
+                raise ConfigError(f"a tree of {steps} nodes is more than the artifacts' tree budget "
+                                  f"({self.max_tree_tokens})")
+        return self._step(input_ids, position_ids, cache_len, tree_mask, last_only)
 
+    @abstractmethod
+    def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,
+              tree_mask: torch.Tensor | None, last_only: bool) -> TargetOutput:
+        """The computation of a checked step."""
+
+    @abstractmethod
     def compact(self, cache_len: int, keep: torch.Tensor) -> None:
         """Move KV rows cache_len + keep[j] to cache_len + j (keep [n] increasing): the accepted path."""
-        ...
 
+    @abstractmethod
     def fork(self) -> "TargetBackend":
-        """Another backend over the same weights (module, session), with KV buffers of its own: a serving slot
-        costs its KV buffers, not a copy of the model."""
-        ...
+        """Another backend over the same weights (module, session, engine), with KV buffers of its own: a serving
+        slot costs its KV buffers, not a copy of the model."""
 
 
-class DraftBackend(Protocol):
+class DraftBackend(ABC):
     device: torch.device
     max_len: int
+    max_top_k: int | None = None  # the most children a step can rank (an export's in-graph top-k); None: any
 
-    def step(
-        self,
-        features: torch.Tensor,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache_len: int,
-        tree_mask: torch.Tensor | None,
-        top_k: int,
-    ) -> DraftOutput:
+    def step(self, features: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,
+             tree_mask: torch.Tensor | None, top_k: int) -> DraftOutput:
         """Run T (feature, next token) pairs [1, T, H], [1, T]; tree_mask [1, T, M] covers the last M rows."""
-        ...
+        steps = check_step(input_ids, position_ids, cache_len, tree_mask, self.max_len)
+        if features.dim() != 3 or features.shape[:2] != (1, steps):
+            raise ValueError(f"draft features must be [1, T={steps}, H], got {tuple(features.shape)}")
+        if tree_mask is not None and not steps <= tree_mask.shape[2] <= cache_len + steps:
+            raise ValueError(f"a draft step's tree_mask must be [1, T, M] with T <= M <= cache_len + T, got "
+                             f"{tuple(tree_mask.shape)} at cache_len {cache_len}")
+        if top_k < 1 or (self.max_top_k is not None and top_k > self.max_top_k):
+            raise ConfigError(f"top-k {top_k} is outside the draft's range (1..{self.max_top_k or 'V'})")
+        return self._step(features, input_ids, position_ids, cache_len, tree_mask, top_k)
 
+    @abstractmethod
+    def _step(self, features: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,
+              tree_mask: torch.Tensor | None, top_k: int) -> DraftOutput:
+        """The computation of a checked step."""
+
+    @abstractmethod
     def fork(self) -> "DraftBackend":
         """Another backend over the same weights, with KV buffers of its own (see TargetBackend.fork)."""
-        ...
+
+
+def check_step(input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,
+               tree_mask: torch.Tensor | None, max_len: int) -> int:
+    """The checks every step shares; returns T."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be [1, T] with T >= 1, got {tuple(input_ids.shape)}")
+    steps = input_ids.shape[1]
+    if position_ids.shape != input_ids.shape:
+        raise ValueError(f"position_ids must be {tuple(input_ids.shape)} like input_ids, got "
+                         f"{tuple(position_ids.shape)}")
+    if tree_mask is not None and (tree_mask.dtype != torch.bool or tree_mask.dim() != 3
+                                  or tree_mask.shape[:2] != (1, steps)):
+        raise ValueError(f"tree_mask must be a bool [1, T={steps}, M] tensor, got {tree_mask.dtype} "
+                         f"{tuple(tree_mask.shape)}")
+    if cache_len < 0:
+        raise ValueError(f"cache_len must be >= 0, got {cache_len}")
+    if cache_len + steps > max_len:
+        raise CacheCapacityError(f"KV cache overflow: {cache_len + steps} rows needed, {max_len} allocated")
+    return steps
+
+
+def run_chunked(steps: int, chunk: int, causal: bool,
+                run: Callable[[int, int], dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+    """Run a step of `steps` rows as pieces of at most `chunk` rows when it is causal (a prompt: an engine's
+    largest step shape is then the chunk, not the prompt); a tree step runs whole. `run(start, stop)` computes
+    rows start..stop and returns named outputs [1, rows, ...] (None to drop one, e.g. logits of an earlier chunk of
+    a prefill); the pieces are concatenated along the rows."""
+    pieces: dict[str, list[torch.Tensor]] = {}
+    bounds = [(0, steps)] if not causal or steps <= chunk else [
+        (start, min(start + chunk, steps)) for start in range(0, steps, chunk)]
+    for start, stop in bounds:
+        for name, value in run(start, stop).items():
+            if value is not None:
+                pieces.setdefault(name, []).append(value)
+    return {name: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) for name, parts in pieces.items()}

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError, ModelLoadError
+from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 from hass_deploy.manifest import GraphSpec, Manifest, runtime_graph
 from hass_deploy.models.target import causal_tree_mask
-from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
+from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput, TargetBackend, TargetOutput, run_chunked
 from hass_deploy.runtime.kv import KVBuffers
 
 # ONNX TensorProto element types of the torch dtypes bound to the graphs (IO binding takes the int for bf16).
@@ -226,8 +226,6 @@ class _Stepper:
         plan is made, and returns the inputs that follow from the shape alone (a causal mask, the rows that get
         logits), which the plan owns and binds once, and the outputs {name: (shape, dtype)}.
         """
-        if cache_len + steps > self.max_len:
-            raise CacheCapacityError(f"KV cache overflow: {cache_len + steps} rows needed, {self.max_len} allocated")
         if self.kv.reserve(cache_len + steps):
             self.plans.clear()  # the KV views moved
         plan = self.plans.get(key)
@@ -280,14 +278,8 @@ class _Stepper:
     def _dtype(self, name: str) -> torch.dtype:
         return _INPUT_DTYPES.get(name, self.dtype)  # features (the draft's) are in the graph's precision
 
-    def chunks(self, steps: int, tree_mask) -> list[tuple[int, int]]:
-        """Row ranges to run: one for a tree step, pieces of `chunk` rows for a long causal step (a prompt)."""
-        if tree_mask is not None or steps <= self.chunk:
-            return [(0, steps)]
-        return [(start, min(start + self.chunk, steps)) for start in range(0, steps, self.chunk)]
 
-
-class OrtTarget:
+class OrtTarget(TargetBackend):
     """`TargetBackend` over the exported target step graph.
 
     An int8 target runs every one-row step as two rows (the row twice; the copy's logits are not computed and its
@@ -312,15 +304,10 @@ class OrtTarget:
         self.hidden_size = manifest.target["hidden_size"]
 
     @torch.no_grad()
-    def step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False) -> TargetOutput:
+    def _step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False) -> TargetOutput:
         steps = input_ids.shape[1]
-        if tree_mask is not None and steps > self.max_tree_tokens:
-            raise ConfigError(f"a tree of {steps} nodes is more than the artifacts' tree budget "
-                              f"({self.max_tree_tokens})")
-        if cache_len + steps > self.max_len:
-            raise CacheCapacityError(f"KV cache overflow: {cache_len + steps} rows needed, {self.max_len} allocated")
-        hidden, logits = [], []
-        for start, stop in self.stepper.chunks(steps, tree_mask):
+
+        def run(start: int, stop: int) -> dict:
             rows = stop - start
             # Prefill wants the last row's logits only; an earlier chunk's row is computed and dropped.
             wanted = 1 if last_only else rows
@@ -332,7 +319,7 @@ class OrtTarget:
             if mask is not None:
                 feeds["tree_mask"] = mask
 
-            def shape(rows=rows, wanted=wanted, mask=mask, padded=padded):
+            def shape():
                 first = 0 if padded else rows - wanted
                 constants = {"logits_index": torch.arange(first, first + wanted)}
                 if mask is None:
@@ -341,11 +328,11 @@ class OrtTarget:
                                    "hidden": ((1, rows, self.hidden_size), self.dtype)}
 
             out = self.stepper.run((rows, wanted, mask is None, padded), feeds, shape, cache_len + start, rows)
-            hidden.append(out["hidden"][:, :stop - start].clone())
-            if not last_only or stop == steps:
-                logits.append(out["logits"].clone())
-        return TargetOutput(logits=torch.cat(logits, dim=1) if len(logits) > 1 else logits[0],
-                            hidden=torch.cat(hidden, dim=1) if len(hidden) > 1 else hidden[0])
+            return {"hidden": out["hidden"][:, :stop - start].clone(),
+                    "logits": out["logits"].clone() if not last_only or stop == steps else None}
+
+        out = run_chunked(steps, self.stepper.chunk, tree_mask is None, run)
+        return TargetOutput(logits=out["logits"], hidden=out["hidden"])
 
     def compact(self, cache_len: int, keep: torch.Tensor) -> None:
         self.stepper.kv.compact(cache_len, keep)
@@ -355,7 +342,7 @@ class OrtTarget:
         return OrtTarget(self.stepper.session, self.manifest, self.device, self.max_len, self.graph)
 
 
-class OrtDraft:
+class OrtDraft(DraftBackend):
     """`DraftBackend` over the exported draft step graph (the target's lm_head and top-k inside the graph)."""
 
     def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "draft"):
@@ -367,19 +354,15 @@ class OrtDraft:
         self.hidden_size = manifest.target["hidden_size"]
 
     @torch.no_grad()
-    def step(self, features, input_ids, position_ids, cache_len, tree_mask, top_k) -> DraftOutput:
-        if top_k > self.max_top_k:
-            raise ConfigError(f"top-k {top_k} is more than the draft graph's top-k ({self.max_top_k})")
-        steps = input_ids.shape[1]
-        hidden, logprobs, tokens = [], [], []
-        for start, stop in self.stepper.chunks(steps, tree_mask):
+    def _step(self, features, input_ids, position_ids, cache_len, tree_mask, top_k) -> DraftOutput:
+        def run(start: int, stop: int) -> dict:
             rows = stop - start
             feeds = {"features": features[:, start:stop], "input_ids": input_ids[:, start:stop],
                      "position_ids": position_ids[:, start:stop]}
             if tree_mask is not None:
                 feeds["tree_mask"] = tree_mask  # [1, T, M]: a tree level sees earlier levels' rows
 
-            def shape(rows=rows):
+            def shape():
                 constants = {} if tree_mask is not None else {"tree_mask": causal_tree_mask(rows)}
                 return constants, {"hidden": ((1, rows, self.hidden_size), self.dtype),
                                    "top_logprobs": ((1, rows, self.max_top_k), torch.float32),
@@ -387,12 +370,12 @@ class OrtDraft:
 
             key = (rows, None if tree_mask is None else tree_mask.shape[-1])
             out = self.stepper.run(key, feeds, shape, cache_len + start, rows)
-            hidden.append(out["hidden"].clone())
             # TopK sorts descending, so the first top_k of the graph's K columns are the top_k.
-            logprobs.append(out["top_logprobs"][..., :top_k].clone())
-            tokens.append(out["top_tokens"][..., :top_k].clone())
-        join = (lambda parts: torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-        return DraftOutput(hidden=join(hidden), logprobs=join(logprobs), tokens=join(tokens))
+            return {"hidden": out["hidden"].clone(), "logprobs": out["top_logprobs"][..., :top_k].clone(),
+                    "tokens": out["top_tokens"][..., :top_k].clone()}
+
+        out = run_chunked(input_ids.shape[1], self.stepper.chunk, tree_mask is None, run)
+        return DraftOutput(hidden=out["hidden"], logprobs=out["logprobs"], tokens=out["tokens"])
 
     def fork(self) -> "OrtDraft":
         return OrtDraft(self.stepper.session, self.manifest, self.device, self.max_len, self.graph)

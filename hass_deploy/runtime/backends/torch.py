@@ -6,7 +6,7 @@ import torch
 
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.target import Transformer
-from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
+from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput, TargetBackend, TargetOutput
 from hass_deploy.runtime.kv import KVBuffers
 
 
@@ -16,7 +16,7 @@ def _kv_for(module: torch.nn.Module, num_layers: int, max_len: int) -> KVBuffers
     return KVBuffers(num_layers, config.num_kv_heads, config.head_dim, max_len, weight.dtype, weight.device)
 
 
-class TorchTarget:
+class TorchTarget(TargetBackend):
     def __init__(self, module: Transformer, max_len: int):
         self.module = module
         self.device = module.embed_tokens.weight.device
@@ -25,7 +25,7 @@ class TorchTarget:
         self.kv = _kv_for(module, module.config.num_layers, max_len)
 
     @torch.no_grad()
-    def step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False) -> TargetOutput:
+    def _step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False) -> TargetOutput:
         hidden = self.module(input_ids, position_ids, tree_mask, self.kv, cache_len)  # [1, T, H]
         logits = self.module.logits(hidden[:, -1:] if last_only else hidden)
         return TargetOutput(logits=logits, hidden=hidden)
@@ -37,7 +37,7 @@ class TorchTarget:
         return TorchTarget(self.module, self.max_len)
 
 
-class TorchDraft:
+class TorchDraft(DraftBackend):
     """The draft head with the target's lm_head (shared, not copied)."""
 
     def __init__(self, head: DraftHead, lm_head: torch.nn.Linear, max_len: int):
@@ -48,7 +48,7 @@ class TorchDraft:
         self.kv = _kv_for(head, 1, max_len)
 
     @torch.no_grad()
-    def step(self, features, input_ids, position_ids, cache_len, tree_mask, top_k) -> DraftOutput:
+    def _step(self, features, input_ids, position_ids, cache_len, tree_mask, top_k) -> DraftOutput:
         hidden = self.head(features.to(self.head.fc.weight.dtype), input_ids, position_ids, tree_mask, self.kv, cache_len)
         logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1, T, V]
         top = torch.topk(logprobs, top_k, dim=-1)
