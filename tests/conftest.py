@@ -58,6 +58,14 @@ def fusable_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def fused_artifacts(fusable_targets, fusable_drafts, tmp_path_factory):
+    """arch -> artifacts with standard and fused graphs (fp32) of the fusable models, exported on first use."""
+    from ort_artifacts import LazyExports
+
+    return LazyExports(tmp_path_factory.getbasetemp() / "onnx-fused", fusable_targets, fusable_drafts)
+
+
+@pytest.fixture(scope="session")
 def fusable_targets(fusable_dirs) -> dict[str, TargetModel]:
     return {arch: load_target(path) for arch, path in fusable_dirs.items()}
 

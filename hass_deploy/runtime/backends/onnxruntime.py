@@ -334,6 +334,10 @@ class OrtTarget(TargetBackend):
         out = run_chunked(steps, self.stepper.chunk, tree_mask is None, run)
         return TargetOutput(logits=out["logits"], hidden=out["hidden"])
 
+    @property
+    def kv(self):
+        return self.stepper.kv
+
     def compact(self, cache_len: int, keep: torch.Tensor) -> None:
         self.stepper.kv.compact(cache_len, keep)
 
@@ -376,6 +380,10 @@ class OrtDraft(DraftBackend):
 
         out = run_chunked(input_ids.shape[1], self.stepper.chunk, tree_mask is None, run)
         return DraftOutput(hidden=out["hidden"], logprobs=out["logprobs"], tokens=out["tokens"])
+
+    @property
+    def kv(self):
+        return self.stepper.kv
 
     def fork(self) -> "OrtDraft":
         return OrtDraft(self.stepper.session, self.manifest, self.device, self.max_len, self.graph)

@@ -1,17 +1,17 @@
-"""The fused ONNX Runtime graphs (export/fused.py) are a drop-in for the standard ones: greedy output
-token-identical to the torch backend and to `transformers` for every architecture and tree shape, the KV rows the
-graph writes in place hold exactly the committed context, and an int8 target decodes speculatively exactly as it
-decodes plainly (lossless w.r.t. the quantised target), close to fp32."""
+"""What is particular to the fused ONNX Runtime graphs (export/fused.py; the step contract, greedy identity with
+`transformers` and the KV rows written in place are `test_contract.py`'s, over every backend): which exports get
+them, and an int8 target that decodes speculatively exactly as it decodes plainly (lossless w.r.t. the quantised
+target), close to fp32; `validate` checks them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, OracleDraft, make_decoder
-from ort_artifacts import CONFIG, LazyExports, exported
-from runtime.backends.test_onnxruntime import TREES, CheckedOrtTarget
-from runtime.test_decoder import greedy, hf_greedy, prompt
+from conftest import OracleDraft, make_decoder
+from ort_artifacts import CONFIG, exported
+from runtime.backends.test_contract import TREES
+from runtime.test_decoder import greedy, prompt
 from hass_deploy.config import TreeConfig
 from hass_deploy.errors import ConfigError
 from hass_deploy.export.config import ExportConfig
@@ -22,12 +22,6 @@ from hass_deploy.runtime.backends import open_backends
 from hass_deploy.runtime.decoder import SpeculativeDecoder
 
 INT8 = ExportConfig(**{**CONFIG.__dict__, "target_quantization": "int8", "draft_quantization": "int8"})
-
-
-@pytest.fixture(scope="session")
-def fused_artifacts(fusable_targets, fusable_drafts, tmp_path_factory):
-    """arch -> artifacts with standard and fused graphs (fp32), exported on first use."""
-    return LazyExports(tmp_path_factory.getbasetemp() / "onnx-fused", fusable_targets, fusable_drafts)
 
 
 def ort(target, draft, artifacts_dir, graphs="fused", max_len=256, tree=TreeConfig()):
@@ -52,56 +46,6 @@ def test_fused_graphs_are_written_where_ort_can_run_them(targets, fusable_target
         ExportConfig(target_quantization="int8", ort_graphs=False)
     with pytest.raises(ConfigError, match="no fused"):
         ort(targets["llama"], None, tmp_path / "narrow", graphs="fused")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_greedy_is_token_identical_to_torch_and_transformers(arch, fusable_targets, fusable_drafts, fused_artifacts):
-    from transformers import AutoModelForCausalLM
-
-    target = fusable_targets[arch]
-    hf_model = AutoModelForCausalLM.from_pretrained(target.path, dtype=torch.float32).eval()
-    for shape, tree in TREES.items():
-        fused_target, fused_draft = ort(target, fusable_drafts[arch], fused_artifacts[arch], tree=tree)
-        standard_target, _ = ort(target, None, fused_artifacts[arch], graphs="standard", tree=tree)
-        for length in (3, 21):  # 21 > the prefill chunk of 8: a chunked prefill
-            ids = prompt(length, seed=200 + length)
-            config = greedy(tree, max_new_tokens=48, eos=())
-            reference = make_decoder(target).generate(ids, config).output_ids
-            spec = SpeculativeDecoder(fused_target, fused_draft).generate(ids, config)
-            plain = SpeculativeDecoder(fused_target, None).generate(ids, config)
-            guided = SpeculativeDecoder(fused_target, OracleDraft(target, ids[0], 256 + tree.draft_rows, noise=0.3,
-                                                                  seed=length)).generate(ids, config)
-            standard = SpeculativeDecoder(standard_target, None).generate(ids, config)
-            assert spec.output_ids == plain.output_ids == guided.output_ids == standard.output_ids == reference
-            assert reference == hf_greedy(hf_model, ids, 48)
-            if tree.tokens > 2 and tree.depth > 1:
-                assert max(guided.accept_lengths) >= 2, "the oracle should get multi-token acceptances"
-
-
-def test_kv_rows_written_in_place_hold_exactly_the_committed_context(fusable_targets, fused_artifacts):
-    """The graph writes its rows into the bound buffers; the backend compacts them: across chunked prefill, tree
-    verification and compaction, rows [0, cache_len) equal a fresh torch prefill of the committed tokens."""
-    target, tree = fusable_targets["qwen2"], TreeConfig(tokens=10, depth=4, top_k=3)
-    ids = prompt(20, seed=5)
-    committed = list(ids)
-    fused_target, _ = ort(target, None, fused_artifacts["qwen2"], tree=tree)
-    checked = CheckedOrtTarget(fused_target, target.module, committed)
-    decoder = SpeculativeDecoder(checked, OracleDraft(target, ids[0], 256 + tree.draft_rows, noise=0.3))
-    result = decoder.generate(ids, greedy(tree, max_new_tokens=70, eos=()), on_tokens=committed.extend)
-    assert checked.checks == result.rounds and checked.stepper.kv.rows == 256  # bound at full length, never moved
-    assert any(a > 0 for a in result.accept_lengths)
-
-
-@pytest.mark.parametrize("arch", ["mistral", "qwen3"])  # sliding window in the bias; q/k norm inside the attention
-def test_generation_runs_into_cache_capacity(arch, fusable_targets, fusable_drafts, fused_artifacts):
-    target, tree, max_len = fusable_targets[arch], TreeConfig(tokens=8, depth=4, top_k=3), 29
-    ids = prompt(9, seed=3)
-    config = greedy(tree, max_new_tokens=500, eos=())
-    reference = make_decoder(target, max_len=max_len).generate(ids, config)
-    fused_target, fused_draft = ort(target, fusable_drafts[arch], fused_artifacts[arch], max_len=max_len, tree=tree)
-    spec = SpeculativeDecoder(fused_target, fused_draft).generate(ids, config)
-    assert spec.output_ids == reference.output_ids and spec.stop_reason == "cache_full"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

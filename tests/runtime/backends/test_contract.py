@@ -1,0 +1,194 @@
+"""The step contract (runtime/backends/base.py), one suite for every backend: a backend is proven by passing it.
+
+Each test runs against PyTorch, ONNX Runtime's standard graphs and its fused graphs, over the same tiny models
+(hidden 64, head_dim 16: what the fused graphs need) and one export per architecture: greedy output
+token-identical to `transformers` for every architecture and tree shape, a step's values, the KV rows a
+backend holds after chunked prefill, tree steps and compaction, running into the KV capacity, the checks
+`step()` makes, and `fork()`. A new backend (TensorRT) joins by adding a case to `open_pair`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, OracleDraft, make_decoder
+from runtime.test_decoder import greedy, hf_greedy, prompt
+from hass_deploy.config import TreeConfig
+from hass_deploy.errors import CacheCapacityError, ConfigError
+from hass_deploy.runtime.backends import open_backends
+from hass_deploy.runtime.backends.torch import TorchTarget
+from hass_deploy.runtime.decoder import SpeculativeDecoder
+
+BACKENDS = ("torch", "onnxruntime-standard", "onnxruntime-fused")
+TREES = {
+    "chain": TreeConfig(tokens=5, depth=4, top_k=1),
+    "wide": TreeConfig(tokens=12, depth=2, top_k=8),
+    "deep": TreeConfig(tokens=16, depth=8, top_k=2),
+    "paper": TreeConfig(tokens=60, depth=6, top_k=10),
+}
+MAX_LEN = 256
+
+
+@pytest.fixture
+def open_pair(fusable_targets, fusable_drafts, fused_artifacts):
+    """open_pair(backend, arch, with_draft, max_len, tree) -> (target backend, draft backend or None)."""
+
+    def opened(backend: str, arch: str, with_draft: bool = True, max_len: int = MAX_LEN,
+               tree: TreeConfig = TreeConfig()):
+        target, draft = fusable_targets[arch], fusable_drafts[arch] if with_draft else None
+        if backend == "torch":
+            return open_backends("torch", target, draft, max_len, tree.draft_rows)
+        if backend.startswith("onnxruntime"):
+            pytest.importorskip("onnxruntime")
+            return open_backends("onnxruntime", target, draft, max_len, tree.draft_rows, fused_artifacts[arch],
+                                 ort_graphs=backend.split("-")[1])
+        raise AssertionError(backend)
+
+    return opened
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_is_token_identical_to_transformers(backend, arch, open_pair, fusable_targets):
+    """Plain, draft, and oracle-guided trees of four shapes, short and chunked prompts: one output, transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    target = fusable_targets[arch]
+    hf_model = AutoModelForCausalLM.from_pretrained(target.path, dtype=torch.float32).eval()
+    for shape, tree in TREES.items():
+        target_backend, draft_backend = open_pair(backend, arch, tree=tree)
+        for length in (3, 21):  # 21 > the exports' prefill chunk of 8: a chunked prefill
+            ids = prompt(length, seed=200 + length)
+            config = greedy(tree, max_new_tokens=48, eos=())
+            spec = SpeculativeDecoder(target_backend, draft_backend).generate(ids, config)
+            plain = SpeculativeDecoder(target_backend, None).generate(ids, config)
+            guided = SpeculativeDecoder(target_backend, OracleDraft(target, ids[0], MAX_LEN + tree.draft_rows,
+                                                                    noise=0.3, seed=length)).generate(ids, config)
+            assert spec.output_ids == plain.output_ids == guided.output_ids, (shape, length)
+            assert plain.output_ids == hf_greedy(hf_model, ids, 48), (shape, length)
+            if tree.tokens > 2 and tree.depth > 1:
+                assert max(guided.accept_lengths) >= 2, "the oracle should get multi-token acceptances"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_computes_what_pytorch_computes(backend, open_pair, fusable_targets):
+    """A chunked prefill (last row's logits only), then a tree step, then draft steps: values and shapes."""
+    target = fusable_targets["llama"]
+    target_backend, draft_backend = open_pair(backend, "llama")
+    reference = TorchTarget(target.module, MAX_LEN)
+    ids, positions = torch.tensor([prompt(12, seed=1)]), torch.arange(12)[None]
+    out = target_backend.step(ids, positions, 0, None, last_only=True)
+    expected = reference.step(ids, positions, 0, None, last_only=True)
+    vocab, hidden = target.config.vocab_size, target.config.hidden_size
+    assert out.logits.shape == (1, 1, vocab) and out.hidden.shape == (1, 12, hidden)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.hidden, expected.hidden, atol=1e-4, rtol=1e-4)
+    mask = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)  # a root with two children
+    tree_ids, tree_positions = torch.tensor([[5, 6, 7]]), torch.tensor([[12, 13, 13]])
+    out = target_backend.step(tree_ids, tree_positions, 12, mask)
+    expected = reference.step(tree_ids, tree_positions, 12, mask)
+    assert out.logits.shape == (1, 3, vocab)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    drafted = draft_backend.step(out.hidden, torch.tensor([[1, 2, 3]]), torch.arange(3)[None], 0, None, top_k=4)
+    assert drafted.hidden.shape == (1, 3, hidden) and drafted.logprobs.shape == drafted.tokens.shape == (1, 3, 4)
+    assert drafted.tokens.dtype == torch.int64
+    assert bool((drafted.logprobs[..., :-1] >= drafted.logprobs[..., 1:]).all())  # descending
+
+
+class CheckedTarget:
+    """Wraps a target backend; before every step, checks that its KV rows [0, cache_len) equal a fresh PyTorch
+    prefill of the tokens committed so far."""
+
+    def __init__(self, inner, module, committed: list[int]):
+        self.inner, self.module, self.committed, self.checks = inner, module, committed, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False):
+        if cache_len > 0:
+            reference = TorchTarget(self.module, cache_len)
+            reference.step(torch.tensor([self.committed[:cache_len]]), torch.arange(cache_len)[None], 0, None)
+            for got, want in zip(self.inner.kv.rows_in_use(cache_len), reference.kv.rows_in_use(cache_len)):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            self.checks += 1
+        return self.inner.step(input_ids, position_ids, cache_len, tree_mask, last_only)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_buffers_hold_exactly_the_committed_context(backend, open_pair, fusable_targets):
+    """Across a chunked prefill, tree verification, compaction and (standard graphs) the bound view's growth."""
+    target, tree = fusable_targets["qwen2"], TreeConfig(tokens=10, depth=4, top_k=3)
+    ids = prompt(20, seed=5)
+    committed = list(ids)
+    target_backend, _ = open_pair(backend, "qwen2", with_draft=False, tree=tree)
+    checked = CheckedTarget(target_backend, target.module, committed)
+    decoder = SpeculativeDecoder(checked, OracleDraft(target, ids[0], MAX_LEN + tree.draft_rows, noise=0.3))
+    result = decoder.generate(ids, greedy(tree, max_new_tokens=70, eos=()), on_tokens=committed.extend)
+    assert checked.checks == result.rounds and any(a > 0 for a in result.accept_lengths)
+    # Standard graphs bind a view that grew past 64 rows; the others bind (or slice) the whole buffer.
+    assert target_backend.kv.rows == (128 if backend == "onnxruntime-standard" else MAX_LEN)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])  # a sliding window; q/k norms
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generation_runs_into_the_kv_capacity(backend, arch, open_pair, fusable_targets):
+    """Fewer KV rows than exported: the last trees shrink to fit, and generation stops at a full cache."""
+    target, tree, max_len = fusable_targets[arch], TreeConfig(tokens=8, depth=4, top_k=3), 29
+    ids = prompt(9, seed=3)
+    config = greedy(tree, max_new_tokens=500, eos=())
+    reference = make_decoder(target, max_len=max_len).generate(ids, config)
+    target_backend, draft_backend = open_pair(backend, arch, max_len=max_len, tree=tree)
+    spec = SpeculativeDecoder(target_backend, draft_backend).generate(ids, config)
+    guided = SpeculativeDecoder(target_backend, OracleDraft(target, ids[0], max_len + tree.draft_rows)).generate(
+        ids, config)
+    assert len(reference.output_ids) == max_len - len(ids) + 1
+    assert spec.output_ids == guided.output_ids == reference.output_ids
+    assert spec.stop_reason == guided.stop_reason == "cache_full"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_checks_the_call(backend, open_pair):
+    target_backend, draft_backend = open_pair(backend, "llama", max_len=40)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    positions = torch.arange(4)[None]
+    with pytest.raises(ValueError, match=r"input_ids must be \[1, T\]"):
+        target_backend.step(ids[0], positions[0], 0, None)
+    with pytest.raises(ValueError, match="position_ids"):
+        target_backend.step(ids, positions[:, :3], 0, None)
+    with pytest.raises(ValueError, match="tree_mask"):
+        target_backend.step(ids, positions, 0, torch.ones(1, 4, 4))  # not bool
+    with pytest.raises(CacheCapacityError, match="41 rows needed, 40 allocated"):
+        target_backend.step(ids, positions, 37, None)
+    with pytest.raises(ValueError, match="draft features"):
+        draft_backend.step(torch.zeros(1, 3, 64), ids, positions, 0, None, top_k=2)
+    with pytest.raises(ConfigError, match="top-k"):
+        draft_backend.step(torch.zeros(1, 4, 64), ids, positions, 0, None, top_k=0)
+    if backend != "torch":  # an export fixes the tree budget (64) and the draft's top-k (16)
+        big = torch.zeros(1, 65, dtype=torch.long)
+        with pytest.raises(ConfigError, match="tree budget"):
+            open_pair(backend, "llama")[0].step(big, big, 0, torch.ones(1, 65, 65, dtype=torch.bool))
+        with pytest.raises(ConfigError, match="top-k 17"):
+            draft_backend.step(torch.zeros(1, 4, 64), ids, positions, 0, None, top_k=17)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fork_shares_the_weights_but_not_the_kv(backend, open_pair, fusable_targets):
+    """Two forks decoding different prompts, round by round in turn, each give what a fresh backend gives."""
+    target_backend, draft_backend = open_pair(backend, "llama")
+    forks = [(target_backend, draft_backend), (target_backend.fork(), draft_backend.fork())]
+    assert forks[1][0].kv.storage.data_ptr() != target_backend.kv.storage.data_ptr()
+    config = greedy(TreeConfig(tokens=6, depth=3, top_k=2), max_new_tokens=30, eos=())
+    prompts = [prompt(7, seed=1), prompt(13, seed=2)]
+    streams = {i: SpeculativeDecoder(*pair).stream(ids, config) for i, (pair, ids) in enumerate(zip(forks, prompts))}
+    outputs: list[list[int]] = [[], []]
+    while streams:  # one round of each in turn, as the serving engine runs its slots
+        for index in list(streams):
+            try:
+                outputs[index] += next(streams[index])
+            except StopIteration:
+                del streams[index]
+    fresh = open_pair(backend, "llama")
+    assert outputs == [SpeculativeDecoder(*fresh).generate(ids, config).output_ids for ids in prompts]
