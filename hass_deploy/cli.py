@@ -121,6 +121,7 @@ def generate(
     lookup_max_ngram: int = typer.Option(_LOOKUP.max_ngram, help="Prompt lookup: longest n-gram matched (first)."),
     lookup_min_ngram: int = typer.Option(_LOOKUP.min_ngram, help="Prompt lookup: shortest n-gram matched (last)."),
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
+    device: str = typer.Option(_RUNTIME.device, help="cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", help="torch, onnxruntime, or auto: onnxruntime when --artifacts is given."),
     artifacts: Optional[Path] = typer.Option(None, help="`hass-deploy export` directory (--backend onnxruntime)."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache rows (default: min(max_position_embeddings, 4096))."),
@@ -147,7 +148,8 @@ def generate(
     )
     from hass_deploy.runtime.backends import choose_backend
 
-    runtime = RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype, max_seq_len=max_seq_len)
+    runtime = RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype, device=device,
+                            max_seq_len=max_seq_len)
     if prompt_ids is not None:
         items = [Prompt(text=None, ids=parse_prompt_ids(prompt_ids))]
     elif prompt is not None:
@@ -359,6 +361,7 @@ def bench(
     lookup_max_ngram: int = typer.Option(_LOOKUP.max_ngram, help="Prompt lookup: longest n-gram matched (first)."),
     lookup_min_ngram: int = typer.Option(_LOOKUP.min_ngram, help="Prompt lookup: shortest n-gram matched (last)."),
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
+    device: str = typer.Option(_RUNTIME.device, help="cpu, cuda or cuda:N."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache rows (default: min(max_position_embeddings, 4096))."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if present)."),
     seed: int = typer.Option(_BENCH.seed, help="Prompt i samples with seed + i."),
@@ -385,7 +388,7 @@ def bench(
     config = BenchConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), tree=fixed,
                          lookup=lookup_config if lookup else None, max_prompts=max_prompts, warmup=warmup, seed=seed,
                          chat=chat, runtime=RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype,
-                                                          max_seq_len=max_seq_len))
+                                                          device=device, max_seq_len=max_seq_len))
     report = run_bench(target, draft, prompts, config, baseline_draft, artifacts, baseline_artifacts, out,
                        log=lambda line: typer.echo(line, err=True))
     typer.echo((out / "bench.md").read_text())
@@ -508,6 +511,8 @@ def quickstart(
                                                "tiny (under a minute)."),
     prompts: list[Path] = typer.Option([], help="More JSONL prompt sets to benchmark beside the held-out text."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    device: str = typer.Option("cpu", help="Where the target and drafts are trained and the data extracted (cpu "
+                               "or cuda); export, validation and bench run on ONNX Runtime's CPU provider."),
 ) -> None:
     """The whole job on a target built here: data, HASS and EAGLE-2 drafts, ONNX export, validation, benchmark."""
     from hass_deploy.quickstart import render_summary, run_quickstart
@@ -515,7 +520,10 @@ def quickstart(
     workdir = workdir or Path("hass-deploy-quickstart") / preset
     if workdir.exists() and not workdir.is_dir():
         _fail(f"{workdir} exists and is not a directory")
-    summary = run_quickstart(workdir, preset, tuple(prompts), progress, log=lambda line: typer.echo(line, err=True))
+    if device != "cpu" and not device.startswith("cuda"):
+        _fail(f"--device must be cpu or cuda[:N], got {device!r}")
+    summary = run_quickstart(workdir, preset, tuple(prompts), progress, log=lambda line: typer.echo(line, err=True),
+                             device=device)
     typer.echo(render_summary(summary))
 
 
@@ -529,12 +537,14 @@ def widen(
     num_layers: int = typer.Option(..., help="New number of layers (>= the target's; new ones are appended)."),
     draft: list[Path] = typer.Option([], help="A draft head of the target, widened with it; repeatable."),
     seed: int = typer.Option(Widening.seed, help="Seed of the new (random) weights."),
+    dtype: str = typer.Option(Widening.dtype, help="Storage of the widened target: fp32 (logits equal the source's) "
+                              "or bf16/fp16 (half the bytes; weights rounded)."),
     force: bool = typer.Option(False, help="Overwrite a non-empty --out."),
 ) -> None:
     """Widen a target and its drafts to a larger shape with the same logits, to measure a bigger model's speed."""
     from hass_deploy.models.widen import widen_directory
 
-    widening = Widening(hidden_size, intermediate_size, num_layers, seed)
+    widening = Widening(hidden_size, intermediate_size, num_layers, seed, dtype=dtype)
     widen_directory(target, out, widening, draft, force, progress=True)
     typer.echo(str(out))
 

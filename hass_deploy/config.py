@@ -111,8 +111,15 @@ class GenerationConfig:
 class RuntimeConfig:
     backend: str = "torch"
     dtype: str = "fp32"  # the precision in which greedy output is checked token for token against transformers
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda or cuda:N
     max_seq_len: int | None = None  # KV rows; None = min(the target's max_position_embeddings, 4096)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"--dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        kind, _, index = self.device.partition(":")
+        if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+            raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass(frozen=True)

@@ -143,13 +143,13 @@ def validation_loss(model: Transformer, tokens: torch.Tensor, seq_len: int, max_
     losses = []
     for start in range(0, min(len(tokens) - seq_len - 1, max_windows * seq_len), seq_len):
         window = tokens[start : start + seq_len + 1][None]
-        hidden = model(window[:, :-1], torch.arange(seq_len)[None])
+        hidden = model(window[:, :-1], torch.arange(seq_len, device=tokens.device)[None])
         losses.append(F.cross_entropy(model.logits(hidden)[0].float(), window[0, 1:]).item())
     return sum(losses) / len(losses)
 
 
-def build_target(out: Path, recipe: TargetRecipe, progress: bool = True) -> dict:
-    """Train the target from scratch and write it as a Hugging Face directory at `out` (atomically)."""
+def build_target(out: Path, recipe: TargetRecipe, progress: bool = True, device: str = "cpu") -> dict:
+    """Train the target from scratch on `device` and write it as a Hugging Face directory at `out` (atomically)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from safetensors.torch import save_file
 
@@ -162,7 +162,9 @@ def build_target(out: Path, recipe: TargetRecipe, progress: bool = True) -> dict
     train_tokens = encode(train_texts)
     held_tokens = encode(read_texts(eval_files, 400_000))
     config = config_from_hf(_hf_config(recipe, eos))
-    model = Transformer(config).train()
+    device = torch.device(device)
+    model = Transformer(config).to(device).train()  # initialised on the CPU first: the same weights on any device
+    train_tokens, held_tokens = train_tokens.to(device), held_tokens.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(recipe.seed)
     with Progress(TextColumn("training demo target"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -173,8 +175,9 @@ def build_target(out: Path, recipe: TargetRecipe, progress: bool = True) -> dict
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, recipe)
             batch = _windows(train_tokens, recipe, generator)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                hidden = model(batch[:, :-1], torch.arange(recipe.seq_len).expand(recipe.batch_size, -1))
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                positions = torch.arange(recipe.seq_len, device=device).expand(recipe.batch_size, -1)
+                hidden = model(batch[:, :-1], positions)
                 loss = F.cross_entropy(model.logits(hidden).float().flatten(0, 1), batch[:, 1:].flatten())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -187,7 +190,7 @@ def build_target(out: Path, recipe: TargetRecipe, progress: bool = True) -> dict
               "draft_files": [str(f) for f in draft_files], "eval_files": [str(f) for f in eval_files],
               "validation_loss": validation_loss(model, held_tokens, recipe.seq_len)}
     with replacing_directory(out) as tmp:
-        state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.contiguous()
+        state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.contiguous().cpu()
                  for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(_hf_config(recipe, eos), indent=2) + "\n")
@@ -206,16 +209,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cached_target(preset: str = "default", seed: int = 0, progress: bool = True) -> Path:
-    """The demo target for `preset`, built on first use; a corrupted cache entry is rebuilt, not trusted."""
+def cached_target(preset: str = "default", seed: int = 0, progress: bool = True, device: str = "cpu") -> Path:
+    """The demo target for `preset`, built on first use (on `device`); a corrupted cache entry is rebuilt, not
+    trusted. A target trained on another kind of device has other weights, so it is cached apart."""
     if preset not in PRESETS:
         raise HassDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     recipe = PRESETS[preset] if seed == PRESETS[preset].seed else TargetRecipe(**{**asdict(PRESETS[preset]), "seed": seed})
-    key = hashlib.sha256(json.dumps([RECIPE_VERSION, asdict(recipe)]).encode()).hexdigest()[:12]
-    path = home() / "targets" / f"{preset}-{key}"
+    kind = torch.device(device).type
+    key = hashlib.sha256(json.dumps([RECIPE_VERSION, asdict(recipe)] + ([kind] if kind != "cpu" else [])).encode())
+    path = home() / "targets" / f"{preset}-{key.hexdigest()[:12]}"
     if _intact(path):
         return path
-    build_target(path, recipe, progress)
+    build_target(path, recipe, progress, device)
     return path
 
 

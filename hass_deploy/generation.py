@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from hass_deploy.config import GenerationConfig, RuntimeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.models.checkpoint import DraftMetadata, load_draft
@@ -72,6 +74,8 @@ class Pipeline:
         run there, and the models given are loaded in fp32 on the CPU only to check that the graphs were
         exported from them (and for the tokenizer and stop tokens).
         """
+        if runtime.device.startswith("cuda") and not torch.cuda.is_available():
+            raise HassDeployError(f"--device {runtime.device}: this torch ({torch.__version__}) sees no CUDA device")
         manifest = None
         if runtime.backend == "onnxruntime":
             target, max_seq_len, manifest = _load_for_artifacts(target_dir, draft_dir, runtime, generation, artifacts)

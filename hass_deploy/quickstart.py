@@ -215,8 +215,11 @@ def _summary_record(report) -> dict:
 
 
 def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: tuple[Path, ...] = (),
-                   progress: bool = True, log: Log = print) -> dict:
+                   progress: bool = True, log: Log = print, device: str = "cpu") -> dict:
     """Run (or resume) the quickstart in `workdir`; returns the summary also written to `workdir/summary.json`.
+
+    `device` trains the target and the drafts and extracts the data there ("cuda" on a GPU machine); the export,
+    validation and benchmark run on ONNX Runtime's CPU provider either way.
 
     Raises HassDeployError when a stage fails, including the lossless check (after the bench report is written).
     """
@@ -267,7 +270,7 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
     # 1. The target: cached outside the work directory (every quickstart shares it) and verified there.
     log(f"[1/7] target: demo preset {config.target!r} (built once, then cached)")
     begin = time.perf_counter()
-    target = cached_target(config.target, progress=progress)
+    target = cached_target(config.target, progress=progress, device=device)
     seconds["target"] = time.perf_counter() - begin
     target_report = json.loads((target / RECIPE_FILE).read_text())
     target_key = target_report["weights_sha256"]
@@ -278,10 +281,11 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
                    intact=lambda: layout.corpus.is_file() and layout.prompts.is_file())
 
     def make_data() -> dict:
-        manifest = generate_data(target, layout.corpus, layout.data, config.data, progress=progress)
+        manifest = generate_data(target, layout.corpus, layout.data, data_config, progress=progress)
         return {"totals": manifest.totals}
 
-    data_key = _key(target_key, file_sha256(layout.corpus), asdict(config.data))
+    data_config = replace(config.data, device=device)
+    data_key = _key(target_key, file_sha256(layout.corpus), asdict(config.data))  # where it ran does not matter
     data = stage("data", 3, data_key, make_data, layout.data, lambda: (layout.data / "manifest.json").is_file())
 
     drafts: dict[str, dict] = {}
@@ -289,7 +293,8 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
         train_config = replace(config.train, recipe=name)
 
         def make_draft(name=name, train_config=train_config) -> dict:
-            metrics = train(target, layout.data, layout.draft(name), train_config, resume=True, progress=progress)
+            metrics = train(target, layout.data, layout.draft(name), train_config, resume=True, progress=progress,
+                            device=device)
             return {"eval": {k: metrics.get(f"eval_{k}") for k in ("expected_tau", "acceptance")}}
 
         drafts[name] = stage(f"train {name}", 4, _key(data_key, asdict(train_config)), make_draft,

@@ -42,6 +42,7 @@ class Fakes:
 
     def __init__(self, tmp_path: Path, monkeypatch):
         self.calls: list[str] = []
+        self.devices: dict[str, str] = {}  # stage -> the device it was asked to run on
         self.lossless = True
         self.interrupt: str | None = None
         self.nondeterministic = False
@@ -75,16 +76,19 @@ class Fakes:
         if name == self.interrupt:
             raise KeyboardInterrupt
 
-    def cached_target(self, preset, progress=True):
+    def cached_target(self, preset, progress=True, device="cpu"):
+        self.devices["target"] = device
         return self.target
 
     def generate_data(self, target, dataset, out, config, progress=False):
+        self.devices["data"] = config.device
         self._call("data")
         out.mkdir(parents=True, exist_ok=True)
         (out / "manifest.json").write_text("{}")
         return SimpleNamespace(totals={"tokens": 100})
 
-    def train(self, target, data_dir, out, config, resume=False, progress=True):
+    def train(self, target, data_dir, out, config, resume=False, progress=True, device="cpu"):
+        self.devices[f"train {config.recipe}"] = device
         self._call(f"train {config.recipe}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"recipe": config.recipe}))
@@ -206,3 +210,9 @@ def test_a_lossless_failure_fails_the_run_loudly(fakes, tmp_path):
 def test_unknown_preset_is_refused(tmp_path):
     with pytest.raises(HassDeployError, match="unknown preset"):
         quickstart.run_quickstart(tmp_path, "huge")
+
+
+def test_device_reaches_the_target_data_and_training_stages(fakes, tmp_path):
+    quickstart.run_quickstart(tmp_path / "work", "tiny", progress=False, log=lambda line: None, device="cuda:0")
+    assert fakes.devices == {"target": "cuda:0", "data": "cuda:0", "train hass": "cuda:0", "train eagle2": "cuda:0"}
+    assert fakes.calls == STAGES

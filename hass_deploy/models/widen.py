@@ -69,6 +69,9 @@ class Widening:
     num_layers: int
     seed: int = 0  # of the new weights; each tensor draws from its own generator, seeded by (seed, its name)
     init_std: float = 0.02  # small: new units' activations stay O(1), so nothing overflows (0 * inf would be NaN)
+    # How the widened target is stored. fp32 keeps every logit equal to the source's (to ~2e-7); bf16 halves what a
+    # 7 B-class model writes and loads (a GPU benchmark runs it in bf16 anyway), and rounds the weights.
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         for flag, value in (("--hidden-size", self.hidden_size), ("--intermediate-size", self.intermediate_size),
@@ -77,6 +80,11 @@ class Widening:
                 raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
         if not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ConfigError(f"init_std must be a positive number, got {self.init_std}")
+        if self.dtype not in _STORAGE:
+            raise ConfigError(f"--dtype must be one of {', '.join(_STORAGE)}, got {self.dtype!r}")
+
+
+_STORAGE = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
 
 
 @dataclass(frozen=True)
@@ -280,8 +288,8 @@ def widen_draft(head: DraftHead, target: ModelConfig, widening: Widening, embedd
     return widened.eval()
 
 
-def _widened_hf_config(raw: dict, wide: ModelConfig) -> dict:
-    """The source config.json at the new shape; head_dim (when present) and every eps are kept."""
+def _widened_hf_config(raw: dict, wide: ModelConfig, dtype: str = "fp32") -> dict:
+    """The source config.json at the new shape and storage dtype; head_dim (when present) and every eps are kept."""
     out = {**raw, "hidden_size": wide.hidden_size, "intermediate_size": wide.intermediate_size,
            "num_hidden_layers": wide.num_layers, "num_attention_heads": wide.num_heads,
            "num_key_value_heads": wide.num_kv_heads}
@@ -292,7 +300,7 @@ def _widened_hf_config(raw: dict, wide: ModelConfig) -> dict:
         out["layer_types"] = types + [types[-1]] * (wide.num_layers - len(types))
     for key in ("dtype", "torch_dtype"):
         if key in raw:
-            out[key] = "float32"
+            out[key] = _STORAGE[dtype][1]
     return out
 
 
@@ -305,15 +313,17 @@ SHARD_BYTES = 1 << 30  # tensors per safetensors file: a shard is what is held i
 
 
 def _write_shards(directory: Path, shapes: Mapping[str, torch.Size], make: Callable[[str], torch.Tensor],
-                  advance: Callable[[int], None]) -> None:
-    """Write the target's fp32 tensors with safetensors, in shards of about SHARD_BYTES (a 1 B model is 4 GB:
-    never all of it in memory), and the HF index that maps each tensor to its shard (what `loading` reads)."""
+                  advance: Callable[[int], None], dtype: torch.dtype = torch.float32) -> None:
+    """Write the target's tensors in `dtype` with safetensors, in shards of about SHARD_BYTES (a 1 B model is 4 GB
+    in fp32: never all of it in memory), and the HF index that maps each tensor to its shard (what `loading`
+    reads)."""
     from safetensors.torch import save_file
 
+    itemsize = torch.empty((), dtype=dtype).element_size()
     groups: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
-        nbytes = 4 * math.prod(shape)
+        nbytes = itemsize * math.prod(shape)
         if groups[-1] and size + nbytes > SHARD_BYTES:
             groups.append([])
             size = 0
@@ -327,13 +337,13 @@ def _write_shards(directory: Path, shapes: Mapping[str, torch.Size], make: Calla
     for file, group in zip(names, groups):
         tensors = {}
         for name in group:
-            tensors[_hf_name(name)] = make(name).contiguous()
+            tensors[_hf_name(name)] = make(name).to(dtype).contiguous()
             advance(1)
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
         weight_map.update({key: file for key in tensors})
         del tensors
     if len(groups) > 1:
-        total = sum(4 * math.prod(shape) for shape in shapes.values())
+        total = sum(itemsize * math.prod(shape) for shape in shapes.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -399,14 +409,16 @@ def widen_directory(target: str | Path, out: str | Path, widening: Widening, dra
     draft_tensors = sum(len(head.state_dict()) for head, _ in loaded)
     with replacing_directory(out) as tmp, _progress(len(shapes) + draft_tensors, progress) as advance:
         (tmp / "target").mkdir()
-        (tmp / "target" / "config.json").write_text(json.dumps(_widened_hf_config(raw, wide), indent=2) + "\n")
+        (tmp / "target" / "config.json").write_text(json.dumps(_widened_hf_config(raw, wide, widening.dtype),
+                                                               indent=2) + "\n")
         for name in COPIED_FILES:
             if (target / name).is_file():
                 shutil.copy2(target / name, tmp / "target" / name)
-        _write_shards(tmp / "target", shapes, make, advance)
+        _write_shards(tmp / "target", shapes, make, advance, _STORAGE[widening.dtype][0])
         provenance = {"source": str(target), "source_fingerprint": target_fingerprint(source.module),
                       "widening": asdict(widening), "scales": asdict(scales),
-                      "note": "every logit equals the source's (fp32); a model for measuring speed, not a better one"}
+                      "note": "every logit equals the source's (fp32; other dtypes round the weights); a model for "
+                              "measuring speed, not a better one"}
         (tmp / "target" / WIDEN_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         # Read back from the file just written: the drafts' embedding copy and identity are the widened target's.
         head_of_wide = replace(load_target_head(tmp / "target"), path=out / "target")

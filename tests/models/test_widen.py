@@ -408,3 +408,23 @@ def test_a_large_target_is_written_in_shards_that_load_as_one(tmp_path, hf_dirs,
     with torch.no_grad():
         hf_logits = AutoModelForCausalLM.from_pretrained(out / "target", dtype=torch.float32).eval()(ids).logits
     assert (hf_logits - logits).abs().max().item() <= TOLERANCE
+
+
+def test_bf16_storage_halves_the_bytes_and_rounds_the_weights(tmp_path, hf_dirs, targets):
+    """--dtype bf16: the tensors and config.json say bfloat16, the files are half the fp32 ones, and the logits
+    are the source's up to bf16 rounding of the weights (exact ones need fp32)."""
+    from safetensors import safe_open
+
+    fp32 = widen_directory(hf_dirs["llama"], tmp_path / "fp32", Widening(96, 128, 3))
+    bf16 = widen_directory(hf_dirs["llama"], tmp_path / "bf16", Widening(96, 128, 3, dtype="bf16"))
+    with safe_open(str(bf16 / "target" / "model.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(name).dtype for name in handle.keys()} == {torch.bfloat16}
+    assert json.loads((bf16 / "target" / "config.json").read_text())["dtype"] == "bfloat16"
+    size = lambda out: (out / "target" / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(bf16) < 0.55 * size(fp32)
+    ids = prompt(seed=21)
+    _, logits = features_and_logits(targets["llama"].module, ids)
+    _, wide_logits = features_and_logits(load_target(bf16 / "target", tokenizer=False).module, ids)
+    assert 0 < (wide_logits - logits).abs().max().item() < 0.1
+    with pytest.raises(ConfigError, match="--dtype must be one of"):
+        Widening(96, 128, 3, dtype="int4")
