@@ -147,5 +147,6 @@ class OracleDraft:
                     logp = torch.log_softmax(logp + self.noise * logp.std() * gumbel, -1)
                 logprobs.append(torch.log_softmax(-logp, -1) if self.adversarial else logp)
         top = torch.topk(torch.stack(logprobs)[None], top_k, dim=-1)
-        return DraftOutput(hidden=torch.zeros(1, steps, self.module.config.hidden_size),
-                           logprobs=top.values, tokens=top.indices)
+        on = features.device  # the decoder's (a GPU target's); the oracle itself computes on the CPU
+        return DraftOutput(hidden=torch.zeros(1, steps, self.module.config.hidden_size, device=on),
+                           logprobs=top.values.to(on), tokens=top.indices.to(on))

@@ -9,6 +9,9 @@ backend holds after chunked prefill, tree steps and compaction, running into the
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -20,7 +23,11 @@ from hass_deploy.runtime.backends import open_backends
 from hass_deploy.runtime.backends.torch import TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
 
-BACKENDS = ("torch", "onnxruntime-standard", "onnxruntime-fused")
+# "torch-cuda" is the torch backend on a GPU (fp32, so greedy output is still transformers' token for token): marked
+# `gpu`, skipped where no CUDA device is (benchmarks/gpu_check.py runs these on one).
+BACKENDS = ("torch", "onnxruntime-standard", "onnxruntime-fused",
+            pytest.param("torch-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="no CUDA device on this machine")]))
 TREES = {
     "chain": TreeConfig(tokens=5, depth=4, top_k=1),
     "wide": TreeConfig(tokens=12, depth=2, top_k=8),
@@ -30,8 +37,22 @@ TREES = {
 MAX_LEN = 256
 
 
+@pytest.fixture(scope="session")
+def on_cuda(fusable_targets, fusable_drafts):
+    """arch -> (the target with its module on the GPU, its draft there), made on first use."""
+
+    class Copies(dict):
+        def __missing__(self, arch):
+            target = fusable_targets[arch]
+            self[arch] = (replace(target, module=copy.deepcopy(target.module).cuda()),
+                          copy.deepcopy(fusable_drafts[arch]).cuda())
+            return self[arch]
+
+    return Copies()
+
+
 @pytest.fixture
-def open_pair(fusable_targets, fusable_drafts, fused_artifacts):
+def open_pair(fusable_targets, fusable_drafts, fused_artifacts, on_cuda):
     """open_pair(backend, arch, with_draft, max_len, tree) -> (target backend, draft backend or None)."""
 
     def opened(backend: str, arch: str, with_draft: bool = True, max_len: int = MAX_LEN,
@@ -39,6 +60,9 @@ def open_pair(fusable_targets, fusable_drafts, fused_artifacts):
         target, draft = fusable_targets[arch], fusable_drafts[arch] if with_draft else None
         if backend == "torch":
             return open_backends("torch", target, draft, max_len, tree.draft_rows)
+        if backend == "torch-cuda":
+            target, cuda_draft = on_cuda[arch]
+            return open_backends("torch", target, cuda_draft if with_draft else None, max_len, tree.draft_rows)
         if backend.startswith("onnxruntime"):
             pytest.importorskip("onnxruntime")
             return open_backends("onnxruntime", target, draft, max_len, tree.draft_rows, fused_artifacts[arch],
@@ -77,9 +101,9 @@ def test_a_step_computes_what_pytorch_computes(backend, open_pair, fusable_targe
     """A chunked prefill (last row's logits only), then a tree step, then draft steps: values and shapes."""
     target = fusable_targets["llama"]
     target_backend, draft_backend = open_pair(backend, "llama")
-    reference = TorchTarget(target.module, MAX_LEN)
+    reference, on = TorchTarget(target.module, MAX_LEN), target_backend.device
     ids, positions = torch.tensor([prompt(12, seed=1)]), torch.arange(12)[None]
-    out = target_backend.step(ids, positions, 0, None, last_only=True)
+    out = cpu(target_backend.step(ids.to(on), positions.to(on), 0, None, last_only=True))
     expected = reference.step(ids, positions, 0, None, last_only=True)
     vocab, hidden = target.config.vocab_size, target.config.hidden_size
     assert out.logits.shape == (1, 1, vocab) and out.hidden.shape == (1, 12, hidden)
@@ -87,14 +111,20 @@ def test_a_step_computes_what_pytorch_computes(backend, open_pair, fusable_targe
     torch.testing.assert_close(out.hidden, expected.hidden, atol=1e-4, rtol=1e-4)
     mask = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)  # a root with two children
     tree_ids, tree_positions = torch.tensor([[5, 6, 7]]), torch.tensor([[12, 13, 13]])
-    out = target_backend.step(tree_ids, tree_positions, 12, mask)
+    out = cpu(target_backend.step(tree_ids.to(on), tree_positions.to(on), 12, mask.to(on)))
     expected = reference.step(tree_ids, tree_positions, 12, mask)
     assert out.logits.shape == (1, 3, vocab)
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=1e-4)
-    drafted = draft_backend.step(out.hidden, torch.tensor([[1, 2, 3]]), torch.arange(3)[None], 0, None, top_k=4)
+    drafted = cpu(draft_backend.step(out.hidden.to(on), torch.tensor([[1, 2, 3]], device=on),
+                                     torch.arange(3, device=on)[None], 0, None, top_k=4))
     assert drafted.hidden.shape == (1, 3, hidden) and drafted.logprobs.shape == drafted.tokens.shape == (1, 3, 4)
     assert drafted.tokens.dtype == torch.int64
     assert bool((drafted.logprobs[..., :-1] >= drafted.logprobs[..., 1:]).all())  # descending
+
+
+def cpu(output):
+    """A backend's output dataclass with every tensor on the CPU (to compare with the CPU reference)."""
+    return type(output)(**{name: value.cpu() for name, value in vars(output).items()})
 
 
 class CheckedTarget:
@@ -112,7 +142,7 @@ class CheckedTarget:
             reference = TorchTarget(self.module, cache_len)
             reference.step(torch.tensor([self.committed[:cache_len]]), torch.arange(cache_len)[None], 0, None)
             for got, want in zip(self.inner.kv.rows_in_use(cache_len), reference.kv.rows_in_use(cache_len)):
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
             self.checks += 1
         return self.inner.step(input_ids, position_ids, cache_len, tree_mask, last_only)
 
@@ -152,21 +182,22 @@ def test_generation_runs_into_the_kv_capacity(backend, arch, open_pair, fusable_
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_checks_the_call(backend, open_pair):
     target_backend, draft_backend = open_pair(backend, "llama", max_len=40)
-    ids = torch.zeros(1, 4, dtype=torch.long)
-    positions = torch.arange(4)[None]
+    on = target_backend.device
+    ids = torch.zeros(1, 4, dtype=torch.long, device=on)
+    positions = torch.arange(4, device=on)[None]
     with pytest.raises(ValueError, match=r"input_ids must be \[1, T\]"):
         target_backend.step(ids[0], positions[0], 0, None)
     with pytest.raises(ValueError, match="position_ids"):
         target_backend.step(ids, positions[:, :3], 0, None)
     with pytest.raises(ValueError, match="tree_mask"):
-        target_backend.step(ids, positions, 0, torch.ones(1, 4, 4))  # not bool
+        target_backend.step(ids, positions, 0, torch.ones(1, 4, 4, device=on))  # not bool
     with pytest.raises(CacheCapacityError, match="41 rows needed, 40 allocated"):
         target_backend.step(ids, positions, 37, None)
     with pytest.raises(ValueError, match="draft features"):
-        draft_backend.step(torch.zeros(1, 3, 64), ids, positions, 0, None, top_k=2)
+        draft_backend.step(torch.zeros(1, 3, 64, device=on), ids, positions, 0, None, top_k=2)
     with pytest.raises(ConfigError, match="top-k"):
-        draft_backend.step(torch.zeros(1, 4, 64), ids, positions, 0, None, top_k=0)
-    if backend != "torch":  # an export fixes the tree budget (64) and the draft's top-k (16)
+        draft_backend.step(torch.zeros(1, 4, 64, device=on), ids, positions, 0, None, top_k=0)
+    if backend.startswith("onnxruntime"):  # an export fixes the tree budget (64) and the draft's top-k (16)
         big = torch.zeros(1, 65, dtype=torch.long)
         with pytest.raises(ConfigError, match="tree budget"):
             open_pair(backend, "llama")[0].step(big, big, 0, torch.ones(1, 65, 65, dtype=torch.bool))

@@ -104,6 +104,7 @@ def test_bad_requests_are_one_line_errors(targets, random_drafts, artifacts, hf_
                        0, None, top_k=17)
 
 
+@pytest.mark.gpu
 def test_cuda_execution_provider_binds_torch_cuda_tensors(targets, random_drafts, artifacts):
     """IO binding of torch CUDA tensors by pointer; runs only where a GPU and onnxruntime-gpu exist."""
     import onnxruntime
