@@ -277,7 +277,8 @@ def export(
     draft: Optional[Path] = typer.Option(None, help="Draft head directory (EAGLE/HASS format)."),
     no_draft: bool = typer.Option(False, "--no-draft", help="Export the target graph only (plain decoding)."),
     out: Path = typer.Option(..., help="Artifacts directory to write (graphs + manifest.json)."),
-    engine: str = typer.Option(_EXPORT.engine, help="onnx (trt comes in a later release)."),
+    engine: str = typer.Option(_EXPORT.engine, help="onnx, or trt: the ONNX graphs, then TensorRT plans built from "
+                               "them (needs TensorRT and an NVIDIA GPU)."),
     dtype: str = typer.Option(_EXPORT.dtype, help="Weights and KV precision: fp32, fp16 or bf16."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV rows S_max (default: min(max_position_embeddings, 4096))."),
     max_tree_tokens: int = typer.Option(_EXPORT.max_tree_tokens, help="Tree budget: most nodes one verify step takes."),
@@ -290,6 +291,8 @@ def export(
                                                      "int8 weights (lossless w.r.t. the quantised target)."),
     ort_graphs: Optional[bool] = typer.Option(None, "--ort-graphs/--no-ort-graphs", help="Also write the fused "
                                               "ONNX Runtime graphs the runtime runs (default: with fp32)."),
+    attention: str = typer.Option(_EXPORT.attention, help="onnx (RMSNormalization/RotaryEmbedding: TensorRT >= "
+                                  "10.15) or decomposed (plain operators: any TensorRT 10)."),
     force: bool = typer.Option(False, help="Overwrite a non-empty --out."),
 ) -> None:
     """Export the target and draft step graphs (ONNX, static KV buffers, tree-mask inputs) with a manifest."""
@@ -300,7 +303,7 @@ def export(
     config = ExportConfig(engine=engine, dtype=dtype, max_seq_len=max_seq_len, max_tree_tokens=max_tree_tokens,
                           max_top_k=max_top_k, prefill_chunk=prefill_chunk, opset=opset,
                           draft_quantization=draft_quantization, target_quantization=target_quantization,
-                          ort_graphs=ort_graphs)
+                          ort_graphs=ort_graphs, attention=attention)
     manifest = export_artifacts(target, draft, out, config, force, log=lambda line: typer.echo(line, err=True))
     # The fused graphs are ONNX Runtime's by design; only the standard graphs are meant for TensorRT.
     unsupported = sorted({op for graph in manifest.graphs.values() if graph.kv_update == "runtime"

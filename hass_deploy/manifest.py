@@ -68,11 +68,18 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     draft_quantization: str | None = None  # "int8": the draft graph's weights are quantised (export.onnx)
     target_quantization: str | None = None  # "int8": the fused target graph's weights are int8 (export.fused)
+    attention: str = "onnx"  # "decomposed": the standard graphs' function operators expanded (export.decompose)
+    # TensorRT plans built from the standard graphs (`export/tensorrt.py`): version, GPU, compute capability,
+    # precision, profiles and a rebuild key per plan; None for an ONNX-only export.
+    tensorrt: dict | None = None
     notes: dict = field(default_factory=dict)  # free-form: how the KV buffers are meant to be bound, etc.
 
     def write(self, directory: Path) -> Path:
+        """Write (or replace, atomically) the manifest in `directory`."""
         path = Path(directory) / MANIFEST_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
         return path
 
 

@@ -8,6 +8,7 @@ from hass_deploy.errors import ConfigError
 
 ENGINES = ("onnx", "trt")
 DTYPES = ("fp32", "fp16", "bf16")
+ATTENTION = ("onnx", "decomposed")
 DRAFT_QUANTIZATIONS = ("int8",)
 TARGET_QUANTIZATIONS = ("int8",)
 
@@ -38,10 +39,17 @@ class ExportConfig:
     # "int8": the fused target graph's weights are int8 blocks (weight-only, as CPU users run a target). Lossless
     # then means identical to plain decoding of the quantised target; the standard graphs stay fp32.
     target_quantization: str | None = None
+    # "onnx": the standard graphs keep opset 23's RMSNormalization and RotaryEmbedding (TensorRT >= 10.15 imports
+    # them). "decomposed": those expanded into their defining plain operators (`decompose.py`), for TensorRT before
+    # 10.15 and wherever a fused kernel is not found. The same computation: both are validated token for token.
+    attention: str = "onnx"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "trt" and (self.ort_graphs or self.draft_quantization or self.target_quantization):
+            raise ConfigError("--engine trt builds TensorRT plans from the standard graphs in --dtype: the fused ONNX "
+                              "Runtime graphs and int8 quantisation are ONNX Runtime's (export them with --engine onnx)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
@@ -64,10 +72,14 @@ class ExportConfig:
         if self.target_quantization is not None and not self.fused:
             raise ConfigError("--target-quantization int8 quantises the fused ONNX Runtime target graph: export "
                               "with --dtype fp32 and without --no-ort-graphs")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.opset < 18:
             raise ConfigError(f"--opset must be >= 18 (the dynamo exporter's floor), got {self.opset}")
 
     @property
     def fused(self) -> bool:
-        """Whether the fused ONNX Runtime graphs are written."""
+        """Whether the fused ONNX Runtime graphs are written (never for TensorRT, which builds the standard ones)."""
+        if self.engine != "onnx":
+            return False
         return self.ort_graphs if self.ort_graphs is not None else self.dtype == "fp32"

@@ -26,6 +26,7 @@ from hass_deploy.atomic import replacing_directory
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 from hass_deploy.export import fused, steps, tensorrt_ops
 from hass_deploy.export.config import ExportConfig
+from hass_deploy.export.decompose import decompose
 from hass_deploy.manifest import GraphSpec, Manifest, TensorSpec, draft_identity
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.loading import TargetModel, parse_dtype
@@ -108,6 +109,19 @@ def _save_fused(model, path: Path, config: ExportConfig, kv_shape: tuple[int, in
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     return _describe(path, kv_shape, external, kv_update="in_graph", quantization=quantization)
+
+
+def decompose_graph(path: Path, spec: GraphSpec) -> GraphSpec:
+    """Rewrite a saved standard graph with its function operators expanded (`decompose.py`), in place."""
+    import onnx
+
+    model, _ = decompose(onnx.load(str(path)))
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=spec.external_data, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    num_kv = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    return _describe(path, num_kv, spec.external_data, kv_update=spec.kv_update, quantization=spec.quantization)
 
 
 def export_fused_graphs(target_module: torch.nn.Module, draft: DraftHead | None, directory: Path,
@@ -240,9 +254,6 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
     from hass_deploy.models.checkpoint import target_identity
 
     _require_onnx()
-    if config.engine != "onnx":
-        raise HassDeployError(f"--engine {config.engine} is not available yet (TensorRT engines come in a later "
-                              "release); export --engine onnx now, the graphs are checked to import into TensorRT")
     out = Path(out)
     _check_out_dir(out, force)
     max_seq_len = config.max_seq_len or default_max_seq_len(target)
@@ -273,6 +284,11 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
             if config.draft_quantization == "int8" and not write_fused:
                 log("quantising the draft graph's MatMul weights to int8")
                 graphs["draft"] = quantize_draft_graph(tmp / "draft.onnx", graphs["draft"])
+        if config.attention == "decomposed":
+            log("expanding RMSNormalization and RotaryEmbedding into plain operators (--attention decomposed)")
+            for name in ("target", "draft"):
+                if name in graphs:
+                    graphs[name] = decompose_graph(tmp / graphs[name].file, graphs[name])
         if write_fused:
             graphs.update(export_fused_graphs(target.module, draft, tmp, config, max_seq_len, log))
         manifest = Manifest(
@@ -280,7 +296,7 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
             max_tree_tokens=config.max_tree_tokens, max_top_k=config.max_top_k, prefill_chunk=config.prefill_chunk,
             target=identity, draft=head_identity, graphs=graphs, versions=_versions(),
             draft_quantization=config.draft_quantization if draft is not None else None,
-            target_quantization=config.target_quantization,
+            target_quantization=config.target_quantization, attention=config.attention,
             notes={"kv": "past_* inputs are read-only KV buffers [1, H_kv, S, D] of which rows < cache_len are valid; "
                          "new_* outputs are the step's rows, to be written at cache_len.. by the runtime"})
         manifest.write(tmp)
@@ -300,11 +316,23 @@ def export_artifacts(target_dir: str | Path, draft_dir: str | Path | None, out: 
     from hass_deploy.models.checkpoint import load_draft
     from hass_deploy.models.loading import load_target
 
-    if config.engine != "onnx":
-        raise HassDeployError(f"--engine {config.engine} is not available yet (TensorRT engines come in a later "
-                              "release); export --engine onnx now, the graphs are checked to import into TensorRT")
     _require_onnx()
     _check_out_dir(Path(out), force)
     target = load_target(target_dir, "fp32", tokenizer=False)
     head = None if draft_dir is None else load_draft(draft_dir, target)[0]
-    return export_onnx(target, head, out, config, force, log)
+    manifest = export_onnx(target, head, out, config, force, log)
+    if config.engine == "trt":
+        manifest = _engines(Path(out), manifest, log)
+    return manifest
+
+
+def _engines(out: Path, manifest: Manifest, log: Callable[[str], None]) -> Manifest:
+    """TensorRT plans beside the (complete, already written) ONNX graphs; the manifest records them."""
+    from hass_deploy.export.tensorrt import build_engines
+
+    try:
+        manifest = build_engines(out, manifest, log)
+    except HassDeployError as err:
+        raise HassDeployError(f"the ONNX graphs are complete in {out}; {err}") from None
+    manifest.write(out)
+    return manifest
