@@ -116,7 +116,7 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"--dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+            raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of fp32, bf16, fp16")
         kind, _, index = self.device.partition(":")
         if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
