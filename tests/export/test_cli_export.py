@@ -75,8 +75,8 @@ def test_export_errors_are_one_line(models, tmp_path):
                    "unsupported dtype 'int8'")
     one_line_error(invoke("export", "--target", target, "--draft", draft, "--out", out, "--max-seq-len", 32,
                           "--max-tree-tokens", 64), "does not fit S_max = 32")
-    one_line_error(invoke("export", "--target", target, "--draft", draft, "--out", out, "--engine", "trt"),
-                   "later release")
+    one_line_error(invoke("export", "--target", target, "--draft", draft, "--out", out, "--engine", "trt",
+                          "--target-quantization", "int8"), "--engine trt builds TensorRT plans")
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     one_line_error(invoke("export", "--target", target, "--draft", draft, "--out", out), "not empty (use --force")

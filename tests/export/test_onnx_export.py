@@ -114,8 +114,8 @@ def test_export_refuses_bad_configurations(targets, random_drafts, tmp_path):
         export_onnx(targets["llama"], random_drafts["llama"], tmp_path / "a", ExportConfig(max_tree_tokens=256))
     with pytest.raises(ConfigError, match="unsupported dtype"):
         ExportConfig(dtype="int8")
-    with pytest.raises(HassDeployError, match="later release"):
-        export_onnx(targets["llama"], None, tmp_path / "b", ExportConfig(engine="trt"))
+    with pytest.raises(ConfigError, match="--engine trt builds TensorRT plans"):
+        export_onnx(targets["llama"], None, tmp_path / "b", ExportConfig(engine="trt", ort_graphs=True))
     assert list(tmp_path.iterdir()) == []
 
 
