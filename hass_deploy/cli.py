@@ -122,7 +122,7 @@ def generate(
     lookup_min_ngram: int = typer.Option(_LOOKUP.min_ngram, help="Prompt lookup: shortest n-gram matched (last)."),
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
     device: str = typer.Option(_RUNTIME.device, help="cpu, cuda or cuda:N."),
-    backend: str = typer.Option("auto", help="torch, onnxruntime, or auto: onnxruntime when --artifacts is given."),
+    backend: str = typer.Option("auto", help="torch, onnxruntime, tensorrt (plans from export --engine trt), or auto: onnxruntime when --artifacts is given."),
     artifacts: Optional[Path] = typer.Option(None, help="`hass-deploy export` directory (--backend onnxruntime)."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache rows (default: min(max_position_embeddings, 4096))."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if present)."),
@@ -345,7 +345,7 @@ def bench(
     draft: Path = typer.Option(..., help="Draft head directory (EAGLE/HASS format)."),
     baseline_draft: Optional[Path] = typer.Option(None, help="A second draft to compare, e.g. an EAGLE-2 one."),
     prompts: list[Path] = typer.Option(..., help="JSONL prompts (EAGLE questions or {\"prompt\"} lines); repeatable."),
-    backend: str = typer.Option("auto", help="torch, onnxruntime, or auto: onnxruntime when --artifacts is given."),
+    backend: str = typer.Option("auto", help="torch, onnxruntime, tensorrt (plans from export --engine trt), or auto: onnxruntime when --artifacts is given."),
     artifacts: Optional[Path] = typer.Option(None, help="`hass-deploy export` directory (--backend onnxruntime)."),
     baseline_artifacts: Optional[Path] = typer.Option(None, help="The baseline draft's export (onnxruntime)."),
     max_new_tokens: int = typer.Option(_BENCH.max_new_tokens),
@@ -453,7 +453,7 @@ def serve(
     draft: Optional[Path] = typer.Option(None, help="Draft head directory; without one, requests decode plainly or "
                                          "by prompt lookup."),
     artifacts: Optional[Path] = typer.Option(None, help="`hass-deploy export` directory (--backend onnxruntime)."),
-    backend: str = typer.Option("auto", help="torch, onnxruntime, or auto: onnxruntime when --artifacts is given."),
+    backend: str = typer.Option("auto", help="torch, onnxruntime, tensorrt (plans from export --engine trt), or auto: onnxruntime when --artifacts is given."),
     parallel: int = typer.Option(_ENGINE.parallel, help="Decoder slots: requests decoded concurrently, each with "
                                  "its own KV buffers over shared weights."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),

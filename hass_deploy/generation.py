@@ -41,7 +41,7 @@ def _load_for_artifacts(target_dir, draft_dir, runtime: RuntimeConfig, generatio
     from hass_deploy.manifest import check_capacity, read_manifest
 
     if artifacts is None:
-        raise HassDeployError("--backend onnxruntime needs --artifacts DIR (made by `hass-deploy export`)")
+        raise HassDeployError(f"--backend {runtime.backend} needs --artifacts DIR (made by `hass-deploy export`)")
     manifest = read_manifest(artifacts)
     if runtime.dtype not in (RuntimeConfig().dtype, manifest.dtype):
         raise HassDeployError(f"the artifacts are {manifest.dtype}: their precision is fixed at export "
@@ -77,7 +77,7 @@ class Pipeline:
         if runtime.device.startswith("cuda") and not torch.cuda.is_available():
             raise HassDeployError(f"--device {runtime.device}: this torch ({torch.__version__}) sees no CUDA device")
         manifest = None
-        if runtime.backend == "onnxruntime":
+        if runtime.backend in ("onnxruntime", "tensorrt"):  # the layers are exported graphs or plans
             target, max_seq_len, manifest = _load_for_artifacts(target_dir, draft_dir, runtime, generation, artifacts)
         else:
             target = load_target(target_dir, runtime.dtype, runtime.device)

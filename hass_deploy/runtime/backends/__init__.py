@@ -17,7 +17,7 @@ from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 if TYPE_CHECKING:
     from hass_deploy.manifest import Manifest
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 AUTO = "auto"  # the CLI's default: ONNX Runtime when there are exported artifacts to run, torch otherwise
 
 
@@ -54,17 +54,22 @@ def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead 
         target_backend = TorchTarget(target.module, max_len)
         draft_backend = None if draft is None else TorchDraft(draft, target.module.lm_head, max_len + draft_extra_rows)
         return target_backend, draft_backend
-    if name == "onnxruntime":
+    if name in ("onnxruntime", "tensorrt"):
         from hass_deploy.manifest import check_capacity, check_draft, check_target, draft_identity, read_manifest
         from hass_deploy.models.checkpoint import target_identity
-        from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends
 
         if artifacts is None:
-            raise HassDeployError("the onnxruntime backend needs --artifacts DIR (made by `hass-deploy export`)")
+            raise HassDeployError(f"the {name} backend needs --artifacts DIR (made by `hass-deploy export`)")
         manifest = manifest or read_manifest(artifacts)
         check_target(manifest, target_identity(target), str(target.path))
         check_draft(manifest, None if draft is None else draft_identity(draft), "the given draft")
         check_capacity(manifest, max_len, None, None)
+        if name == "tensorrt":
+            from hass_deploy.runtime.backends.tensorrt import open_trt_backends
+
+            return open_trt_backends(Path(artifacts), manifest, draft is not None, max_len, draft_extra_rows, device)
+        from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends
+
         return open_ort_backends(Path(artifacts), manifest, draft is not None, max_len, draft_extra_rows,
                                  OrtConfig(device=device, graphs=ort_graphs))
     raise HassDeployError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
