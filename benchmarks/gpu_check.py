@@ -117,7 +117,7 @@ def identity_stage(workdir: Path, device: str, prompts: int, new_tokens: int) ->
     import torch
 
     from hass_deploy.bench.runner import load_prompt_sets
-    from hass_deploy.config import GenerationConfig, RuntimeConfig
+    from hass_deploy.config import GenerationConfig, RuntimeConfig, TreeConfig
     from hass_deploy.generation import Pipeline
     from hass_deploy.runtime.decoder import SpeculativeDecoder
 
@@ -126,8 +126,8 @@ def identity_stage(workdir: Path, device: str, prompts: int, new_tokens: int) ->
     texts = [p.text for s in load_prompt_sets([paths["prompts"][0]], prompts) for p in s.prompts]
     result = {}
     for dtype in ("fp32", "bf16"):
-        config = GenerationConfig(max_new_tokens=new_tokens)
-        pipe = Pipeline.load(paths["target"], paths["draft_hass"], RuntimeConfig(device=device, dtype=dtype))
+        config = GenerationConfig(max_new_tokens=new_tokens, tree=TreeConfig(**tree))  # the quickstart's own tree
+        pipe = Pipeline.load(paths["target"], paths["draft_hass"], RuntimeConfig(device=device, dtype=dtype), config)
         plain = SpeculativeDecoder(pipe.decoder.target, None)
         same, spent, tokens, taus = 0, {"plain": 0.0, "hass": 0.0}, 0, []
         for text in texts:

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from ort_artifacts import CONFIG, exported
+from ort_artifacts import exported
 from hass_deploy.config import RuntimeConfig
 from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.generation import Pipeline
