@@ -75,8 +75,6 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 def _save_graph(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str],
                 output_names: list[str], path: Path, config: ExportConfig, kv_shape: tuple[int, int, int]) -> GraphSpec:
     """torch.onnx.export (dynamo) one step module, save it, check it, and describe it."""
-    import onnx
-
     external = config.external_data if config.external_data is not None else _weight_bytes(module) > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not actionable here

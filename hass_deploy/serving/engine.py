@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from hass_deploy.config import GenerationConfig, LookupConfig, RuntimeConfig, SamplingConfig, TreeConfig
 from hass_deploy.errors import ConfigError, HassDeployError
+from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
 from hass_deploy.runtime.lookup import check_tree_budget
 from hass_deploy.serving.scheduler import QueueFullError, Scheduler
@@ -165,6 +166,7 @@ class Handle:
     def __init__(self, request_id: str, prompt_ids: list[int], engine: "Engine"):
         self.request_id, self.prompt_ids = request_id, prompt_ids
         self.completion: Completion | None = None
+        self._request: _Request | None = None  # the engine's state for it, set when it is queued
         self._engine = engine
         self._items: deque = deque()
         self._ready = threading.Condition()
@@ -252,8 +254,8 @@ class _Request:
 
 @dataclass
 class _Slot:
-    target: object  # TargetBackend
-    draft: object | None  # DraftBackend
+    target: TargetBackend
+    draft: DraftBackend | None
 
 
 class Engine:

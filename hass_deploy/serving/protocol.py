@@ -132,6 +132,6 @@ class ChatRequest(_Common):
     def options(self) -> RequestOptions:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise RequestError("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
-        if self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
+        if self.max_completion_tokens is not None:  # the newer name: one request, read through the older one
+            return _Common.options(self.model_copy(update={"max_tokens": self.max_completion_tokens}))
         return super().options()

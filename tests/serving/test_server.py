@@ -148,6 +148,8 @@ def test_chat_applies_the_template(server, client, models):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
+    newer = client.chat.completions.create(model="bigram", messages=messages, max_completion_tokens=7, temperature=0)
+    assert newer.usage.completion_tokens == 7 and newer.choices[0].finish_reason == "length"
 
 
 # -- stop strings ---------------------------------------------------------------------------------------------
