@@ -1,10 +1,10 @@
-"""Plain (and speculative) decoding on ONNX Runtime, graph variant against graph variant, side by side (a script,
-not a timed test): the standard graphs, the fused ONNX Runtime graphs, and an int8 export, on the same prompts,
-alternating prompt by prompt so that drift on shared cores spreads over every variant.
+"""Plain (and speculative, prompt-lookup, hybrid) decoding on ONNX Runtime, graph variant against graph variant,
+side by side (a script, not a timed test): the standard graphs, the fused ONNX Runtime graphs, and an int8 export,
+on the same prompts, alternating prompt by prompt so that drift on shared cores spreads over every variant.
 
     python benchmarks/cpu_plain.py --target T --artifacts W/onnx/hass [--int8-artifacts W/onnx-int8/hass] \
         --prompts W/corpus/heldout_prompts.jsonl --max-prompts 12 --new-tokens 128 [--draft W/drafts/hass] \
-        [--tree 11,3,2] [--steps] [--out cpu_plain.json]
+        [--tree 11,3,2] [--lookup] [--hybrid] [--steps] [--out cpu_plain.json]
 
 EOS is ignored, so every run makes exactly --new-tokens tokens, as llama.cpp's `--ignore-eos` runs do
 (`benchmarks/llama_cpp.py`, the side-by-side peer). Every greedy output is compared token for token with the
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from hass_deploy.bench.runner import encode_prompt, load_prompt_sets
-from hass_deploy.config import GenerationConfig, LookupConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig, TreeConfig
 from hass_deploy.manifest import read_manifest
 from hass_deploy.models.checkpoint import load_draft
 from hass_deploy.models.loading import load_target
@@ -84,6 +84,9 @@ def main(argv=None) -> None:
     parser.add_argument("--graphs", type=lambda s: s.split(","), default=["standard", "fused"],
                         help="graph kinds of the fp32 export to run (standard,fused)")
     parser.add_argument("--lookup", action="store_true", help="also time prompt-lookup decoding (no draft)")
+    parser.add_argument("--hybrid", action="store_true", help="also time hybrid drafting (--draft and prompt lookup)")
+    parser.add_argument("--hybrid-tokens", type=int, default=HybridConfig().tokens)
+    parser.add_argument("--hybrid-draft-cost", type=float, default=HybridConfig().draft_cost)
     parser.add_argument("--steps", action="store_true", help="also measure the step-cost curve T = 1..64")
     parser.add_argument("--step-repeats", type=int, default=20)
     parser.add_argument("--out", type=Path)
@@ -94,12 +97,15 @@ def main(argv=None) -> None:
     prompts = [encode_prompt(p, target.tokenizer, target.config.vocab_size, None)[0]
                for s in load_prompt_sets([args.prompts], args.max_prompts) for p in s.prompts]
     backends = variants(args, target, head)
-    config = GenerationConfig(max_new_tokens=args.new_tokens, tree=TreeConfig(*args.tree), eos_token_ids=())
-    modes = ("plain", "speculative", "lookup")
-    runs = {f"{name} {mode}": (t, d if mode == "speculative" else None)
+    config = GenerationConfig(max_new_tokens=args.new_tokens, tree=TreeConfig(*args.tree), eos_token_ids=(),
+                              hybrid=HybridConfig(tokens=args.hybrid_tokens, draft_cost=args.hybrid_draft_cost))
+    modes = ("plain", "speculative", "lookup", "hybrid")
+    runs = {f"{name} {mode}": (t, d if mode in ("speculative", "hybrid") else None)
             for name, (t, d) in backends.items() for mode in modes
-            if mode == "plain" or (mode == "speculative" and d) or (mode == "lookup" and args.lookup)}
-    configs = {name: replace(config, lookup=LookupConfig()) if name.endswith("lookup") else config for name in runs}
+            if mode == "plain" or (mode == "speculative" and d) or (mode == "lookup" and args.lookup)
+            or (mode == "hybrid" and d and args.hybrid)}
+    configs = {name: replace(config, lookup=LookupConfig()) if name.endswith(("lookup", "hybrid")) else config
+               for name in runs}
     for name, decoder_backends in runs.items():  # warm-up: sessions, plans, page cache
         SpeculativeDecoder(*decoder_backends).generate(prompts[0], configs[name])
     rates: dict[str, list[float]] = {name: [] for name in runs}

@@ -14,10 +14,14 @@ stage is skipped when the time budget cannot cover it):
    the benchmark run on ONNX Runtime's CPU provider, as everywhere.
 4. identity: greedy speculative against plain decoding on the GPU with the torch backend, token for token in fp32;
    in bf16 the share of identical outputs is reported (a T-row verify and a 1-row step may round differently).
-5. widen: the quickstart's target and drafts widened to a 7 B-class shape (`hass-deploy widen --dtype bf16`).
-6. bench-wide: plain vs EAGLE-2 vs HASS (and prompt lookup) on the widened target, torch CUDA backend, bf16,
+5. training: the command-line training path on the GPU, short: `hass-deploy data --device cuda` over part of the
+   quickstart's draft text (the target in bf16, `--compute-dtype auto`), two epochs of `hass-deploy train --recipe
+   hass --device cuda --precision bf16` (bf16 autocast over fp32 weights), then the new draft against plain
+   decoding as in `identity` (fp32, token for token).
+6. widen: the quickstart's target and drafts widened to a 7 B-class shape (`hass-deploy widen --dtype bf16`).
+7. bench-wide: plain vs EAGLE-2 vs HASS (and prompt lookup) on the widened target, torch CUDA backend, bf16,
    the paper's tree (60 nodes, depth 6, top-k 10): tokens/s, tau, speedup. The goal is >= 2.5x for HASS.
-7. tensorrt: whether TensorRT imports; its export and backend are not part of this project yet.
+8. tensorrt: whether TensorRT imports; its export and backend are not part of this project yet.
 
 OUT/gpu_check.json and OUT/gpu_check.md hold the results; OUT/logs/ each stage's output. `--device cpu` with a
 small preset and shape runs the same script on a CPU (what the project's own test of this script does).
@@ -112,8 +116,12 @@ def env_stage(device: str) -> dict:
     return info
 
 
-def identity_stage(workdir: Path, device: str, prompts: int, new_tokens: int) -> dict:
-    """Speculative vs plain greedy decoding with the torch backend on `device`: fp32 must be identical."""
+def identity_stage(workdir: Path, device: str, prompts: int, new_tokens: int, draft: str | None = None,
+                   dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+    """Speculative vs plain greedy decoding with the torch backend on `device`: fp32 must be identical.
+
+    The quickstart's target, prompts and tree; its HASS draft unless `draft` names another one.
+    """
     import torch
 
     from hass_deploy.bench.runner import load_prompt_sets
@@ -125,9 +133,10 @@ def identity_stage(workdir: Path, device: str, prompts: int, new_tokens: int) ->
     paths, tree = summary["artifacts"], summary["bench"]["tree"]
     texts = [p.text for s in load_prompt_sets([paths["prompts"][0]], prompts) for p in s.prompts]
     result = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in dtypes:
         config = GenerationConfig(max_new_tokens=new_tokens, tree=TreeConfig(**tree))  # the quickstart's own tree
-        pipe = Pipeline.load(paths["target"], paths["draft_hass"], RuntimeConfig(device=device, dtype=dtype), config)
+        pipe = Pipeline.load(paths["target"], draft or paths["draft_hass"], RuntimeConfig(device=device, dtype=dtype),
+                             config)
         plain = SpeculativeDecoder(pipe.decoder.target, None)
         same, spent, tokens, taus = 0, {"plain": 0.0, "hass": 0.0}, 0, []
         for text in texts:
@@ -154,6 +163,24 @@ def identity_stage(workdir: Path, device: str, prompts: int, new_tokens: int) ->
     return result
 
 
+def training_stage(check: Check, workdir: Path, out: Path, device: str, records: int, prompts: int,
+                   new_tokens: int) -> dict:
+    """`hass-deploy data` and a two-epoch HASS `hass-deploy train` on `device`, then the new draft's identity."""
+    target = json.loads((workdir / "summary.json").read_text())["artifacts"]["target"]
+    data, draft = out / "training" / "data", out / "training" / "draft"
+    check.run("training", cli("data", "--target", target, "--dataset", str(workdir / "corpus" / "draft_text.jsonl"),
+                              "--format", "text", "--max-samples", str(records), "--max-length", "256",
+                              "--eval-fraction", "0.1", "--device", device, "--out", str(data), "--force"))
+    check.run("training", cli("train", "--target", target, "--data", str(data), "--out", str(draft), "--recipe",
+                              "hass", "--epochs", "2", "--batch-size", "8", "--max-length", "256", "--precision",
+                              "bf16", "--device", device, "--force"))
+    manifest = json.loads((data / "manifest.json").read_text())
+    metrics = json.loads((draft / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"compute_dtype": manifest["settings"]["compute_dtype"], "tokens": manifest["totals"]["train"]["tokens"],
+            "eval_tau": round(metrics["eval_expected_tau"], 3),
+            "identity": identity_stage(workdir, device, prompts, new_tokens, str(draft), ("fp32",))["fp32"]}
+
+
 def bench_summary(out: Path) -> dict:
     """Per method: median tokens/s, tau and speedup over plain decoding (bench.json's overall summary)."""
     report = json.loads((out / "bench.json").read_text())
@@ -176,6 +203,7 @@ def main() -> None:
     parser.add_argument("--tree", default="60,6,10", help="tokens,depth,top_k for the widened benchmark")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--train-records", type=int, default=256, help="draft-text records of the training stage")
     parser.add_argument("--budget-s", type=float, default=480.0, help="the whole check's time budget")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -198,6 +226,9 @@ def main() -> None:
     trained = check.stage("quickstart", 120, quickstart)
     ready = trained["status"] == "ok"
     check.stage("identity", 30, (lambda: identity_stage(workdir, args.device, args.prompts, args.new_tokens))
+                if ready else (lambda: _needs("quickstart")))
+    check.stage("training", 60, (lambda: training_stage(check, workdir, out, args.device, args.train_records,
+                                                        args.prompts, args.new_tokens))
                 if ready else (lambda: _needs("quickstart")))
 
     hidden, intermediate, layers = (int(x) for x in args.wide.split(","))

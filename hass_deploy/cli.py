@@ -15,25 +15,47 @@ from typing import Optional
 import typer
 
 from hass_deploy.bench.config import BenchConfig
-from hass_deploy.config import GenerationConfig, LookupConfig, RuntimeConfig, SamplingConfig, TrainConfig, TreeConfig
+from hass_deploy.config import (GenerationConfig, HybridConfig, LookupConfig, RuntimeConfig, SamplingConfig, TrainConfig,
+                                TreeConfig)
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export.config import ExportConfig
 from hass_deploy.models.widen import Widening
 from hass_deploy.serving.engine import EngineConfig
 from hass_deploy.serving.loadtest import LoadTestConfig
-from hass_deploy.training.data import DataConfig
+from hass_deploy.training.extract import DataConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, export and serve HASS speculative-decoding draft heads, losslessly.")
 
 _TREE, _SAMPLING, _GEN, _RUNTIME = TreeConfig(), SamplingConfig(), GenerationConfig(), RuntimeConfig()
-_LOOKUP = LookupConfig()
+_LOOKUP, _HYBRID = LookupConfig(), HybridConfig()
 _TRAIN = TrainConfig()
 _BENCH = BenchConfig()
 _LOADTEST = LoadTestConfig()
 _ENGINE = EngineConfig()
 _EXPORT = ExportConfig()
 _DATA = DataConfig()
+
+# Prompt lookup's and hybrid drafting's options, the same on generate, bench and serve (Typer reads each default
+# object afresh for every command that uses it).
+_LOOKUP_TOKENS = typer.Option(_LOOKUP.tokens, help="Prompt lookup: tree nodes verified per round, root included.")
+_LOOKUP_DEPTH = typer.Option(_LOOKUP.depth, help="Prompt lookup: deepest path of its tree.")
+_LOOKUP_MAX_NGRAM = typer.Option(_LOOKUP.max_ngram, help="Prompt lookup: longest n-gram matched (first).")
+_LOOKUP_MIN_NGRAM = typer.Option(_LOOKUP.min_ngram, help="Prompt lookup: shortest n-gram matched (last).")
+_LOOKUP_BRANCHES = typer.Option(_LOOKUP.branches, help="Prompt lookup: most continuations expanded per node.")
+_LOOKUP_CORPUS = typer.Option(None, help="Prompt lookup: token ids of a static corpus (.npy, or whitespace-"
+                              "separated text), used where the prompt and output have no match.")
+_HYBRID_TOKENS = typer.Option(_HYBRID.tokens, help="Hybrid (draft + lookup): tree nodes verified per round, root "
+                              "included.")
+_HYBRID_DRAFT_COST = typer.Option(_HYBRID.draft_cost, help="Hybrid: the draft head's tree growth in verify steps; "
+                                  "it runs only when its expected extra tokens pay for that (bench --tree auto "
+                                  "measures it).")
+_HYBRID_ROW_COST = typer.Option(_HYBRID.row_cost, help="Hybrid: a row of the draft's context pass (catching up on "
+                                "rounds it skipped) in verify steps (bench --tree auto measures it).")
+
+
+def _lookup_config(tokens: int, depth: int, max_ngram: int, min_ngram: int, branches: int) -> LookupConfig:
+    return LookupConfig(tokens=tokens, depth=depth, max_ngram=max_ngram, min_ngram=min_ngram, branches=branches)
 
 
 def _fail(message: str) -> None:
@@ -113,13 +135,18 @@ def generate(
     tree_tokens: int = typer.Option(_TREE.tokens, help="Tree nodes verified per round, root included."),
     tree_depth: int = typer.Option(_TREE.depth, help="Draft levels per round."),
     tree_top_k: int = typer.Option(_TREE.top_k, help="Children per node and beam width."),
-    lookup: bool = typer.Option(False, "--lookup", help="Draft by prompt lookup (n-grams of the prompt and output "
-                                "so far) instead of the draft head; works with --no-draft."),
-    lookup_tokens: int = typer.Option(_LOOKUP.tokens, help="Prompt lookup: tree nodes verified per round, root "
-                                      "included."),
-    lookup_depth: int = typer.Option(_LOOKUP.depth, help="Prompt lookup: most tokens one match proposes."),
-    lookup_max_ngram: int = typer.Option(_LOOKUP.max_ngram, help="Prompt lookup: longest n-gram matched (first)."),
-    lookup_min_ngram: int = typer.Option(_LOOKUP.min_ngram, help="Prompt lookup: shortest n-gram matched (last)."),
+    lookup: bool = typer.Option(False, "--lookup", help="Draft by prompt lookup (n-gram counts of the prompt and "
+                                "output so far) too: alone with --no-draft, merged with the draft head's tree "
+                                "(hybrid) with --draft."),
+    lookup_tokens: int = _LOOKUP_TOKENS,
+    lookup_depth: int = _LOOKUP_DEPTH,
+    lookup_max_ngram: int = _LOOKUP_MAX_NGRAM,
+    lookup_min_ngram: int = _LOOKUP_MIN_NGRAM,
+    lookup_branches: int = _LOOKUP_BRANCHES,
+    lookup_corpus: Optional[Path] = _LOOKUP_CORPUS,
+    hybrid_tokens: int = _HYBRID_TOKENS,
+    hybrid_draft_cost: float = _HYBRID_DRAFT_COST,
+    hybrid_row_cost: float = _HYBRID_ROW_COST,
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
     device: str = typer.Option(_RUNTIME.device, help="cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", help="torch, onnxruntime, tensorrt (plans from export --engine trt), or auto: onnxruntime when --artifacts is given."),
@@ -128,9 +155,11 @@ def generate(
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if present)."),
     json_output: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout."),
 ) -> None:
-    """Generate with speculative decoding (or plain decoding with --no-draft; prompt lookup with --lookup)."""
+    """Generate with speculative decoding (or plain decoding with --no-draft; prompt lookup with --lookup, alone or
+    beside the draft head)."""
     from hass_deploy.generation import Pipeline
     from hass_deploy.prompts import Prompt, parse_prompt_ids, read_prompt_file
+    from hass_deploy.runtime.lookup import NgramCache
 
     if (draft is None) == (not no_draft):
         _fail("give exactly one of --draft DIR or --no-draft")
@@ -142,10 +171,13 @@ def generate(
         max_new_tokens=max_new_tokens,
         sampling=SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k),
         tree=TreeConfig(tokens=tree_tokens, depth=tree_depth, top_k=tree_top_k),
-        lookup=LookupConfig(tokens=lookup_tokens, depth=lookup_depth, max_ngram=lookup_max_ngram,
-                            min_ngram=lookup_min_ngram) if lookup else None,
+        lookup=_lookup_config(lookup_tokens, lookup_depth, lookup_max_ngram, lookup_min_ngram, lookup_branches)
+        if lookup else None,
+        hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost),
         seed=seed,
     )
+    if lookup_corpus is not None and not lookup:
+        _fail("--lookup-corpus is prompt lookup's: add --lookup")
     from hass_deploy.runtime.backends import choose_backend
 
     runtime = RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype, device=device,
@@ -156,7 +188,9 @@ def generate(
         items = [Prompt(text=prompt)]
     else:
         items = read_prompt_file(prompts)
-    pipe = Pipeline.load(target, draft, runtime, config, artifacts)
+    # Read before any model loads, so that a bad file fails at once.
+    corpus = None if lookup_corpus is None else NgramCache.from_file(lookup_corpus, config.lookup)
+    pipe = Pipeline.load(target, draft, runtime, config, artifacts, corpus)
     for item in items:
         ids = pipe.encode(item, chat)
         stream = None if json_output or len(items) > 1 or pipe.target.tokenizer is None else _text_streamer(pipe)
@@ -242,7 +276,8 @@ def data(
                                                  "to --max-length)."),
     temperature: float = typer.Option(_DATA.temperature, help="Of regenerated responses; 0 = greedy."),
     dtype: str = typer.Option(_DATA.dtype, help="Stored hidden states: bf16, fp16 or fp32."),
-    compute_dtype: str = typer.Option(_DATA.compute_dtype, help="The target's precision while extracting."),
+    compute_dtype: str = typer.Option(_DATA.compute_dtype, help="The target's precision while extracting: "
+                                      "auto (bf16 on cuda, fp32 on cpu), bf16, fp16 or fp32."),
     device: str = typer.Option(_DATA.device, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)."),
     eval_fraction: float = typer.Option(_DATA.eval_fraction, help="Held-out share (at least 1 record of >= 2)."),
     shard_size: int = typer.Option(_DATA.shard_size, help="Records per shard."),
@@ -253,7 +288,7 @@ def data(
     """Store a target's hidden states over a dataset for draft training (sharded safetensors + manifest.json)."""
     import os
 
-    from hass_deploy.training.data import generate_data
+    from hass_deploy.training.extract import generate_data
 
     config = DataConfig(format=data_format, max_samples=max_samples, max_length=max_length, regenerate=regenerate,
                         max_new_tokens=max_new_tokens, temperature=temperature, dtype=dtype,
@@ -358,11 +393,17 @@ def bench(
     tree_top_k: Optional[int] = typer.Option(None, help=f"Children per node and beam width (default {_TREE.top_k})."),
     lookup: bool = typer.Option(_BENCH.lookup is not None, "--lookup/--no-lookup",
                                 help="Also benchmark prompt lookup (no draft model)."),
-    lookup_tokens: int = typer.Option(_LOOKUP.tokens, help="Prompt lookup: tree nodes verified per round, root "
-                                      "included."),
-    lookup_depth: int = typer.Option(_LOOKUP.depth, help="Prompt lookup: most tokens one match proposes."),
-    lookup_max_ngram: int = typer.Option(_LOOKUP.max_ngram, help="Prompt lookup: longest n-gram matched (first)."),
-    lookup_min_ngram: int = typer.Option(_LOOKUP.min_ngram, help="Prompt lookup: shortest n-gram matched (last)."),
+    hybrid: Optional[bool] = typer.Option(None, "--hybrid/--no-hybrid",
+                                          help="Also benchmark the draft and prompt lookup in one tree (default: "
+                                          "with --lookup)."),
+    lookup_tokens: int = _LOOKUP_TOKENS,
+    lookup_depth: int = _LOOKUP_DEPTH,
+    lookup_max_ngram: int = _LOOKUP_MAX_NGRAM,
+    lookup_min_ngram: int = _LOOKUP_MIN_NGRAM,
+    lookup_branches: int = _LOOKUP_BRANCHES,
+    hybrid_tokens: int = _HYBRID_TOKENS,
+    hybrid_draft_cost: float = _HYBRID_DRAFT_COST,
+    hybrid_row_cost: float = _HYBRID_ROW_COST,
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
     device: str = typer.Option(_RUNTIME.device, help="cpu, cuda or cuda:N."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache rows (default: min(max_position_embeddings, 4096))."),
@@ -371,7 +412,7 @@ def bench(
     out: Path = typer.Option(..., help="Directory for bench.json, bench.md and bench.png."),
 ) -> None:
     """Benchmark speculative against plain decoding: tau, per-depth acceptance, tokens/s, speedup, lossless check
-    (the draft, a baseline draft, and prompt lookup, which needs no draft model)."""
+    (the draft, a baseline draft, prompt lookup, which needs no draft model, and both in one tree: hybrid)."""
     from hass_deploy.bench import run_bench
     from hass_deploy.runtime.backends import choose_backend
 
@@ -386,10 +427,14 @@ def bench(
         _fail(f"--max-seq-len must be >= 1, got {max_seq_len}")
     fixed = None if tree == "auto" else TreeConfig(*(d if v is None else v for v, d in zip(
         explicit, (_TREE.tokens, _TREE.depth, _TREE.top_k))))
-    lookup_config = LookupConfig(tokens=lookup_tokens, depth=lookup_depth, max_ngram=lookup_max_ngram,
-                                 min_ngram=lookup_min_ngram)
+    if hybrid and not lookup:
+        _fail("--hybrid merges prompt lookup's trees with the draft's: drop --no-lookup")
+    hybrid = lookup and _BENCH.hybrid is not None if hybrid is None else hybrid
+    lookup_config = _lookup_config(lookup_tokens, lookup_depth, lookup_max_ngram, lookup_min_ngram, lookup_branches)
     config = BenchConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), tree=fixed,
-                         lookup=lookup_config if lookup else None, max_prompts=max_prompts, warmup=warmup, seed=seed,
+                         lookup=lookup_config if lookup else None,
+                         hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost) if hybrid else None,
+                         max_prompts=max_prompts, warmup=warmup, seed=seed,
                          chat=chat, runtime=RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype,
                                                           device=device, max_seq_len=max_seq_len))
     report = run_bench(target, draft, prompts, config, baseline_draft, artifacts, baseline_artifacts, out,
@@ -464,12 +509,21 @@ def serve(
     shutdown_timeout: float = typer.Option(30.0, help="On SIGTERM: seconds for running requests to finish before "
                                            "they are cancelled."),
     speculation: str = typer.Option(_ENGINE.speculation, help="Per-request default (requests may override it): "
-                                    "draft, lookup or off."),
+                                    "draft, lookup, hybrid (draft + lookup in one tree) or off."),
     request_timeout: Optional[float] = typer.Option(None, help="Seconds a request may take from arrival (default: "
                                                     "none; requests may set `timeout`)."),
     tree_tokens: int = typer.Option(_TREE.tokens, help="Tree nodes verified per round, root included."),
     tree_depth: int = typer.Option(_TREE.depth, help="Draft levels per round."),
     tree_top_k: int = typer.Option(_TREE.top_k, help="Children per node and beam width."),
+    lookup_tokens: int = _LOOKUP_TOKENS,
+    lookup_depth: int = _LOOKUP_DEPTH,
+    lookup_max_ngram: int = _LOOKUP_MAX_NGRAM,
+    lookup_min_ngram: int = _LOOKUP_MIN_NGRAM,
+    lookup_branches: int = _LOOKUP_BRANCHES,
+    lookup_corpus: Optional[Path] = _LOOKUP_CORPUS,
+    hybrid_tokens: int = _HYBRID_TOKENS,
+    hybrid_draft_cost: float = _HYBRID_DRAFT_COST,
+    hybrid_row_cost: float = _HYBRID_ROW_COST,
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16 (torch backend)."),
     device: str = typer.Option(_RUNTIME.device, help="cpu or cuda (torch backend)."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV rows per slot: prompt + completion (default: the "
@@ -491,13 +545,16 @@ def serve(
     if not target.is_dir():
         _fail(f"{target}: no such model directory")
     config = EngineConfig(parallel=parallel, max_queue=max_queue, speculation=speculation,
-                          request_timeout=request_timeout, tree=TreeConfig(tree_tokens, tree_depth, tree_top_k))
+                          request_timeout=request_timeout, tree=TreeConfig(tree_tokens, tree_depth, tree_top_k),
+                          lookup=_lookup_config(lookup_tokens, lookup_depth, lookup_max_ngram, lookup_min_ngram,
+                                                lookup_branches),
+                          hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost))
     runtime = RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype, device=device,
                             max_seq_len=max_seq_len)
     name = served_model_name or target.resolve().name
 
     def load(metrics):
-        return Engine.load(target, draft, config, runtime, artifacts, metrics)
+        return Engine.load(target, draft, config, runtime, artifacts, metrics, lookup_corpus)
 
     def ready(bound: int) -> None:
         typer.echo(f"serving {name} on http://{host}:{bound} ({parallel} slot{'s' * (parallel > 1)}, "

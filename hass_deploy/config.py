@@ -36,32 +36,57 @@ class TreeConfig:
 
 @dataclass(frozen=True)
 class LookupConfig:
-    """Prompt-lookup drafting (`runtime/lookup.py`): a training-free draft tree, copied from earlier occurrences
-    of the trailing n-gram in the prompt and the output so far.
+    """Prompt-lookup drafting (`runtime/lookup.py`): a training-free draft tree grown best-first from n-gram counts
+    of the prompt and the output so far.
 
     Sized for a few CPU cores like TreeConfig: verifying T rows costs more than one row there (`cpu-notes.md` §2),
-    so the tree stays at the scale of llama.cpp's prompt lookup (at most 8 drafted tokens) and mostly a chain: the
-    first (longest, most recent) match takes up to `depth` nodes, later matches add branches only where they
-    disagree with it.
-    The shape was chosen offline, with held-out stdlib source (word tokens) standing in for greedy output: with 8
-    nodes, tau was flat in the depth (1.72 at depth 4-5, 1.69 at 7, which verifies more rows); at depth 7, 12 and
-    16 nodes gained only 0.09 and 0.13 tau for 2.4 and 4.7 more rows per round; n-grams 1..2 and 1..4 were within
-    0.01 of 1..3, while dropping single tokens (2..3) lost 0.2 tau.
+    so the tree stays at the scale of llama.cpp's prompt lookup (8 drafted tokens or fewer). Chosen by replaying
+    the quickstart target's greedy outputs (docs/RESULTS.md §9): tau rose with the depth up to the budget (a
+    confident match is worth a long chain), n-grams up to 4 were within 0.03 tau of 3 and 5 (4 is llama.cpp's),
+    and more than 4 branches per node never made a difference within 8 nodes.
     """
 
     tokens: int = 8  # nodes verified per round, the root included (TreeConfig's default budget too)
-    depth: int = 5  # most tokens one match contributes; leaves room for two disagreeing branches within 8 nodes
-    max_ngram: int = 3  # longest trailing n-gram matched first: 3 tokens of context rarely agree by accident
+    depth: int = 10  # deepest path; larger than the default budget, so that the budget is what limits chains
+    max_ngram: int = 4  # longest trailing n-gram matched first
     min_ngram: int = 1  # down to the root token alone, so something is proposed whenever it occurred before
+    branches: int = 4  # most continuations expanded per node
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
             raise ConfigError(f"--lookup-tokens must be >= 1, got {self.tokens}")
         if self.depth < 1:
             raise ConfigError(f"--lookup-depth must be >= 1, got {self.depth}")
+        if self.branches < 1:
+            raise ConfigError(f"--lookup-branches must be >= 1, got {self.branches}")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ConfigError(f"lookup n-gram sizes need 1 <= --lookup-min-ngram <= --lookup-max-ngram, got "
                               f"{self.min_ngram} and {self.max_ngram}")
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Hybrid drafting (`runtime/hybrid.py`): the draft head's and prompt lookup's candidates reranked into one tree,
+    used whenever a request has both a draft head and `lookup` settings.
+
+    `draft_cost` is what growing the draft head's tree costs, in verify steps of this tree, and `row_cost` what
+    each row of its context pass costs: the draft runs in a round only when the tokens it is expected to add pay
+    for that. `--tree auto` measures both (bench); the defaults are the quickstart target's on 2 CPU cores (a
+    round of its draft's 6-node chain takes 1.3 ms beyond the verify step, in the loop, against 2.1 ms for
+    verifying 8 nodes; a context row 0.08 ms).
+    """
+
+    tokens: int = 8  # nodes verified per round from both drafters, the root included
+    draft_cost: float = 0.6  # the draft head's tree growth, in verify steps of this tree
+    row_cost: float = 0.04  # a row of the draft's context pass (catching up on rounds it skipped), in verify steps
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ConfigError(f"--hybrid-tokens must be >= 1, got {self.tokens}")
+        if not self.draft_cost >= 0:
+            raise ConfigError(f"--hybrid-draft-cost must be >= 0, got {self.draft_cost}")
+        if not self.row_cost >= 0:
+            raise ConfigError(f"--hybrid-row-cost must be >= 0, got {self.row_cost}")
 
 
 @dataclass(frozen=True)
@@ -98,7 +123,8 @@ class GenerationConfig:
     max_new_tokens: int = 128  # enough to see several rounds of drafting on every prompt
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
-    lookup: LookupConfig | None = None  # draft by prompt lookup instead of the draft head (works without one)
+    lookup: LookupConfig | None = None  # prompt lookup's settings: alone without a draft head, else hybrid
+    hybrid: HybridConfig = field(default_factory=HybridConfig)  # when both a draft head and lookup propose
     seed: int = 0  # sampling is reproducible by default
     eos_token_ids: tuple[int, ...] = ()  # filled from the target's generation_config.json by the caller
 
@@ -148,6 +174,7 @@ class TrainConfig:
     step_weights: tuple[float, ...] = ()  # per-step loss weights; () = 1.0 for every step, the reference's sum
     batch_size: int = 8  # global batch in samples; split across data-parallel ranks
     max_length: int = 512  # samples are truncated to this many tokens
+    loss_chunk: int = 1024  # positions projected onto the vocabulary at once: losses hold O(chunk * V), not O(B * N * V)
     warmup_fraction: float = 0.05  # linear warm-up, then linear decay to 0 (reference: 1%, over far more steps)
     weight_decay: float = 0.01  # AdamW's torch default, as in the reference
     betas: tuple[float, float] = (0.9, 0.95)

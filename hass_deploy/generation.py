@@ -5,7 +5,8 @@
     result = pipe.generate(pipe.encode("Hello"))
     print(pipe.decode(result.output_ids), result.tau)
 
-Prompt lookup needs no draft: `Pipeline.load("path/to/target").generate(ids, GenerationConfig(lookup=LookupConfig()))`.
+Prompt lookup needs no draft: `Pipeline.load("path/to/target").generate(ids, GenerationConfig(lookup=LookupConfig()))`;
+with a draft, the same request drafts with both, merged into one tree per round (hybrid).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from hass_deploy.models.loading import TargetHead, TargetModel, load_target, loa
 from hass_deploy.prompts import Prompt, encode
 from hass_deploy.runtime.backends import open_backends
 from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
-from hass_deploy.runtime.lookup import check_tree_budget
+from hass_deploy.runtime.lookup import NgramCache, check_tree_budget
 
 if TYPE_CHECKING:
     from hass_deploy.manifest import Manifest
@@ -50,8 +51,7 @@ def _load_for_artifacts(target_dir, draft_dir, runtime: RuntimeConfig, generatio
     with_draft = draft_dir is not None
     check_capacity(manifest, max_seq_len, generation.tree.tokens if with_draft else None,
                    generation.tree.top_k if with_draft else None)
-    if generation.lookup is not None:
-        check_tree_budget(generation.lookup, manifest.max_tree_tokens)
+    check_tree_budget(generation, with_draft, manifest.max_tree_tokens)
     return load_target_head(target_dir, tokenizer=True), max_seq_len, manifest
 
 
@@ -66,13 +66,15 @@ class Pipeline:
     @classmethod
     def load(cls, target_dir: str | Path, draft_dir: str | Path | None = None,
              runtime: RuntimeConfig = RuntimeConfig(), generation: GenerationConfig = GenerationConfig(),
-             artifacts: str | Path | None = None) -> "Pipeline":
+             artifacts: str | Path | None = None, corpus: NgramCache | None = None) -> "Pipeline":
         """Load the models and allocate KV buffers once; `generation.tree` sizes the draft's tree rows, and an
         export's tree budget is checked against it and `generation.lookup`.
 
         With `runtime.backend == "onnxruntime"`, `artifacts` is the `hass-deploy export` directory: the graphs
         run there, and the models given are loaded in fp32 on the CPU only to check that the graphs were
         exported from them (and for the tokenizer and stop tokens).
+
+        `corpus`: prompt lookup's static n-gram statistics (`NgramCache.from_file`), shared by every request.
         """
         if runtime.device.startswith("cuda") and not torch.cuda.is_available():
             raise HassDeployError(f"--device {runtime.device}: this torch ({torch.__version__}) sees no CUDA device")
@@ -82,11 +84,13 @@ class Pipeline:
         else:
             target = load_target(target_dir, runtime.dtype, runtime.device)
             max_seq_len = runtime.max_seq_len or default_max_seq_len(target)
+        if corpus is not None:
+            corpus.check_vocabulary(target.config.vocab_size)
         head, metadata = (None, None) if draft_dir is None else load_draft(draft_dir, target)
         target_backend, draft_backend = open_backends(runtime.backend, target, head, max_seq_len,
                                                       generation.tree.draft_rows, artifacts, runtime.device,
                                                       manifest=manifest)
-        return cls(target, SpeculativeDecoder(target_backend, draft_backend), metadata, runtime, max_seq_len)
+        return cls(target, SpeculativeDecoder(target_backend, draft_backend, corpus), metadata, runtime, max_seq_len)
 
     def encode(self, prompt: str | Prompt, chat: bool | None = None) -> list[int]:
         return encode(prompt if isinstance(prompt, Prompt) else Prompt(text=prompt), self.target.tokenizer, chat)

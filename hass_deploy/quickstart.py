@@ -7,7 +7,7 @@
     export    both drafts with the target as ONNX step graphs, int8 draft weights (`hass-deploy export`)
     validate  each export against PyTorch, graph by graph and end to end (`hass-deploy validate`)
     bench     plain vs EAGLE-2 vs HASS decoding on ONNX Runtime, greedy, same prompts and tree, with prompt lookup
-              (no draft) beside them (`hass-deploy bench`)
+              (no draft) and hybrid drafting (HASS + lookup in one tree) beside them (`hass-deploy bench`)
 
 Everything goes under one work directory, and `quickstart.json` there records each finished stage with a key
 of what it was made from: the settings and the content hashes of its inputs (a draft's key is its data's key, an
@@ -33,7 +33,8 @@ from hass_deploy.bench.config import BenchConfig
 from hass_deploy.config import Phase, RuntimeConfig, TrainConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export.config import ExportConfig
-from hass_deploy.training.data import DataConfig, file_sha256
+from hass_deploy.training.data import file_sha256
+from hass_deploy.training.extract import DataConfig
 
 STATE_FILE = "quickstart.json"
 SUMMARY_FILE = "summary.json"
@@ -214,6 +215,181 @@ def _summary_record(report) -> dict:
     }
 
 
+@dataclass
+class Job:
+    """What the stages of one quickstart run share: the preset, the work directory, the target, how to report."""
+
+    preset: QuickstartPreset
+    layout: Layout
+    target: Path  # the cached demo target's directory
+    target_report: dict  # its recipe file: weights hash, held-out files, validation loss
+    prompt_files: tuple[Path, ...]  # the held-out prompts, then the user's extra files
+    device: str
+    progress: bool
+    log: Log
+    _fingerprints: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def target_key(self) -> str:
+        return self.target_report["weights_sha256"]
+
+    @property
+    def data_config(self) -> DataConfig:
+        return replace(self.preset.data, device=self.device).resolved()
+
+    def train_config(self, draft: str) -> TrainConfig:
+        return replace(self.preset.train, recipe=draft)
+
+    @property
+    def bench_config(self) -> BenchConfig:
+        return BenchConfig(max_new_tokens=self.preset.max_new_tokens, tree=self.preset.tree,
+                           runtime=RuntimeConfig(backend="onnxruntime"))
+
+    def fingerprint(self, draft: str) -> str:
+        """The trained draft's fingerprint, read once per run (the stages that need it all come after training)."""
+        if draft not in self._fingerprints:
+            self._fingerprints[draft] = _draft_fingerprint(self.layout.draft(draft))
+        return self._fingerprints[draft]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One cached step of the quickstart: reused while its key is the recorded one and its outputs are intact;
+    otherwise its outputs are removed and `work` makes them again (resuming what an interruption left)."""
+
+    name: str  # its first word is its step in the progress lines: "train hass" and "train eagle2" are "train"
+    key: Callable[[Job], str]  # what it is made from: the settings and the content hashes of its inputs
+    work: Callable[[Job], dict]  # makes the outputs; returns the record kept in quickstart.json
+    outputs: Callable[[Job], Path | None] = lambda job: None  # removed before a redo (inside the work directory)
+    intact: Callable[[Job], bool] = lambda job: True  # whether its outputs are all still there
+
+
+def _data_key(job: Job) -> str:
+    # Where the data was made does not change it; the precision the target ran in does (auto: bf16 on a GPU).
+    settings = asdict(replace(job.data_config, device=job.preset.data.device))
+    return _key(job.target_key, file_sha256(job.layout.corpus), settings)
+
+
+def _make_data(job: Job) -> dict:
+    from hass_deploy.training.extract import generate_data
+
+    manifest = generate_data(job.target, job.layout.corpus, job.layout.data, job.data_config, progress=job.progress)
+    return {"totals": manifest.totals}
+
+
+def _train_stage(draft: str) -> Stage:
+    """The draft's training: its key is its data's key and its settings."""
+
+    def work(job: Job) -> dict:
+        from hass_deploy.training.trainer import train
+
+        metrics = train(job.target, job.layout.data, job.layout.draft(draft), job.train_config(draft), resume=True,
+                        progress=job.progress, device=job.device)
+        return {"eval": {k: metrics.get(f"eval_{k}") for k in ("expected_tau", "acceptance")}}
+
+    return Stage(f"train {draft}", lambda job: _key(_data_key(job), asdict(job.train_config(draft))), work,
+                 outputs=lambda job: job.layout.draft(draft),
+                 intact=lambda job: (job.layout.draft(draft) / "config.json").is_file())
+
+
+def _export_key(job: Job, draft: str) -> str:
+    return _key(job.target_key, job.fingerprint(draft), asdict(job.preset.export))
+
+
+def _export_stage(draft: str) -> Stage:
+    def work(job: Job) -> dict:
+        from hass_deploy.export.onnx import export_artifacts
+
+        out = job.layout.artifacts(draft)
+        export_artifacts(job.target, job.layout.draft(draft), out, job.preset.export, force=True, log=job.log)
+        return {"path": str(out)}
+
+    return Stage(f"export {draft}", lambda job: _export_key(job, draft), work,
+                 outputs=lambda job: job.layout.artifacts(draft),
+                 intact=lambda job: _artifacts_intact(job.layout.artifacts(draft)))
+
+
+def _validate_stage(draft: str) -> Stage:
+    """Each export against PyTorch: redone with its export (the same key)."""
+
+    def work(job: Job) -> dict:
+        from hass_deploy.export.parity import validate_artifacts
+
+        out = job.layout.artifacts(draft)
+        report = validate_artifacts(out, job.target, job.layout.draft(draft))
+        (out / "validation.txt").write_text(report.render() + "\n")
+        if not report.passed:
+            raise HassDeployError(f"validation of the {draft} export FAILED; see {out / 'validation.txt'}")
+        return {"passed": True, "checks": len(report.checks)}
+
+    return Stage(f"validate {draft}", lambda job: _export_key(job, draft), work,
+                 intact=lambda job: (job.layout.artifacts(draft) / "validation.txt").is_file())
+
+
+def _bench_key(job: Job) -> str:
+    return _key(job.target_key, {name: job.fingerprint(name) for name in DRAFTS},
+                [file_sha256(p) for p in job.prompt_files], asdict(job.bench_config))
+
+
+def _bench(job: Job) -> dict:
+    from hass_deploy.bench.runner import run_bench
+
+    layout = job.layout
+    report = run_bench(job.target, layout.draft("hass"), job.prompt_files, job.bench_config,
+                       baseline_draft=layout.draft("eagle2"), artifacts=layout.artifacts("hass"),
+                       baseline_artifacts=layout.artifacts("eagle2"), out=layout.bench, log=job.log)
+    if report.lossless is False:
+        raise HassDeployError(report.lossless_line() + f"; the runs are in {layout.bench / 'bench.json'}")
+    return _summary_record(report)
+
+
+# The quickstart after its target, in order; a stage's key may read what the stages before it made.
+STAGES: tuple[Stage, ...] = (
+    Stage("corpus", lambda job: _key(job.target_key, job.preset.draft_chars, job.preset.record_chars,
+                                     job.preset.prompts, job.preset.prompt_chars),
+          lambda job: write_corpus(job.target_report, job.preset, job.layout),
+          intact=lambda job: job.layout.corpus.is_file() and job.layout.prompts.is_file()),
+    Stage("data", _data_key, _make_data, outputs=lambda job: job.layout.data,
+          intact=lambda job: (job.layout.data / "manifest.json").is_file()),
+    *(_train_stage(name) for name in DRAFTS),
+    *(_export_stage(name) for name in DRAFTS),
+    *(_validate_stage(name) for name in DRAFTS),
+    Stage("bench", _bench_key, _bench, outputs=lambda job: job.layout.bench,
+          intact=lambda job: (job.layout.bench / "bench.json").is_file()),
+)
+STEPS = ("target", *dict.fromkeys(stage.name.split()[0] for stage in STAGES))  # the numbered progress lines
+
+
+def _run_stages(job: Job, state: _State, seconds: dict[str, float]) -> dict[str, dict]:
+    """Run or reuse each of `STAGES` in order; returns each one's record.
+
+    A stage that was interrupted has no record: its `work` resumes it. One that was finished from other inputs,
+    or whose outputs were damaged since, is forgotten and its outputs removed first, so that an interruption of
+    the redo resumes the redo.
+    """
+    records: dict[str, dict] = {}
+    for stage in STAGES:
+        step = f"[{STEPS.index(stage.name.split()[0]) + 1}/{len(STEPS)}] {stage.name}"
+        key = stage.key(job)
+        record = state.done(stage.name, key) if stage.intact(job) else None
+        if record is not None:
+            job.log(f"{step}: done already, reused")
+            records[stage.name] = record
+            continue
+        if stage.name in state.stages:
+            state.forget(stage.name)
+            outputs = stage.outputs(job)
+            if outputs is not None:
+                shutil.rmtree(outputs, ignore_errors=True)
+        job.log(step)
+        begin = time.perf_counter()
+        record = stage.work(job)
+        seconds[stage.name] = time.perf_counter() - begin
+        records[stage.name] = {**record, "seconds": seconds[stage.name]}
+        state.finish(stage.name, key, records[stage.name])
+    return records
+
+
 def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: tuple[Path, ...] = (),
                    progress: bool = True, log: Log = print, device: str = "cpu") -> dict:
     """Run (or resume) the quickstart in `workdir`; returns the summary also written to `workdir/summary.json`.
@@ -223,13 +399,7 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
 
     Raises HassDeployError when a stage fails, including the lossless check (after the bench report is written).
     """
-    from hass_deploy.bench.runner import run_bench
     from hass_deploy.demo import RECIPE_FILE, cached_target
-    from hass_deploy.export.onnx import export_artifacts
-    from hass_deploy.export.parity import validate_artifacts
-    from hass_deploy.training.data import generate_data
-    from hass_deploy.training.trainer import train
-
     from hass_deploy.prompts import read_prompt_file
 
     if preset not in PRESETS:
@@ -243,113 +413,29 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
 
-    def stage(name: str, number: int, key: str, work: Callable[[], dict], outputs: Path | None = None,
-              intact: Callable[[], bool] = lambda: True) -> dict:
-        """Reuse `name` if it was finished from `key` and its outputs are intact; otherwise run `work()`.
-
-        A stage that was interrupted has no record: `work` resumes it. One that was finished from other inputs,
-        or whose outputs were damaged since, is forgotten and its `outputs` (inside the work directory) removed
-        first, so that an interruption of the redo resumes the redo.
-        """
-        record = state.done(name, key) if intact() else None
-        if record is not None:
-            log(f"[{number}/7] {name}: done already, reused")
-            return record
-        if name in state.stages:
-            state.forget(name)
-            if outputs is not None:
-                shutil.rmtree(outputs, ignore_errors=True)
-        log(f"[{number}/7] {name}")
-        begin = time.perf_counter()
-        record = work()
-        seconds[name] = time.perf_counter() - begin
-        record = {**record, "seconds": seconds[name]}
-        state.finish(name, key, record)
-        return record
-
-    # 1. The target: cached outside the work directory (every quickstart shares it) and verified there.
-    log(f"[1/7] target: demo preset {config.target!r} (built once, then cached)")
+    # The target: cached outside the work directory (every quickstart shares it) and verified there.
+    log(f"[1/{len(STEPS)}] target: demo preset {config.target!r} (built once, then cached)")
     begin = time.perf_counter()
     target = cached_target(config.target, progress=progress, device=device)
     seconds["target"] = time.perf_counter() - begin
-    target_report = json.loads((target / RECIPE_FILE).read_text())
-    target_key = target_report["weights_sha256"]
-
-    corpus = stage("corpus", 2, _key(target_key, config.draft_chars, config.record_chars, config.prompts,
-                                     config.prompt_chars),
-                   lambda: write_corpus(target_report, config, layout),
-                   intact=lambda: layout.corpus.is_file() and layout.prompts.is_file())
-
-    def make_data() -> dict:
-        manifest = generate_data(target, layout.corpus, layout.data, data_config, progress=progress)
-        return {"totals": manifest.totals}
-
-    data_config = replace(config.data, device=device)
-    data_key = _key(target_key, file_sha256(layout.corpus), asdict(config.data))  # where it ran does not matter
-    data = stage("data", 3, data_key, make_data, layout.data, lambda: (layout.data / "manifest.json").is_file())
-
-    drafts: dict[str, dict] = {}
-    for name in DRAFTS:
-        train_config = replace(config.train, recipe=name)
-
-        def make_draft(name=name, train_config=train_config) -> dict:
-            metrics = train(target, layout.data, layout.draft(name), train_config, resume=True, progress=progress,
-                            device=device)
-            return {"eval": {k: metrics.get(f"eval_{k}") for k in ("expected_tau", "acceptance")}}
-
-        drafts[name] = stage(f"train {name}", 4, _key(data_key, asdict(train_config)), make_draft,
-                             layout.draft(name), lambda name=name: (layout.draft(name) / "config.json").is_file())
-
-    fingerprints = {name: _draft_fingerprint(layout.draft(name)) for name in DRAFTS}
-    export_key = {name: _key(target_key, fingerprints[name], asdict(config.export)) for name in DRAFTS}
-    for name in DRAFTS:
-        out = layout.artifacts(name)
-        def export(name=name, out=out) -> dict:
-            export_artifacts(target, layout.draft(name), out, config.export, force=True, log=log)
-            return {"path": str(out)}
-
-        stage(f"export {name}", 5, export_key[name], export, out, lambda out=out: _artifacts_intact(out))
-
-    for name in DRAFTS:
-        def check(name=name) -> dict:
-            report = validate_artifacts(layout.artifacts(name), target, layout.draft(name))
-            (layout.artifacts(name) / "validation.txt").write_text(report.render() + "\n")
-            if not report.passed:
-                raise HassDeployError(f"validation of the {name} export FAILED; see "
-                                      f"{layout.artifacts(name) / 'validation.txt'}")
-            return {"passed": True, "checks": len(report.checks)}
-
-        stage(f"validate {name}", 6, export_key[name], check,
-              intact=lambda name=name: (layout.artifacts(name) / "validation.txt").is_file())
-
-    prompt_files = (layout.prompts, *extra_prompts)
-    bench_config = BenchConfig(max_new_tokens=config.max_new_tokens, tree=config.tree,
-                               runtime=RuntimeConfig(backend="onnxruntime"))
-
-    def bench() -> dict:
-        report = run_bench(target, layout.draft("hass"), prompt_files, bench_config,
-                           baseline_draft=layout.draft("eagle2"), artifacts=layout.artifacts("hass"),
-                           baseline_artifacts=layout.artifacts("eagle2"), out=layout.bench, log=log)
-        if report.lossless is False:
-            raise HassDeployError(report.lossless_line() + f"; the runs are in {layout.bench / 'bench.json'}")
-        return _summary_record(report)
-
-    bench_key = _key(target_key, fingerprints, [file_sha256(p) for p in prompt_files], asdict(bench_config))
-    results = stage("bench", 7, bench_key, bench, layout.bench, lambda: (layout.bench / "bench.json").is_file())
+    job = Job(config, layout, target, json.loads((target / RECIPE_FILE).read_text()),
+              (layout.prompts, *extra_prompts), device, progress, log)
+    records = _run_stages(job, state, seconds)
 
     seconds["total"] = time.perf_counter() - started
+    target_report = job.target_report
     summary = {
         "preset": preset,
         "target": {"path": str(target), "validation_loss": target_report["validation_loss"],
                    "recipe": target_report["recipe"]},
-        "corpus": corpus, "data": data,
-        "drafts": {name: {"path": str(layout.draft(name)), **drafts[name]} for name in DRAFTS},
-        "bench": results,
+        "corpus": records["corpus"], "data": records["data"],
+        "drafts": {name: {"path": str(layout.draft(name)), **records[f"train {name}"]} for name in DRAFTS},
+        "bench": records["bench"],
         "export": {"dtype": config.export.dtype, "draft_quantization": config.export.draft_quantization},
         "artifacts": {"work_dir": str(layout.root), "target": str(target), "data": str(layout.data),
                       **{f"draft_{n}": str(layout.draft(n)) for n in DRAFTS},
                       **{f"onnx_{n}": str(layout.artifacts(n)) for n in DRAFTS},
-                      "prompts": [str(p) for p in prompt_files], "bench": str(layout.bench),
+                      "prompts": [str(p) for p in job.prompt_files], "bench": str(layout.bench),
                       "summary": str(layout.root / SUMMARY_FILE)},
         "seconds_this_run": seconds,
     }
@@ -367,6 +453,8 @@ def render_summary(summary: dict) -> str:
                                                               speedup.get("draft"))]
     if "lookup" in speed:  # summaries from before prompt lookup was benchmarked have no such row
         rows.append(("prompt lookup (no draft)", tau.get("lookup"), speed["lookup"], speedup.get("lookup")))
+    if "hybrid" in speed:  # nor this one from before hybrid drafting
+        rows.append(("hybrid: HASS + prompt lookup", tau.get("hybrid"), speed["hybrid"], speedup.get("hybrid")))
     fmt = lambda v, d=2: "-" if v is None else (v if isinstance(v, str) else f"{v:.{d}f}")  # noqa: E731
     quantized = summary.get("export", {}).get("draft_quantization")
     lines = [f"quickstart ({summary['preset']}): {bench['prompts']} held-out prompts x {bench['max_new_tokens']} new "

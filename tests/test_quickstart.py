@@ -60,11 +60,11 @@ class Fakes:
         import hass_deploy.demo as demo
         import hass_deploy.export.onnx as onnx_export
         import hass_deploy.export.parity as parity
-        import hass_deploy.training.data as data
+        import hass_deploy.training.extract as extract
         import hass_deploy.training.trainer as trainer
 
         monkeypatch.setattr(demo, "cached_target", self.cached_target)
-        monkeypatch.setattr(data, "generate_data", self.generate_data)
+        monkeypatch.setattr(extract, "generate_data", self.generate_data)
         monkeypatch.setattr(trainer, "train", self.train)
         monkeypatch.setattr(onnx_export, "export_artifacts", self.export)
         monkeypatch.setattr(parity, "validate_artifacts", self.validate)
@@ -110,13 +110,13 @@ class Fakes:
               out=None, log=None):
         self._call("bench")
         assert config.runtime.backend == "onnxruntime" and config.sampling.greedy
-        assert config.lookup is not None  # prompt lookup is benchmarked beside the drafts
+        assert config.lookup is not None and config.hybrid is not None  # benchmarked beside the drafts
         assert Path(artifacts).name == "hass" and Path(baseline_artifacts).name == "eagle2"
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "bench.json").write_text("{}")
         summaries = {OVERALL: {"plain": _summary("plain", None, 10.0), "draft": _summary("draft", 2.5, 15.0),
                                "baseline": _summary("baseline", 2.2, 13.0, self.lossless),
-                               "lookup": _summary("lookup", 1.4, 11.0)}}
+                               "lookup": _summary("lookup", 1.4, 11.0), "hybrid": _summary("hybrid", 3.0, 18.0)}}
         return SimpleNamespace(summaries=summaries, tree=TreeConfig(), tree_choice=None, config=BenchConfig(),
                                machine={}, lossless=self.lossless,
                                lossless_line=lambda: "lossless check: PASSED" if self.lossless else "LOSSLESS CHECK FAILED")
@@ -138,15 +138,18 @@ def _run(workdir: Path) -> dict:
 def test_runs_every_stage_once_then_reuses_them(fakes, tmp_path):
     summary = _run(tmp_path / "work")
     assert fakes.calls == STAGES
-    assert summary["bench"]["tau"] == {"draft": 2.5, "baseline": 2.2, "lookup": 1.4}
-    assert summary["bench"]["tokens_per_s"] == {"plain": 10.0, "draft": 15.0, "baseline": 13.0, "lookup": 11.0}
+    assert summary["bench"]["tau"] == {"draft": 2.5, "baseline": 2.2, "lookup": 1.4, "hybrid": 3.0}
+    assert summary["bench"]["tokens_per_s"] == {"plain": 10.0, "draft": 15.0, "baseline": 13.0, "lookup": 11.0,
+                                                "hybrid": 18.0}
     assert summary["bench"]["lossless"] is True
     assert json.loads((tmp_path / "work" / "summary.json").read_text())["bench"]["speedup"]["draft"] == 1.5
     assert "HASS draft | 2.50 | 15.0 | 1.50x" in quickstart.render_summary(summary)
     assert "prompt lookup (no draft) | 1.40 | 11.0 | 1.10x" in quickstart.render_summary(summary)
+    assert "hybrid: HASS + prompt lookup | 3.00 | 18.0 | 1.80x" in quickstart.render_summary(summary)
     serve = quickstart.render_summary(summary).splitlines()[-1]
     assert serve.startswith("serve it: hass-deploy serve --target ") and str(tmp_path / "work" / "onnx" / "hass") in serve
     del summary["bench"]["tokens_per_s"]["lookup"]  # a summary from before prompt lookup was benchmarked
+    del summary["bench"]["tokens_per_s"]["hybrid"]
     assert "prompt lookup" not in quickstart.render_summary(summary)
     records = [json.loads(line) for line in (tmp_path / "work" / "corpus" / "draft_text.jsonl").read_text().splitlines()]
     prompts = (tmp_path / "work" / "corpus" / "heldout_prompts.jsonl").read_text()

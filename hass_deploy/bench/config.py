@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hass_deploy.config import GenerationConfig, LookupConfig, RuntimeConfig, SamplingConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig, RuntimeConfig, SamplingConfig, TreeConfig
 from hass_deploy.errors import ConfigError
 
 
@@ -44,12 +44,15 @@ class BenchConfig:
             None chooses it from measured costs and acceptance (`--tree auto`).
         lookup: prompt lookup's tree, run as one more method beside the drafts (the training-free one a trained
             draft has to beat); None leaves it out.
+        hybrid: the draft and prompt lookup merged into one tree per round (`runtime/hybrid.py`), one more method
+            when `lookup` is set; None leaves it out. With `--tree auto` its draft cost is the measured one.
     """
 
     max_new_tokens: int = GenerationConfig().max_new_tokens
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # greedy: the lossless check applies
     tree: TreeConfig | None = field(default_factory=TreeConfig)
     lookup: LookupConfig | None = field(default_factory=LookupConfig)
+    hybrid: HybridConfig | None = field(default_factory=HybridConfig)
     max_prompts: int | None = None  # first N prompts of each file; None = all (the paper uses all 80)
     warmup: int = 3  # untimed runs per method on the first prompt: the paper's 3 warm-up runs
     seed: int = 0  # prompt i samples with seed + i, the same for every method (the paper seeds per question)

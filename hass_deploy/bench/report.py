@@ -9,7 +9,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from hass_deploy.bench.results import OVERALL, PLAIN, BenchReport, MethodSummary
+from hass_deploy.bench.results import HYBRID, OVERALL, PLAIN, BenchReport, MethodSummary
 from hass_deploy.errors import HassDeployError
 
 
@@ -58,6 +58,11 @@ def _identical(summary: MethodSummary) -> str:
     return "yes" if summary.identical else f"**NO** ({len(summary.mismatched)} differ)"
 
 
+def _draft_share(report: BenchReport) -> str:
+    summary = report.summaries[OVERALL][HYBRID]
+    return f"{summary.draft_rounds / summary.rounds:.0%}" if summary.rounds else "none"
+
+
 def render_markdown(report: BenchReport) -> str:
     """The summary tables, the settings and the machine, as Markdown."""
     c, m = report.config, report.machine
@@ -71,7 +76,12 @@ def render_markdown(report: BenchReport) -> str:
         + (" (chosen by `--tree auto`)" if report.tree_choice else ""),
         *([] if c.lookup is None else [
             f"- prompt lookup: tokens {c.lookup.tokens}, depth {c.lookup.depth}, n-grams {c.lookup.min_ngram}.."
-            f"{c.lookup.max_ngram} of the prompt and output so far, no draft model"]),
+            f"{c.lookup.max_ngram} (counts of the prompt and output so far), {c.lookup.branches} branches per node, "
+            "no draft model"]),
+        *([] if report.hybrid is None else [
+            f"- hybrid: the draft's and prompt lookup's candidates reranked into one tree of {report.hybrid.tokens} "
+            f"nodes; the draft ran in {_draft_share(report)} of rounds (draft cost {report.hybrid.draft_cost:g}, "
+            f"{report.hybrid.row_cost:g} a context row, in verify steps)"]),
         f"- {c.max_new_tokens} new tokens max, temperature {c.sampling.temperature:g}, {c.warmup} warm-up runs per "
         f"method, methods alternating per prompt; prompts encoded by {report.prompt_encoding}"
         + (f"; {report.truncated_prompts} prompts cut from the left to fit the KV cache" if report.truncated_prompts else ""),
@@ -156,7 +166,7 @@ def render_png(report: BenchReport, path: Path) -> None:
     keys = [m.key for m in report.methods]
     drafts = [k for k in keys if k != PLAIN]
     groups = list(report.summaries)
-    colors = {key: color for key, color in zip(keys, ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c"))}
+    colors = {key: color for key, color in zip(keys, ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"))}
     figure = Figure(figsize=(15, 4.6), layout="constrained")
     FigureCanvasAgg(figure)
     ax_depth, ax_speed, ax_ratio = figure.subplots(1, 3, width_ratios=(1, 1.4, 1.2))

@@ -11,16 +11,17 @@ from hass_deploy.bench.config import BenchConfig
 from hass_deploy.bench.metrics import (Spread, depth_acceptance, depth_counts, macro_tau, median_speedup,
                                        speedup_of_means)
 from hass_deploy.bench.tree_search import TreeChoice
-from hass_deploy.config import TreeConfig
+from hass_deploy.config import HybridConfig, TreeConfig
 
 PLAIN = "plain"
 LOOKUP = "lookup"  # prompt lookup: speculative decoding without a draft head (`runtime/lookup.py`)
+HYBRID = "hybrid"  # the draft head and prompt lookup in one tree per round (`runtime/hybrid.py`)
 OVERALL = "overall"
 
 
 @dataclass(frozen=True)
 class Method:
-    key: str  # "plain", "draft", "baseline" or "lookup"
+    key: str  # "plain", "draft", "baseline", "lookup" or "hybrid"
     label: str  # what tables and plots call it, e.g. "HASS (drafts/hass)"
     path: str | None  # the draft directory (None for plain decoding and prompt lookup)
 
@@ -40,6 +41,7 @@ class PromptRun:
     depth_attempts: tuple[int, ...]
     depth_accepts: tuple[int, ...]
     stop_reason: str
+    draft_rounds: int = 0  # rounds in which the draft head ran (hybrid: only those it was worth its cost)
     matches_plain: bool | None = None  # greedy: output ids equal plain decoding's; None when not checked
     first_mismatch: int | None = None  # index of the first differing new token
 
@@ -68,6 +70,7 @@ class MethodSummary:
     speedup: float | None  # the paper's ratio of mean throughputs; None for plain decoding
     speedup_median: float | None  # median of per-prompt paired ratios
     mismatched: tuple[str, ...] | None  # prompts whose greedy output differs from plain; None = not checked
+    draft_rounds: int = 0  # rounds in which the draft head ran
 
     @property
     def identical(self) -> bool | None:
@@ -93,6 +96,7 @@ def summarise(runs: Sequence[PromptRun], plain: Sequence[PromptRun], method: str
         rounds=sum(len(r.accept_lengths) for r in runs),
         depth_acceptance=depth_acceptance([r.depth_attempts for r in runs], [r.depth_accepts for r in runs]),
         depth_attempts=depth_counts([r.depth_attempts for r in runs]),
+        draft_rounds=sum(r.draft_rounds for r in runs),
         speedup=speedup_of_means(spec_tps, plain_tps) if paired else None,
         speedup_median=median_speedup(spec_tps, plain_tps) if paired else None,
         mismatched=tuple(r.name for r in runs if r.matches_plain is False) if checked and speculative else None,
@@ -122,6 +126,7 @@ class BenchReport:
     sources: dict  # target, drafts, prompt files, artifacts
     methods: tuple[Method, ...]
     tree: TreeConfig  # used by the draft and the baseline (prompt lookup's is `config.lookup`)
+    hybrid: HybridConfig | None  # as run (with --tree auto, its draft cost measured); None without the method
     tree_choice: TreeChoice | None  # with --tree auto
     auto_outcome: AutoOutcome | None
     prompt_sets: tuple[str, ...]
@@ -167,7 +172,7 @@ class BenchReport:
         return {
             "config": config, "sources": self.sources, "machine": self.machine, "seconds": self.seconds,
             "methods": [asdict(m) for m in self.methods],
-            "tree": asdict(self.tree), "tree_auto": None if self.tree_choice is None else {
+            "tree": asdict(self.tree), "hybrid": None if self.hybrid is None else asdict(self.hybrid), "tree_auto": None if self.tree_choice is None else {
                 **self.tree_choice.to_dict(),
                 "outcome": None if self.auto_outcome is None else {**asdict(self.auto_outcome),
                                                                     "efficiency": self.auto_outcome.efficiency}},

@@ -23,11 +23,11 @@ from typing import Protocol
 
 from hass_deploy.bench.config import BenchConfig
 from hass_deploy.bench.metrics import first_mismatch
-from hass_deploy.bench.results import (LOOKUP, OVERALL, PLAIN, AutoOutcome, BenchReport, Method, PromptRun,
+from hass_deploy.bench.results import (HYBRID, LOOKUP, OVERALL, PLAIN, AutoOutcome, BenchReport, Method, PromptRun,
                                        summarise)
-from hass_deploy.bench.tree_search import (TreeChoice, candidate_grid, grid_envelope,
+from hass_deploy.bench.tree_search import (TreeChoice, candidate_grid, grid_envelope, measured_hybrid,
                                            predict_generation_tokens_per_s, search_tree)
-from hass_deploy.config import GenerationConfig, LookupConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig, TreeConfig
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 from hass_deploy.prompts import Prompt, read_prompt_file
 from hass_deploy.runtime.decoder import GenerationResult
@@ -42,14 +42,16 @@ class Decoder(Protocol):
 
 @dataclass(frozen=True)
 class LookupDecoder:
-    """Prompt-lookup decoding as a bench method: the same decoder, with every request's `lookup` set (the bench
-    hands all methods one GenerationConfig per prompt: its tree, seed and stop tokens)."""
+    """Prompt lookup as a bench method: the same decoder with every request's `lookup` set (the bench hands all
+    methods one GenerationConfig per prompt: its tree, seed and stop tokens). Over plain decoding that is prompt
+    lookup alone; over the draft's decoder, hybrid drafting with these `hybrid` settings."""
 
     decoder: Decoder
     lookup: LookupConfig
+    hybrid: HybridConfig = HybridConfig()
 
     def generate(self, prompt_ids: list[int], config: GenerationConfig) -> GenerationResult:
-        return self.decoder.generate(prompt_ids, replace(config, lookup=self.lookup))
+        return self.decoder.generate(prompt_ids, replace(config, lookup=self.lookup, hybrid=self.hybrid))
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ def bench_decoders(sets: Sequence[EncodedSet], decoders: Mapping[str, Decoder], 
                     prompt_tokens=len(ids), new_tokens=len(result.output_ids), wall_s=result.wall_s,
                     accept_lengths=tuple(result.accept_lengths), depth_attempts=tuple(result.depth_attempts),
                     depth_accepts=tuple(result.depth_accepts), stop_reason=result.stop_reason,
+                    draft_rounds=result.draft_rounds,
                     matches_plain=(mismatch is None) if checked else None,
                     first_mismatch=mismatch if checked else None))
                 if checked and mismatch is not None:
@@ -192,15 +195,19 @@ def _envelope(config: BenchConfig, artifacts) -> TreeConfig:
 
 
 def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig, artifacts, baseline_artifacts,
-                   lookup: LookupConfig | None = None):
-    """The target loaded once; plain decoding, the draft, the baseline draft and prompt lookup as decoders over it."""
+                   lookup: LookupConfig | None = None, hybrid: HybridConfig | None = None):
+    """The target loaded once; plain decoding, the draft, the baseline draft and prompt lookup as decoders over it
+    (hybrid drafting is added once its draft cost is known: `run_bench`)."""
     from hass_deploy.generation import Pipeline
     from hass_deploy.models.checkpoint import load_draft
     from hass_deploy.runtime.backends import open_backends
     from hass_deploy.runtime.decoder import SpeculativeDecoder
 
-    # `lookup` in the load config: an export's tree budget is checked against prompt lookup's tree too, up front.
-    pipe = Pipeline.load(target, draft, runtime, GenerationConfig(tree=envelope, lookup=lookup), artifacts)
+    # `lookup` and `hybrid` in the load config: an export's tree budget is checked against their trees too, up
+    # front (without hybrid, its check is lookup's own).
+    hybrid = hybrid or HybridConfig(tokens=lookup.tokens if lookup else HybridConfig().tokens)
+    pipe = Pipeline.load(target, draft, runtime, GenerationConfig(tree=envelope, lookup=lookup, hybrid=hybrid),
+                         artifacts)
     plain = SpeculativeDecoder(pipe.decoder.target, None)
     decoders: dict[str, Decoder] = {PLAIN: plain, "draft": pipe.decoder}
     methods = [Method(PLAIN, "plain decoding", None), Method("draft", _label(pipe.draft_metadata, Path(draft)), str(draft))]
@@ -263,7 +270,7 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
     _check_inputs(draft, baseline_draft, config.runtime, artifacts, baseline_artifacts)
     envelope = _envelope(config, artifacts)
     pipe, decoders, methods = _open_decoders(target, draft, baseline_draft, config.runtime, envelope, artifacts,
-                                             baseline_artifacts, config.lookup)
+                                             baseline_artifacts, config.lookup, config.hybrid)
     encode_one = _Encoder(pipe.target, pipe.max_seq_len, config)
     encoded = [EncodedSet(s.name, tuple((p, encode_one(p)) for p in s.prompts)) for s in sets]
     truncated = encode_one.truncated
@@ -286,7 +293,14 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
         if choice.at_grid_edge:
             log(f"tree auto: the choice is the grid's largest {' and '.join(choice.at_grid_edge)}; a larger tree "
                 "might be faster still (TreeSearchConfig sets the grid)")
-    lookup = config.lookup
+    lookup, hybrid = config.lookup, config.hybrid
+    if lookup is not None and hybrid is not None:
+        if choice is not None:  # the draft's measured costs, in steps verifying the hybrid tree
+            hybrid = measured_hybrid(hybrid, tree, choice.tau, choice.curve, choice.overhead)
+        decoders[HYBRID] = LookupDecoder(pipe.decoder, lookup, hybrid)
+        methods += (Method(HYBRID, "hybrid: the draft and prompt lookup in one tree", None),)
+        log(f"bench: hybrid tokens={hybrid.tokens}, draft cost {hybrid.draft_cost:g} and {hybrid.row_cost:g} a "
+            "context row, in verify steps" + (" (measured)" if choice is not None else ""))
     log(f"bench: {sum(len(s.prompts) for s in encoded)} prompts x {len(decoders)} methods, "
         f"tree tokens={tree.tokens} depth={tree.depth} top_k={tree.top_k}"
         + ("" if lookup is None else f", lookup tokens={lookup.tokens} depth={lookup.depth} "
@@ -309,7 +323,7 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
                                 "prompts": [str(p) for p in prompts],
                                 "artifacts": None if artifacts is None else str(artifacts),
                                 "baseline_artifacts": None if baseline_artifacts is None else str(baseline_artifacts)},
-        methods=methods, tree=tree, tree_choice=choice, auto_outcome=outcome,
+        methods=methods, tree=tree, hybrid=hybrid if HYBRID in decoders else None, tree_choice=choice, auto_outcome=outcome,
         prompt_sets=tuple(s.name for s in encoded), prompt_encoding=", ".join(sorted(encode_one.encodings)),
         truncated_prompts=truncated, runs=runs, summaries=summaries,
         machine=machine_info(config.runtime.backend), seconds=time.perf_counter() - started)

@@ -33,12 +33,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hass_deploy.bench.config import BenchConfig, TreeSearchConfig
 from hass_deploy.bench.costs import CostCurve, StepTimer, measure_cost_curve
 from hass_deploy.bench.metrics import macro_tau
-from hass_deploy.config import GenerationConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, HybridConfig, TreeConfig
 from hass_deploy.errors import ConfigError
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 from hass_deploy.runtime.decoder import SpeculativeDecoder
@@ -148,6 +148,22 @@ def predict_generation_tokens_per_s(tree: TreeConfig | None, tau: float, curve: 
         rounds = (new_tokens - 1) / tau
         ms = curve.prefill(prompt_tokens) + curve.draft_prefill(prompt_tokens) + rounds * round_ms(tree, tau, curve, overhead)
     return 1e3 * new_tokens / ms if ms > 0 else 0.0
+
+
+def measured_hybrid(hybrid: HybridConfig, tree: TreeConfig, tau: float, curve: CostCurve,
+                    overhead: RoundOverhead) -> HybridConfig:
+    """`HybridConfig`'s costs from measured ones, in target steps verifying a hybrid tree: the draft work of a
+    round with this tree, and a row of the draft's context pass (its prefill over the cost curve's context, per
+    row). The draft's work is what a measured speculative round takes beyond its verify step and a plain round's
+    own loop work (the calibration runs time it in the loop: the host side of growing a tree, reading the pool
+    and ranking it, is as large as the draft steps on a few CPU cores), and at least its draft steps."""
+    tree = effective_tree(tree)
+    verify_ms = curve.target(hybrid.tokens)
+    steps_ms = curve.draft(tau) + (tree.depth - 1) * curve.draft(tree.top_k)
+    in_loop_ms = round_ms(tree, tau, curve, overhead) - curve.target(tree.tokens) - overhead.plain_ms
+    draft_ms = max(steps_ms, in_loop_ms)
+    return replace(hybrid, draft_cost=round(draft_ms / verify_ms, 3),
+                   row_cost=round(curve.draft_prefill_ms / curve.context / verify_ms, 4))
 
 
 @dataclass(frozen=True)

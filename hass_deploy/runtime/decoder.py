@@ -2,10 +2,11 @@
 
 Per round (algorithm.md §4.2):
     tree  = draft grows an EAGLE-2 tree under the pending root token       (skipped without a draft)
-            or prompt lookup copies one from the history (`config.lookup`; `lookup.py`, no draft needed)
+            or prompt lookup grows one from n-gram counts (`config.lookup`; `lookup.py`, no draft needed)
+            or, with both, their candidates reranked into one tree         (`hybrid.py`)
     out   = target verifies all tree nodes in one step                     [1, T, V], [1, T, H]
     acc   = longest accepted path + bonus token (greedy or exact rejection sampling)
-    commit: compact the accepted KV rows, feed their verified features to the draft next round
+    commit: compact the accepted KV rows, feed their verified features to the draft when it next runs
 Plain decoding is the same loop with a root-only tree: one target step per token, through the same backend
 contract, which is what every speedup is measured against. Whichever proposes the tree, verification,
 acceptance, compaction and the statistics are this one loop's.
@@ -23,7 +24,8 @@ from hass_deploy.config import GenerationConfig, TreeConfig
 from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError
 from hass_deploy.runtime import sampling, tree as trees
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
-from hass_deploy.runtime.lookup import PromptLookup, check_tree_budget
+from hass_deploy.runtime.hybrid import HybridPlanner
+from hass_deploy.runtime.lookup import NgramCache, PromptLookup, check_tree_budget
 
 
 @dataclass
@@ -34,6 +36,7 @@ class GenerationResult:
     draft_lengths: list[int] = field(default_factory=list)  # draft tokens verified per round (tree nodes - 1)
     depth_attempts: list[int] = field(default_factory=list)  # [d] rounds that tried a token at depth d+1
     depth_accepts: list[int] = field(default_factory=list)  # [d] rounds that accepted one there
+    draft_rounds: int = 0  # rounds in which the draft head grew a tree (all of them without prompt lookup)
     stop_reason: str = ""  # "eos", "max_new_tokens" or "cache_full"
     wall_s: float = 0.0
 
@@ -59,13 +62,14 @@ class GenerationResult:
 class SpeculativeDecoder:
     """Draft-then-verify generation over a target backend and an optional draft backend.
 
-    The tree of a round comes from prompt lookup when the request's `config.lookup` is set (with or without a
-    draft backend), else from the draft backend, else it is the root alone (plain decoding).
+    The tree of a round comes from the drafters there are: the draft backend, prompt lookup when the request's
+    `config.lookup` is set, both merged (hybrid) when there are both, else it is the root alone (plain decoding).
     """
 
-    def __init__(self, target: TargetBackend, draft: DraftBackend | None = None):
+    def __init__(self, target: TargetBackend, draft: DraftBackend | None = None, corpus: NgramCache | None = None):
         self.target = target
         self.draft = draft
+        self.corpus = corpus  # prompt lookup's static n-gram statistics, shared by every request
 
     def generate(self, prompt_ids: list[int], config: GenerationConfig,
                  on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
@@ -92,14 +96,17 @@ class SpeculativeDecoder:
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, P]
         out = self.target.step(ids, torch.arange(prompt_len, device=device)[None], 0, None, last_only=True)
         root = self._choose(out.logits[0, -1], config, generator)  # 0-d
-        pending_features, pending_tokens = out.hidden, torch.cat([ids[0, 1:], root.view(1)])  # [1, P, H], [P]
+        # Committed pairs the draft has not seen, as (features [1, n, H], next tokens [n]) per round: its next context
+        # pass joins them (a list, so that rounds without the draft append instead of copying the backlog).
+        pending = [(out.hidden, torch.cat([ids[0, 1:], root.view(1)]))]  # the prompt's: [1, P, H], [P]
         cache_len, draft_len = prompt_len, 0
         new = [int(root)]  # host sync: the token is output
         # Prompt lookup's history is the prompt plus every committed token, the pending root last, on the host.
-        lookup = None if config.lookup is None else PromptLookup(config.lookup, device)
+        lookup = None if config.lookup is None else PromptLookup(config.lookup, device, self.corpus)
         if lookup is not None:
             lookup.extend(prompt_ids)
-        uses_draft = self.draft is not None and lookup is None
+        # Both drafters: one merged tree per round (hybrid.py); the planner is this request's.
+        planner = HybridPlanner(config.hybrid) if lookup is not None and self.draft is not None else None
         root_only = trees.root_only(root.view(1))  # plain steps reuse its constant parts, only the token changes
         while True:
             if lookup is not None:
@@ -114,13 +121,27 @@ class SpeculativeDecoder:
             yield new
             if stop is not None:
                 return
-            if lookup is not None and room > 1:
-                tree = lookup.propose(new[-1], min(config.lookup.tokens, room))  # new[-1] is the pending root
-            elif self.draft is not None and room > 1:
-                tree = self._grow(root, pending_features, pending_tokens, draft_len, config.tree, room)
-                draft_len = cache_len
-            else:
+            drafted, draft_ran = None, False  # the draft head's candidates in a hybrid round; whether it ran
+            if room <= 1 or (lookup is None and self.draft is None):
                 tree = replace(root_only, tokens=root.view(1))
+            elif planner is not None:
+                budget = min(config.hybrid.tokens, room)
+                found = lookup.candidates(new[-1], budget)  # new[-1] is the pending root
+                # Rows the draft's context pass would take beyond the last round's own: the prompt in the first round.
+                catch_up = sum(tokens.numel() for _, tokens in pending[:-1]) + (pending[-1][1].numel() - 1) * (
+                    not result.rounds)
+                if planner.wants_draft(found, catch_up, config.max_new_tokens - len(result.output_ids)):
+                    drafted = trees.pool_candidates(root, *self._grow(root, pending, draft_len, config.tree, budget))
+                    draft_ran = True
+                merged = trees.merge_candidates([drafted or trees.Candidates([new[-1]], [-1], [0.0]), found],
+                                                planner.offsets(), budget)
+                tree = trees.tree_from_lists(merged.tokens, merged.parents, device)
+            elif lookup is not None:
+                tree = lookup.propose(new[-1], min(config.lookup.tokens, room))
+            else:
+                budget = min(config.tree.tokens, room)
+                tree = trees.build_tree(root, *self._grow(root, pending, draft_len, config.tree, budget), budget)
+                draft_ran = True
             out = self.target.step(tree.tokens[None], (cache_len + tree.depths)[None], cache_len, tree.mask[None])
             logits = out.logits[0]  # [T, V]
             if config.sampling.greedy:
@@ -129,12 +150,17 @@ class SpeculativeDecoder:
                 accepted = sampling.accept_sampling(tree, sampling.target_probs(logits, config.sampling), generator)
             if not accepted.in_place:  # plain steps and chains accepted whole keep their rows where they are
                 self.target.compact(cache_len, accepted.path)
+            committed = torch.tensor(accepted.tokens[1:], dtype=torch.long, device=device)  # [a+1]
+            if self.draft is not None:
+                if draft_ran:  # its context pass took every pending pair: start again from this round's
+                    draft_len, pending = cache_len, []
+                # [1, a+1, H] verified features of the committed nodes (a copy: the backend reuses its outputs)
+                pending.append((out.hidden[:, accepted.path], committed))
+            if planner is not None:
+                planner.record(merged, accepted.nodes, found, draft_ran)
             cache_len += len(accepted.nodes)
-            pending_tokens = torch.tensor(accepted.tokens[1:], dtype=torch.long, device=device)  # [a+1]
-            if uses_draft:
-                pending_features = out.hidden[:, accepted.path]  # [1, a+1, H] verified features of the committed nodes
-            root = pending_tokens[-1]
-            self._record(result, accepted, tree.num_nodes - 1)
+            root = committed[-1]
+            self._record(result, accepted, tree.num_nodes - 1, draft_ran)
             new = accepted.tokens[1:]
 
     def _check_request(self, prompt_ids: list[int], config: GenerationConfig) -> None:
@@ -144,10 +170,9 @@ class SpeculativeDecoder:
             raise CacheCapacityError(
                 f"prompt of {len(prompt_ids)} tokens is longer than the KV cache ({self.target.max_len} rows); "
                 "raise --max-seq-len or shorten the prompt")
-        if config.lookup is not None:  # backends with a fixed verify-step budget (exports) say so
-            check_tree_budget(config.lookup, getattr(self.target, "max_tree_tokens", None))
-        uses_draft = self.draft is not None and config.lookup is None
-        if uses_draft and self.draft.max_len < self.target.max_len + config.tree.draft_rows:
+        # Backends with a fixed verify-step budget (exports) say so.
+        check_tree_budget(config, self.draft is not None, getattr(self.target, "max_tree_tokens", None))
+        if self.draft is not None and self.draft.max_len < self.target.max_len + config.tree.draft_rows:
             raise ConfigError(
                 f"a tree of depth {config.tree.depth} and top-k {config.tree.top_k} needs "
                 f"{self.target.max_len + config.tree.draft_rows} draft KV rows, the draft backend has "
@@ -173,13 +198,18 @@ class SpeculativeDecoder:
                 return new[: i + 1], "eos"
         return new, None
 
-    def _grow(self, root: torch.Tensor, features: torch.Tensor, tokens: torch.Tensor, draft_len: int,
-              config: TreeConfig, room: int) -> trees.DraftTree:
-        """EAGLE-2 tree growth (algorithm.md §4.3): a context pass over the newly committed pairs, then
-        `depth - 1` levels that each expand the `top_k` best nodes by cumulative draft log-probability."""
+    def _grow(self, root: torch.Tensor, pending: list[tuple[torch.Tensor, torch.Tensor]], draft_len: int,
+              config: TreeConfig, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EAGLE-2 tree growth (algorithm.md §4.3): a context pass over the committed pairs the draft has not seen,
+        then `depth - 1` levels that each expand the `top_k` best nodes by cumulative draft log-probability.
+
+        Returns the candidate pool (`tree.pool_candidates`' inputs): tokens [N], cumulative log-probs [N] and
+        parent pool indices [N] (-1 under the root), in generation order.
+        """
         draft, device = self.draft, self.target.device
-        budget = min(config.tokens, room)  # the verify step must fit the target's KV buffers
-        depth = min(config.depth, budget - 1)
+        depth = min(config.depth, budget - 1)  # budget: the verify step's nodes, which fit the target's KV rows
+        features = pending[0][0] if len(pending) == 1 else torch.cat([f for f, _ in pending], dim=1)  # [1, n, H]
+        tokens = pending[0][1] if len(pending) == 1 else torch.cat([t for _, t in pending])  # [n]
         top_k = min(config.top_k, self.target.vocab_size)
         n = tokens.numel()
         # Context pass: pairs (f_t, x_{t+1}) at positions t; the draft's KV keeps only verified context.
@@ -210,16 +240,16 @@ class SpeculativeDecoder:
             beam_features = out.hidden[:, parent]  # [1, K, H]
             level_mask = torch.cat([level_mask[parent], torch.eye(top_k, dtype=torch.bool, device=device)], dim=1)
             pool_size += top_k * top_k
-        return trees.build_tree(root.view(1), torch.cat(pool_tokens), torch.cat(pool_scores),
-                                torch.cat(pool_parents), budget)
+        return torch.cat(pool_tokens), torch.cat(pool_scores), torch.cat(pool_parents)
 
     @staticmethod
-    def _record(result: GenerationResult, acceptance: sampling.Acceptance, drafted: int) -> None:
+    def _record(result: GenerationResult, acceptance: sampling.Acceptance, drafted: int, draft_ran: bool) -> None:
         """Accept length, draft tokens, and per-depth acceptance conditioned on reaching that depth (EAGLE's
         n-alpha)."""
         accepted = acceptance.accepted
         result.accept_lengths.append(accepted)
         result.draft_lengths.append(drafted)
+        result.draft_rounds += draft_ran
         # Depth accepted + 1 was tried only if the last accepted node has children.
         reached = accepted + (0 if acceptance.leaf else 1)
         while len(result.depth_attempts) < reached:

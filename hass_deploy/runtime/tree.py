@@ -13,6 +13,8 @@ the inputs' device.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +145,129 @@ def select_beam(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """A drafter's proposals under the pending root, on the host: node 0 is the root, node i > 0 continues node
+    parents[i] (< i) with tokens[i], and scores[i] is the drafter's log-probability that the whole path root..i is
+    right (0 at the root; never larger than the parent's, -inf allowed). Sibling tokens are distinct."""
+
+    tokens: list[int]
+    parents: list[int]
+    scores: list[float]
+
+    @property
+    def expected_accepted(self) -> float:
+        """Draft tokens a greedy verifier is expected to accept if the scores were calibrated: a node is accepted
+        exactly when its whole path is, so the expectation is the sum of the nodes' path probabilities."""
+        return sum(math.exp(score) for score in self.scores[1:])
+
+
+@dataclass(frozen=True)
+class MergedTree:
+    """Candidates of several drafters as one trie (`merge_candidates`), on the host.
+
+    Attributes:
+        tokens, parents: the tree (node 0 the root, parents before children).
+        sources: per node, a bit mask of the drafters that proposed it (bit s for the s-th source; 0 at the root).
+        source_scores: per source, per node, that source's own score of the node (-inf where it did not propose it).
+    """
+
+    tokens: list[int]
+    parents: list[int]
+    sources: list[int]
+    source_scores: list[list[float]]
+
+
+def pool_candidates(root_token: torch.Tensor, pool_tokens: torch.Tensor, pool_scores: torch.Tensor,
+                    pool_parents: torch.Tensor) -> Candidates:
+    """The draft head's expansion pool as host Candidates (one host read for the whole pool).
+
+    Args:
+        root_token: 0-d or [1] int64, the pending root token.
+        pool_tokens: [N] int64 candidate token ids, in generation order.
+        pool_scores: [N] float cumulative draft log-prob of each candidate's path.
+        pool_parents: [N] int64 pool index of each candidate's parent, -1 for children of the root; each is
+            below the candidate's own index.
+
+    A child's cumulative score is <= its parent's for genuine log-probs; scores are clamped to the minimum along
+    their path anyway, so that rounding can never rank a child above its parent (which would break the
+    ancestor closure of a reranked prefix).
+
+    Raises:
+        ValueError: if a parent comes after its child in the pool.
+    """
+    count = pool_tokens.shape[0]
+    # Token ids < 2^53 are exact in float64, and -inf scores survive.
+    host = torch.cat([root_token.reshape(1).to(torch.float64), pool_tokens.to(torch.float64),
+                      pool_scores.to(torch.float64), pool_parents.to(torch.float64)]).tolist()
+    parents = [int(parent) for parent in host[1 + 2 * count:]]
+    if any(parent >= index for index, parent in enumerate(parents)):
+        raise ValueError("every pool entry's parent must come before it in the pool")
+    scores = [0.0]
+    for score, parent in zip(host[1 + count:1 + 2 * count], parents):
+        scores.append(min(score, scores[parent + 1]))
+    return Candidates(tokens=[int(host[0])] + [int(token) for token in host[1:1 + count]],
+                      parents=[-1] + [parent + 1 for parent in parents], scores=scores)
+
+
+def merge_candidates(sources: Sequence[Candidates], offsets: Sequence[float], num_nodes: int) -> MergedTree:
+    """EAGLE-2's rerank (algorithm.md §4.3 steps 4–6) over the union of several drafters' candidates.
+
+    The candidates are merged into one trie under the common root: a path proposed by several sources is one
+    node, so shared prefixes are counted once and siblings stay distinct. A node's ranking score is the best of
+    its sources' scores plus that source's offset (a log calibration weight: how far this source's scores are
+    from its realised acceptance), clamped to its parent's so that every prefix of the ranking is closed under
+    ancestors (ties go to the earlier node, and parents are numbered before children). The best `num_nodes - 1`
+    nodes are kept, in node order: source order, then each source's own order (for the draft head, generation
+    order, i.e. draft-score order among siblings).
+
+    Args:
+        sources: each drafter's candidates, all under the same root token.
+        offsets: one log weight per source, added to its scores before ranking.
+        num_nodes: tree size T counting the root (>= 1).
+
+    Raises:
+        ValueError: if num_nodes < 1, the roots differ, or a source has a duplicate sibling.
+    """
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes counts the root and must be >= 1, got {num_nodes}")
+    if not sources or len(offsets) != len(sources) or any(c.tokens[0] != sources[0].tokens[0] for c in sources):
+        raise ValueError("merge needs one offset per source and candidates under one root token")
+    tokens, parents, masks, ranks = [sources[0].tokens[0]], [-1], [0], [0.0]
+    own = [[-math.inf] for _ in sources]  # [source][node] the source's own score
+    children: list[dict[int, int]] = [{}]  # per node: child token -> node
+    for s, (found, offset) in enumerate(zip(sources, offsets)):
+        node_of = [0]  # the source's node -> merged node
+        for token, parent, score in zip(found.tokens[1:], found.parents[1:], found.scores[1:]):
+            parent = node_of[parent]
+            node = children[parent].get(token)
+            if node is None:
+                node = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+                masks.append(0)
+                ranks.append(-math.inf)
+                children.append({})
+                children[parent][token] = node
+                for scores in own:
+                    scores.append(-math.inf)
+            elif masks[node] >> s & 1:
+                raise ValueError("a source proposed the same token twice under one node: siblings must be distinct")
+            masks[node] |= 1 << s
+            own[s][node] = score
+            ranks[node] = max(ranks[node], score + offset)
+            node_of.append(node)
+    for node in range(1, len(tokens)):  # parents come first, so each parent is already clamped
+        ranks[node] = min(ranks[node], ranks[parents[node]])
+    ranking = sorted(range(1, len(tokens)), key=lambda node: (-ranks[node], node))
+    kept = [0] + sorted(ranking[:num_nodes - 1])
+    new_id = {node: index for index, node in enumerate(kept)}
+    return MergedTree(tokens=[tokens[node] for node in kept],
+                      parents=[-1] + [new_id[parents[node]] for node in kept[1:]],
+                      sources=[masks[node] for node in kept],
+                      source_scores=[[scores[node] for node in kept] for scores in own])
+
+
 def build_tree(
     root_token: torch.Tensor,
     pool_tokens: torch.Tensor,
@@ -150,44 +275,24 @@ def build_tree(
     pool_parents: torch.Tensor,
     num_nodes: int,
 ) -> DraftTree:
-    """EAGLE-2 rerank (algorithm.md §4.3 steps 4–6): keep the best pool candidates as an ancestor-closed tree.
+    """EAGLE-2 rerank of the draft head's pool alone: keep the best candidates as an ancestor-closed tree.
 
-    The pool holds every scored candidate of the draft's expansion, in generation order. A child's cumulative
-    score is <= its parent's and the parent has the lower pool index, so in a stable descending sort (ties by
-    lower index) every parent ranks before its child and any prefix of the ranking is closed under ancestors,
-    even with exact ties and -inf scores. Scores are first clamped to the minimum along their path, which is a
-    no-op for genuine cumulative log-probs and keeps the closure if rounding ever broke the monotonicity.
+    A child's cumulative score is <= its parent's and the parent has the lower pool index, so in a stable
+    descending sort (ties by lower index) every parent ranks before its child and any prefix of the ranking is
+    closed under ancestors, even with exact ties and -inf scores (`pool_candidates`, `merge_candidates`).
 
     Args:
-        root_token: 0-d or [1] int64, the pending root token.
-        pool_tokens: [N] int64 candidate token ids.
-        pool_scores: [N] float cumulative draft log-prob of each candidate's path.
-        pool_parents: [N] int64 pool index of each candidate's parent, -1 for children of the root; each is
-            below the candidate's own index.
+        root_token, pool_tokens, pool_scores, pool_parents: as in `pool_candidates`.
         num_nodes: tree size T counting the root; if T - 1 > N, all N candidates are kept.
 
     Returns:
         The DraftTree with min(T, N + 1) nodes, the kept candidates in ascending pool order (so parents precede
-        children and siblings keep their generation, i.e. draft-score, order).
+        children and siblings keep their generation, i.e. draft-score, order), on the pool's device.
 
     Raises:
-        ValueError: if num_nodes < 1.
+        ValueError: if num_nodes < 1 or a parent comes after its child.
     """
     if num_nodes < 1:
         raise ValueError(f"num_nodes counts the root and must be >= 1, got {num_nodes}")
-    count = pool_tokens.shape[0]
-    # One host sync for the whole pool (token ids < 2^53 are exact in float64, and -inf scores survive).
-    host = torch.cat([root_token.reshape(1).to(torch.float64), pool_tokens.to(torch.float64),
-                      pool_scores.to(torch.float64), pool_parents.to(torch.float64)]).tolist()
-    root, tokens, scores = int(host[0]), host[1:1 + count], host[1 + count:1 + 2 * count]
-    parents = [int(parent) for parent in host[1 + 2 * count:]]
-    if any(parent >= index for index, parent in enumerate(parents)):
-        raise ValueError("every pool entry's parent must come before it in the pool")
-    path_scores = []  # each score clamped to the minimum along its path; parents come first
-    for score, parent in zip(scores, parents):
-        path_scores.append(score if parent < 0 else min(score, path_scores[parent]))
-    ranking = sorted(range(count), key=lambda index: (-path_scores[index], index))  # best first, ties by index
-    kept = sorted(ranking[:num_nodes - 1])  # pool order: parents before children
-    node_of = {pool_index: node for node, pool_index in enumerate(kept, start=1)}
-    node_parents = [-1] + [0 if parents[index] < 0 else node_of[parents[index]] for index in kept]
-    return tree_from_lists([root] + [int(tokens[index]) for index in kept], node_parents, pool_tokens.device)
+    merged = merge_candidates([pool_candidates(root_token, pool_tokens, pool_scores, pool_parents)], [0.0], num_nodes)
+    return tree_from_lists(merged.tokens, merged.parents, pool_tokens.device)

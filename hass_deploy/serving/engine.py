@@ -32,11 +32,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hass_deploy.config import GenerationConfig, LookupConfig, RuntimeConfig, SamplingConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig, RuntimeConfig, SamplingConfig, TreeConfig
 from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
-from hass_deploy.runtime.lookup import check_tree_budget
+from hass_deploy.runtime.lookup import NgramCache, check_tree_budget
 from hass_deploy.serving.scheduler import QueueFullError, Scheduler
 from hass_deploy.serving.text import TextStream
 
@@ -48,7 +48,8 @@ __all__ = ["Completion", "Delta", "Engine", "EngineConfig", "EngineClosedError",
 
 log = logging.getLogger(__name__)
 
-SPECULATION = ("draft", "lookup", "off")
+SPECULATION = ("draft", "lookup", "hybrid", "off")
+NEEDS_DRAFT = ("draft", "hybrid")  # speculation modes that run the draft head
 
 
 class RequestError(HassDeployError):
@@ -67,10 +68,11 @@ class EngineClosedError(HassDeployError):
 class EngineConfig:
     parallel: int = 1  # decoder slots: requests decoded concurrently, each with KV buffers of its own
     max_queue: int = 64  # requests waiting for a slot beyond which submit() fails fast (QueueFullError)
-    speculation: str = "draft"  # per-request default: draft (when one is loaded), lookup, or off
+    speculation: str = "draft"  # per-request default: draft or hybrid (when a draft is loaded), lookup, or off
     request_timeout: float | None = None  # seconds from arrival; None = no limit unless the request sets one
     tree: TreeConfig = field(default_factory=TreeConfig)
     lookup: LookupConfig = field(default_factory=LookupConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
 
     def __post_init__(self) -> None:
         if self.parallel < 1:
@@ -95,7 +97,7 @@ class RequestOptions:
     stop: tuple[str, ...] = ()  # stop strings: not returned, generation ends at the first
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens (returned, like EOS)
     ignore_eos: bool = False
-    speculation: str | None = None  # draft, lookup or off; None = the engine's default
+    speculation: str | None = None  # draft, lookup, hybrid or off; None = the engine's default
     timeout: float | None = None  # seconds from arrival; None = the engine's default
 
     def __post_init__(self) -> None:
@@ -262,11 +264,12 @@ class Engine:
     """N decoder slots, a queue, one worker thread. Build with `Engine.load` or from backends you opened."""
 
     def __init__(self, target, draft, tokenizer, eos_token_ids: Sequence[int], config: EngineConfig = EngineConfig(),
-                 metrics: EngineMetrics | None = None):
-        """`target`/`draft`: step backends (the first slot); the other slots are their forks."""
-        if config.speculation == "draft" and draft is None:  # the default falls back; a request asking for it fails
+                 metrics: EngineMetrics | None = None, corpus: NgramCache | None = None):
+        """`target`/`draft`: step backends (the first slot); the other slots are their forks. `corpus`: prompt
+        lookup's static n-gram statistics, read by every request (never written)."""
+        if config.speculation in NEEDS_DRAFT and draft is None:  # the default falls back; a request asking fails
             config = replace(config, speculation="off")
-        self.config, self.tokenizer, self.metrics = config, tokenizer, metrics
+        self.config, self.tokenizer, self.metrics, self.corpus = config, tokenizer, metrics, corpus
         self.max_tree_tokens = getattr(target, "max_tree_tokens", None)  # exports fix the verify-step budget
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_len, self.vocab_size = target.max_len, target.vocab_size
@@ -284,18 +287,20 @@ class Engine:
     @classmethod
     def load(cls, target_dir: str | Path, draft_dir: str | Path | None = None, config: EngineConfig = EngineConfig(),
              runtime: RuntimeConfig | None = None, artifacts: str | Path | None = None,
-             metrics: EngineMetrics | None = None) -> "Engine":
+             metrics: EngineMetrics | None = None, lookup_corpus: str | Path | None = None) -> "Engine":
         """Load the models once (through `Pipeline.load`: the same checks as `generate`) and fork the slots.
-        `runtime` None: ONNX Runtime when `artifacts` is given, else torch on the CPU in fp32."""
+        `runtime` None: ONNX Runtime when `artifacts` is given, else torch on the CPU in fp32. `lookup_corpus`:
+        token ids of prompt lookup's static corpus (`NgramCache.from_file`), counted with `config.lookup`."""
         from hass_deploy.generation import Pipeline
         from hass_deploy.runtime.backends import choose_backend
 
         runtime = runtime or RuntimeConfig(backend=choose_backend("auto", artifacts))
 
+        corpus = None if lookup_corpus is None else NgramCache.from_file(lookup_corpus, config.lookup)
         # Lookup's budget is checked per request (`_generation`): the server may run fine without it.
-        pipe = Pipeline.load(target_dir, draft_dir, runtime, GenerationConfig(tree=config.tree), artifacts)
+        pipe = Pipeline.load(target_dir, draft_dir, runtime, GenerationConfig(tree=config.tree), artifacts, corpus)
         return cls(pipe.decoder.target, pipe.decoder.draft, pipe.target.tokenizer, pipe.target.eos_token_ids, config,
-                   metrics)
+                   metrics, corpus)
 
     # -- the caller's side ------------------------------------------------------------------------------------
 
@@ -364,19 +369,19 @@ class Engine:
             raise RequestError(f"this server's context is {self.max_len} tokens: the prompt has {len(ids)}, so "
                                f"max_tokens can be at most {room}, got {max_tokens}", "max_tokens")
         speculation = options.speculation or self.config.speculation
-        if speculation == "draft" and not self.has_draft:
-            raise RequestError("speculation 'draft' needs a draft model; this server has none (use lookup or off)",
-                               "speculation")
-        if speculation == "lookup":
-            try:
-                check_tree_budget(self.config.lookup, self.max_tree_tokens)
-            except ConfigError as err:
-                raise RequestError(str(err), "speculation") from None
+        if speculation in NEEDS_DRAFT and not self.has_draft:
+            raise RequestError(f"speculation {speculation!r} needs a draft model; this server has none (use lookup "
+                               "or off)", "speculation")
         eos = () if options.ignore_eos else self.eos_token_ids
         seed = options.seed if options.seed is not None else secrets.randbits(63)
         config = GenerationConfig(max_new_tokens=max_tokens, sampling=options.sampling, tree=self.config.tree,
-                                  lookup=self.config.lookup if speculation == "lookup" else None, seed=seed,
+                                  lookup=self.config.lookup if speculation in ("lookup", "hybrid") else None,
+                                  hybrid=self.config.hybrid, seed=seed,
                                   eos_token_ids=tuple(dict.fromkeys((*eos, *options.stop_token_ids))))
+        try:
+            check_tree_budget(config, speculation == "hybrid", self.max_tree_tokens)
+        except ConfigError as err:
+            raise RequestError(str(err), "speculation") from None
         return config, speculation
 
     def _cancel(self, handle: Handle) -> None:
@@ -441,8 +446,8 @@ class Engine:
     def _admit(self, index: int, request: _Request) -> None:
         slot = self.scheduler.slots[index]
         request.admitted = time.perf_counter()
-        draft = slot.draft if request.speculation == "draft" else None
-        request.stream = SpeculativeDecoder(slot.target, draft).stream(request.handle.prompt_ids, request.config,
+        draft = slot.draft if request.speculation in NEEDS_DRAFT else None
+        request.stream = SpeculativeDecoder(slot.target, draft, self.corpus).stream(request.handle.prompt_ids, request.config,
                                                                          request.result)
         if self.metrics is not None:
             self.metrics.admitted(len(request.handle.prompt_ids), request.admitted - request.arrival)

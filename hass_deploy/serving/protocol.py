@@ -42,7 +42,7 @@ class _Common(_Strict):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     return_token_ids: bool = False
-    speculation: Literal["draft", "lookup", "off"] | None = None
+    speculation: Literal["draft", "lookup", "hybrid", "off"] | None = None
     timeout: float | None = Field(None, gt=0)
     # OpenAI fields not implemented: accepted only at their neutral values (checked in `options`).
     presence_penalty: float | None = None

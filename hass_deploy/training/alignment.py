@@ -3,51 +3,24 @@
 At decoding depth j the draft has seen true target features up to position t-j and then its own j
 predictions. HASS trains step s so that query t sees exactly that: true features f_0..f_{t-s} (set 0), then
 the step-k estimate at column t-s+k for k = 1..s (set k, the draft's own step-(k-1) outputs shifted right by
-one, detached). Tokens are always teacher-forced. Unlike the reference, masked entries are -inf (not a zero
-logit that still takes softmax mass) and padded keys are masked, so what a position sees does not depend on
-the batch's padded length.
+one, detached). Tokens are always teacher-forced. Unlike the reference, a key that is not seen takes no softmax
+mass (not a zero logit that still takes some), and a real position never sees padding, so what it sees does
+not depend on the batch's padded length.
 
-Keys of all sets are laid side by side: column k*N + j holds set k at position j (RoPE position j).
-"""
+All steps run in one forward (`HarmonizedDraft`): set k's fc output and K/V are computed once, by step k, and
+read by every later step (the reference recomputes every earlier set at every step). Query t of step s sees a
+causal prefix of set 0 but exactly one position of each later set, so those sets are not laid out as N key
+columns each, almost all masked: `aligned_attention` gives each its one score per query as an extra column of a
+single causal attention."""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hass_deploy.models.draft import DraftHead
-
-
-@lru_cache(maxsize=64)
-def _alignment_pattern(seq_len: int, step: int, device: torch.device) -> torch.Tensor:
-    """[N, (step+1)*N] bool: which (set, position) keys query t sees at HASS step `step` (§3.3)."""
-    t = torch.arange(seq_len, device=device)[:, None]
-    j = torch.arange(seq_len, device=device)[None, :]
-    blocks = [j <= t - step] + [j == t - step + k for k in range(1, step + 1)]
-    return torch.cat(blocks, dim=1)
-
-
-def alignment_mask(valid: torch.Tensor, step: int) -> torch.Tensor:
-    """The attention mask of HASS step `step` for a right-padded batch.
-
-    Args:
-        valid: [B, N] bool, True at real (non-padding) positions.
-        step: s, with s + 1 feature sets.
-
-    Returns:
-        [B, 1, N, (s+1)*N] bool, True = attend.
-    """
-    batch, seq_len = valid.shape
-    pattern = _alignment_pattern(seq_len, step, valid.device)  # [N, (s+1)N]
-    keys_valid = valid.repeat(1, step + 1)  # [B, (s+1)N]
-    mask = pattern[None] & keys_valid[:, None, :]
-    # A padded query may see no valid key at all; let every query see its own newest-set column so the softmax
-    # stays finite. Real queries already see it (the newest set at column t is always in their pattern).
-    own = torch.zeros(seq_len, (step + 1) * seq_len, dtype=torch.bool, device=valid.device)
-    own[torch.arange(seq_len), step * seq_len + torch.arange(seq_len)] = True
-    return (mask | own)[:, None]
+from hass_deploy.models.target import Attention
 
 
 def shift_predictions(previous_set: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
@@ -58,36 +31,94 @@ def shift_predictions(previous_set: torch.Tensor, predicted: torch.Tensor) -> to
     return torch.cat([previous_set[:, :1], predicted[:, :-1]], dim=1).detach()
 
 
-class HarmonizedDraft(nn.Module):
-    """One HASS step of a draft head: queries from the newest feature set, keys/values from all of them.
+def _delay(rows: torch.Tensor, shift: int) -> torch.Tensor:
+    """[B, nKV, N, D] -> the same with row t holding row t - shift (zeros before the start, which no query sees)."""
+    return F.pad(rows, (0, 0, shift, 0))[:, :, : rows.shape[2]]
 
-    A module (not a function) so that DistributedDataParallel can wrap it.
+
+def aligned_attention(attention: Attention, q: torch.Tensor, keys: list[torch.Tensor],
+                      values: list[torch.Tensor]) -> torch.Tensor:
+    """Step s's attention: queries of set s over set 0 and one position of each set 1..s, under one softmax.
+
+    The keys are laid out so that a plain causal mask is the alignment pattern (§3.3): key i < s is set s - i at
+    position t - i (a different row for every query t), key s + j is set 0 at position j. Query t sees exactly
+    the keys i <= t: sets s, s-1, ... at t, t-1, ... down to position 0, then set 0 at j <= t - s. A right-padded
+    row's real queries never reach a padded position, so no mask tensor is needed at all.
+
+    A per-query key fits no shared key column, so each is carried by an extra coordinate: the query gets its
+    score q_t . k there, the key column is the unit vector on that coordinate (its score is then exactly that
+    q . k) and so is the value column, which makes the output there the column's attention weight; that weight
+    then scales the per-query value. One fused causal attention over s + N columns instead of a dense mask over
+    (s + 1) N, with the same O(N) memory.
+
+    Args:
+        attention: the layer's attention (its head counts and o_proj).
+        q: [B, nH, N, D] queries of the newest set s, RoPE applied.
+        keys, values: s + 1 tensors [B, nKV, N, D], sets 0..s (RoPE at their own position j).
+
+    Returns:
+        [B, N, H], o_proj applied.
+    """
+    step = len(keys) - 1
+    batch, heads, seq_len, dim = q.shape
+    if step == 0:
+        out = F.scaled_dot_product_attention(q, keys[0], values[0], is_causal=True, enable_gqa=True)
+        return attention.o_proj(out.transpose(1, 2).reshape(batch, seq_len, heads * dim))
+    kv_heads = keys[0].shape[1]
+    groups = heads // kv_heads  # query head h reads KV head h // groups
+    later_keys = torch.stack([_delay(keys[step - i], i) for i in range(step)], dim=2)  # [B, nKV, s, N, D]
+    later_values = torch.stack([_delay(values[step - i], i) for i in range(step)], dim=2)
+    by_group = q.view(batch, kv_heads, groups, seq_len, dim)
+    later_scores = torch.einsum("bkgnd,bkind->bkgni", by_group, later_keys)  # [B, nKV, G, N, s], unscaled q . k
+    # Extra coordinates padded to a multiple of 8, the head sizes fused attention kernels take.
+    extra = -(-step // 8) * 8
+    columns = F.pad(torch.eye(step, extra, dtype=q.dtype, device=q.device), (dim, 0))  # [s, D + E]: key i is e_i
+    columns = columns.expand(batch, kv_heads, step, dim + extra)
+    q_wide = torch.cat([q, F.pad(later_scores.reshape(batch, heads, seq_len, step).to(q.dtype), (0, extra - step))],
+                       dim=-1)  # [B, nH, N, D + E]
+    out = F.scaled_dot_product_attention(
+        q_wide, torch.cat([columns, F.pad(keys[0], (0, extra))], dim=2),
+        torch.cat([columns, F.pad(values[0], (0, extra))], dim=2), is_causal=True, enable_gqa=True,
+        scale=dim ** -0.5)  # [B, nH, N, D + E]
+    weights = out[..., dim : dim + step].reshape(batch, kv_heads, groups, seq_len, step)  # the extra keys' weights
+    mixed = out[..., :dim] + torch.einsum("bkgni,bkind->bkgnd", weights, later_values).reshape(q.shape)
+    return attention.o_proj(mixed.transpose(1, 2).reshape(batch, seq_len, heads * dim))
+
+
+class HarmonizedDraft(nn.Module):
+    """All HASS steps of a draft head: step s takes queries from set s and keys/values from sets 0..s.
+
+    A module (not a function) so that DistributedDataParallel can wrap it: one forward and one backward per
+    batch, so DDP all-reduces once.
     """
 
     def __init__(self, head: DraftHead):
         super().__init__()
         self.head = head
 
-    def forward(self, feature_sets: list[torch.Tensor], input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, input_ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
         """Args:
-            feature_sets: s + 1 tensors [B, N, H]: the true (noised) features, then the shifted step predictions.
+            features: [B, N, H] the true (noised) features, set 0, right-padded.
             input_ids: [B, N] the teacher-forced next token x_{t+1} at each position.
-            valid: [B, N] bool.
+            steps: aligned steps to run.
 
         Returns:
-            [B, N, H] predicted next features of step s.
+            `steps` tensors [B, N, H]: step s's predicted next features, each with its own graph (step s + 1 reads
+            them detached, as set s + 1).
         """
         head = self.head
         layer = head.layers[0]
         attention = layer.self_attn
         batch, seq_len = input_ids.shape
-        step = len(feature_sets) - 1
         embedded = head.embed_tokens(input_ids)  # [B, N, H], the same token for every set
-        fused = [head.fc(torch.cat([embedded, features.to(embedded.dtype)], dim=-1)) for features in feature_sets]
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
-        rope = head.rotary(positions, fused[-1].dtype)
-        projected = [attention.project(layer.input_layernorm(h), rope) for h in fused]
-        keys = torch.cat([k for _, k, _ in projected], dim=2)  # [B, nKV, (s+1)N, D]
-        values = torch.cat([v for _, _, v in projected], dim=2)
-        hidden = fused[-1] + attention.attend(projected[-1][0], keys, values, alignment_mask(valid, step))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        current, keys, values, outputs = features, [], [], []
+        for s in range(steps):
+            fused = head.fc(torch.cat([embedded, current.to(embedded.dtype)], dim=-1))  # [B, N, H], set s
+            q, k, v = attention.project(layer.input_layernorm(fused), head.rotary(positions, fused.dtype))
+            keys.append(k)
+            values.append(v)
+            hidden = fused + aligned_attention(attention, q, keys, values)
+            outputs.append(hidden + layer.mlp(layer.post_attention_layernorm(hidden)))
+            current = shift_predictions(current, outputs[-1])
+        return outputs

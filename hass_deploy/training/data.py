@@ -1,18 +1,11 @@
-"""Training data for draft heads: the target's hidden states over a dataset, as sharded safetensors plus an index.
+"""Reading draft-training data: the manifest that `hass-deploy data` writes beside its shards, and the trainer's
+lazy reader of them.
 
-    generate_data(target_dir, dataset, out, DataConfig(...)) -> DataManifest      (`hass-deploy data`)
+    DataManifest.read(out) -> which target and settings made the data, and its shards
     HiddenStateDataset(out, "train" | "eval")[i] -> {"input_ids", "loss_mask", "hidden"}
 
-What the reference does (algorithm.md §2): one torch.save file per conversation, fp16 features, loss masks from
-hard-coded tokenizer offsets, four processes over contiguous slices. Here: masks from the chat template
-(`chat.py`), shards of several samples (`shards.py`), right-padded batched target passes under a token budget,
-resumable (a shard is written atomically and a rerun skips it), and sharded over torchrun ranks (rank r makes the
-shards k with k % world == r; rank 0 writes manifest.json after a barrier).
-
-The assignment of records to shards depends only on the dataset and the settings: the usable records are shuffled
-with the seed, truncated to --max-samples, the first `eval` of them form the held-out split, and each split is cut
-into shards of --shard-size records. A shard's bytes depend only on its records, so an interrupted run plus a
-rerun, or a run over several ranks, writes the same files as one uninterrupted process.
+The writing side (`generate_data`, `DataConfig`) is `extract.py`, which imports this module and never the other
+way round; the shard files' own format is `shards.py`.
 """
 
 from __future__ import annotations
@@ -20,67 +13,17 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import math
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hass_deploy.errors import ConfigError, HassDeployError
+from hass_deploy.errors import HassDeployError
 from hass_deploy.training import shards as fmt
-from hass_deploy.training.chat import FORMATS
 
 MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Settings of `hass-deploy data` (each default defined here once; the CLI reads them)."""
-
-    format: str = "sharegpt"  # sharegpt | text | prompts (needs --regenerate) | ids (pre-tokenized)
-    max_samples: int | None = None  # records used after the seeded shuffle; None = all
-    max_length: int = 2048  # tokens per sample, longer ones truncated (the reference's max_len; capped at the
-    # target's max_position_embeddings)
-    regenerate: bool = False  # the target writes the responses (self-distillation)
-    max_new_tokens: int | None = None  # per regenerated turn; None = up to max_length
-    temperature: float = 0.0  # of regenerated responses; 0 = greedy, the target's most likely answer
-    dtype: str = "bf16"  # stored hidden states: half the bytes of fp32, the precision the trainer computes in
-    compute_dtype: str = "fp32"  # the target's weights and activations while extracting (bf16 for large targets)
-    device: str = "cpu"  # "cuda" uses cuda:LOCAL_RANK under torchrun
-    eval_fraction: float = 0.05  # held-out records (the reference's 95/5 split), at least 1 when there are >= 2
-    shard_size: int = 64  # records per shard: ~0.5 GB of bf16 features for a 4096-wide target at 1k tokens
-    seed: int = 0  # the shuffle (record -> split, shard) and regeneration sampling
-    batch_tokens: int = 4096  # padded tokens per target pass (batch size x longest sample)
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.format == "prompts" and not self.regenerate:
-            raise ConfigError("--format prompts needs --regenerate: prompt files hold no responses, "
-                              "so the target has to write them")
-        if self.format in ("text", "ids") and self.regenerate:
-            raise ConfigError(f"--regenerate applies to sharegpt and prompts data, not to --format {self.format}")
-        for name in ("dtype", "compute_dtype"):
-            if getattr(self, name) not in fmt.STORAGE_DTYPES:
-                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(fmt.STORAGE_DTYPES)}, "
-                                  f"got {getattr(self, name)!r}")
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        for name in ("shard_size", "batch_tokens", "max_samples", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-
-    def output_settings(self) -> dict[str, Any]:
-        """The settings the stored bytes depend on (not the batch budget or device), compared on a rerun."""
-        return {k: v for k, v in asdict(self).items() if k not in ("batch_tokens", "device")}
 
 
 @dataclass(frozen=True)
@@ -285,36 +228,9 @@ class HiddenStateDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_handles": {}}
 
 
-def generate_data(target_dir: str | Path, dataset: str | Path, out: str | Path, config: DataConfig = DataConfig(),
-                  force: bool = False, progress: bool = False) -> DataManifest:
-    """Tokenize `dataset`, run the target over it and write its hidden states to `out` (see the module doc).
-
-    Args:
-        force: replace data in `out` made from another target or with other settings (otherwise refused).
-        progress: show a progress bar (rank 0) with tokens/s and ETA on stderr.
-    Returns:
-        The manifest of the finished directory.
-    """
-    from hass_deploy.training.extract import run
-
-    return run(Path(target_dir), Path(dataset), Path(out), config, force, progress)
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def count_split(shards: list[ShardInfo]) -> dict[str, int]:
-    return {"shards": len(shards), "records": sum(s.records for s in shards), "samples": sum(s.samples for s in shards),
-            "tokens": sum(s.tokens for s in shards), "loss_tokens": sum(s.loss_tokens for s in shards)}
-
-
-def merge_skipped(*counts: dict[str, int]) -> dict[str, int]:
-    total: Counter = Counter()
-    for c in counts:
-        total.update(c)
-    return dict(sorted(total.items()))

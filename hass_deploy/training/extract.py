@@ -1,32 +1,105 @@
-"""`generate_data`'s work: plan the shards, run the target over each (regenerating responses if asked), write them,
-over torchrun ranks and resumably. The format lives in `shards.py`, the manifest and reader in `data.py`."""
+"""Training data for draft heads, written: the target's hidden states over a dataset, as sharded safetensors plus
+a manifest (`hass-deploy data`). Reading them back is `data.py`; the shard format is `shards.py`.
+
+    generate_data(target_dir, dataset, out, DataConfig(...)) -> DataManifest
+
+What the reference does (algorithm.md §2): one torch.save file per conversation, fp16 features, loss masks from
+hard-coded tokenizer offsets, four processes over contiguous slices. Here: masks from the chat template
+(`chat.py`), shards of several samples (`shards.py`), right-padded batched target passes under a token budget,
+resumable (a shard is written atomically and a rerun skips it), and sharded over torchrun ranks (rank r makes the
+shards k with k % world == r on the GPU of its local rank; rank 0 writes manifest.json after a barrier;
+`distributed.py`).
+
+The assignment of records to shards depends only on the dataset and the settings: the usable records are shuffled
+with the seed, truncated to --max-samples, the first `eval` of them form the held-out split, and each split is cut
+into shards of --shard-size records. A shard's bytes depend only on its records, so an interrupted run plus a
+rerun, or a run over several ranks, writes the same files as one uninterrupted process.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from hass_deploy.errors import HassDeployError
+from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.models.loading import TargetModel, load_target, target_fingerprint
 from hass_deploy.models.target import causal_tree_mask
 from hass_deploy.training import shards as fmt
-from hass_deploy.training.chat import (Record, Sample, SkipRecord, conversation_samples, has_chat_template, ids_samples,
-                                       read_records, regenerated_samples, text_samples)
-from hass_deploy.training.data import (MANIFEST, DataConfig, DataManifest, ShardInfo, count_split, file_sha256,
-                                       merge_skipped)
+from hass_deploy.training.chat import (FORMATS, Record, Sample, SkipRecord, conversation_samples, has_chat_template,
+                                       ids_samples, read_records, regenerated_samples, text_samples)
+from hass_deploy.training.data import MANIFEST, DataManifest, ShardInfo, file_sha256
+from hass_deploy.training.distributed import Ranks
 
 PROBE_RECORDS = 16  # records tokenized before any target pass, so template problems fail in seconds
 TRUNCATED = "no trained token within --max-length"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Settings of `hass-deploy data` (each default defined here once; the CLI reads them)."""
+
+    format: str = "sharegpt"  # sharegpt | text | prompts (needs --regenerate) | ids (pre-tokenized)
+    max_samples: int | None = None  # records used after the seeded shuffle; None = all
+    max_length: int = 2048  # tokens per sample, longer ones truncated (the reference's max_len; capped at the
+    # target's max_position_embeddings)
+    regenerate: bool = False  # the target writes the responses (self-distillation)
+    max_new_tokens: int | None = None  # per regenerated turn; None = up to max_length
+    temperature: float = 0.0  # of regenerated responses; 0 = greedy, the target's most likely answer
+    dtype: str = "bf16"  # stored hidden states: half the bytes of fp32, the precision the trainer computes in
+    # The target's weights and activations while extracting. auto: bf16 on a GPU (half the memory and time of
+    # fp32; the reference extracts in fp16), fp32 on the CPU (exact, and bf16 matmuls are seldom faster there).
+    compute_dtype: str = "auto"
+    device: str = "cpu"  # "cuda" uses cuda:LOCAL_RANK (the GPU of each torchrun process)
+    eval_fraction: float = 0.05  # held-out records (the reference's 95/5 split), at least 1 when there are >= 2
+    shard_size: int = 64  # records per shard: ~0.5 GB of bf16 features for a 4096-wide target at 1k tokens
+    seed: int = 0  # the shuffle (record -> split, shard) and regeneration sampling
+    batch_tokens: int = 4096  # padded tokens per target pass (batch size x longest sample)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format == "prompts" and not self.regenerate:
+            raise ConfigError("--format prompts needs --regenerate: prompt files hold no responses, "
+                              "so the target has to write them")
+        if self.format in ("text", "ids") and self.regenerate:
+            raise ConfigError(f"--regenerate applies to sharegpt and prompts data, not to --format {self.format}")
+        if self.dtype not in fmt.STORAGE_DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(fmt.STORAGE_DTYPES)}, got {self.dtype!r}")
+        if self.compute_dtype not in ("auto", *fmt.STORAGE_DTYPES):
+            raise ConfigError(f"--compute-dtype must be auto or one of {', '.join(fmt.STORAGE_DTYPES)}, "
+                              f"got {self.compute_dtype!r}")
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("shard_size", "batch_tokens", "max_samples", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+
+    def resolved(self) -> "DataConfig":
+        """These settings with `compute_dtype` auto replaced by what it means on `device`."""
+        if self.compute_dtype != "auto":
+            return self
+        return replace(self, compute_dtype="bf16" if self.device.startswith("cuda") else "fp32")
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings the stored bytes depend on (not the batch budget or device, but the precision the target
+        ran in, resolved), compared on a rerun."""
+        return {k: v for k, v in asdict(self.resolved()).items() if k not in ("batch_tokens", "device")}
 
 
 @dataclass(frozen=True)
@@ -54,61 +127,27 @@ def plan_shards(count: int, config: DataConfig) -> list[ShardPlan]:
     return plans
 
 
-@dataclass
-class Ranks:
-    """torchrun's data-parallel processes (WORLD_SIZE/RANK), or a single process."""
+def generate_data(target_dir: str | Path, dataset: str | Path, out: str | Path, config: DataConfig = DataConfig(),
+                  force: bool = False, progress: bool = False) -> DataManifest:
+    """Tokenize `dataset`, run the target over it and write its hidden states to `out` (see the module doc).
 
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False
-    backend: str = "gloo"
-
-    @classmethod
-    def from_environment(cls, device: str) -> "Ranks":
-        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        if world <= 1:
-            return cls()
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if dist.is_initialized():
-            return cls(rank, world, False, dist.get_backend())
-        dist.init_process_group(backend)
-        return cls(rank, world, True, backend)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def all_ok(self, ok: bool) -> bool:
-        """True when every rank reports ok (a collective: also a barrier, and no rank waits on a failed one)."""
-        if self.world == 1:
-            return ok
-        flag = torch.tensor([int(ok)], device="cuda" if self.backend == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def close(self) -> None:
-        if self.owns_group:
-            dist.destroy_process_group()
+    Args:
+        force: replace data in `out` made from another target or with other settings (otherwise refused).
+        progress: show a progress bar (rank 0) with tokens/s and ETA on stderr.
+    Returns:
+        The manifest of the finished directory.
+    """
+    with Ranks.from_environment(config.device) as ranks:
+        return _generate(Path(target_dir), Path(dataset), Path(out), config.resolved(), force, progress, ranks)
 
 
-def run(target_dir: Path, dataset: Path, out: Path, config: DataConfig, force: bool, progress: bool) -> DataManifest:
-    device = config.device
-    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    ranks = Ranks.from_environment(device)
-    try:
-        return _run(target_dir, dataset, out, config, force, progress, ranks, device)
-    finally:
-        ranks.close()
-
-
-def _run(target_dir: Path, dataset: Path, out: Path, config: DataConfig, force: bool, progress: bool, ranks: Ranks,
-         device: str) -> DataManifest:
+def _generate(target_dir: Path, dataset: Path, out: Path, config: DataConfig, force: bool, progress: bool,
+              ranks: Ranks) -> DataManifest:
     # Every rank does the same checks on the same inputs, so they all fail alike and none waits at a barrier.
     records, skipped = read_records(dataset, config.format, config.regenerate)
     if not records:
         raise _nothing_usable(dataset, skipped)
-    target = load_target(target_dir, config.compute_dtype, device)
+    target = load_target(target_dir, config.compute_dtype, str(ranks.device))
     # Positions past the target's trained range would give features it never produces at inference.
     config = replace(config, max_length=min(config.max_length, target.config.max_position_embeddings))
     _check_tokenizer(target, config)
@@ -452,3 +491,15 @@ class _Progress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def count_split(shards: list[ShardInfo]) -> dict[str, int]:
+    return {"shards": len(shards), "records": sum(s.records for s in shards), "samples": sum(s.samples for s in shards),
+            "tokens": sum(s.tokens for s in shards), "loss_tokens": sum(s.loss_tokens for s in shards)}
+
+
+def merge_skipped(*counts: dict[str, int]) -> dict[str, int]:
+    total: Counter = Counter()
+    for c in counts:
+        total.update(c)
+    return dict(sorted(total.items()))

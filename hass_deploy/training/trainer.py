@@ -10,12 +10,10 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from hass_deploy.config import Phase, TrainConfig
@@ -23,11 +21,20 @@ from hass_deploy.errors import HassDeployError
 from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, load_draft, save_draft, target_identity
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.loading import TargetHead, load_target_head
-from hass_deploy.training.alignment import HarmonizedDraft, shift_predictions
+from hass_deploy.training.alignment import HarmonizedDraft
 from hass_deploy.training.data import HiddenStateDataset, check_data_matches_target
-from hass_deploy.training.losses import feature_regression_loss, masked_sum, soft_cross_entropy, topk_distillation_loss
+from hass_deploy.training.distributed import Ranks
+from hass_deploy.training.losses import feature_regression_loss, masked_sum, vocabulary_losses
 
 STATE_FILE = "training_state.pt"
+# Settings that change how a step is computed but not what it computes (memory only): a run may resume with
+# another value, and checkpoints from before the setting existed resume too.
+MEMORY_ONLY = ("loss_chunk",)
+
+
+def _resumable(settings: dict) -> dict:
+    """The training settings a resumed run must share with the checkpoint."""
+    return {key: value for key, value in settings.items() if key not in MEMORY_ONLY}
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -69,44 +76,14 @@ def collate(samples: list[dict[str, torch.Tensor]], max_length: int) -> Batch:
     return Batch(features, input_ids, targets, loss_mask, valid)
 
 
-def step(model: torch.nn.Module, batch: Batch, steps: int, noise: torch.Tensor | None = None, on_step=None):
-    """Run `steps` aligned forward passes; return each step's predicted features [B, N, H].
+def step(model: torch.nn.Module, batch: Batch, steps: int, noise: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Run `steps` aligned forward passes in one call; return each step's predicted features [B, N, H].
 
-    `on_step(s, out)` is called after pass s (training backpropagates there, so each pass's graph is freed
-    before the next, as in the reference); predictions are fed forward detached either way.
+    One forward for every step (and, in training, one backward over all their losses), so each feature set's
+    fc and K/V projections are computed once (`alignment.py`) and a DDP model all-reduces once per batch.
     """
     first = batch.features if noise is None else batch.features + noise
-    sets, outputs = [first], []
-    for s in range(steps):
-        out = model(sets, batch.input_ids, batch.valid)
-        if on_step is not None:
-            on_step(s, out)
-        outputs.append(out.detach())
-        sets.append(shift_predictions(sets[-1], out))
-    return outputs
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_environment(cls) -> "Distributed":
-        """torchrun sets WORLD_SIZE/RANK; gloo on CPU, NCCL on GPU."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(rank=int(os.environ.get("RANK", "0")), world=world)
-
-    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(value)
-        return value
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+    return model(first, batch.input_ids, steps)
 
 
 @dataclass
@@ -117,6 +94,11 @@ class TrainState:
 
 
 def _autocast(config: TrainConfig, device: torch.device):
+    """bf16 autocast over the draft's forward passes and losses (`--precision bf16`, on the GPU and the CPU).
+
+    The weights, their gradients and the optimizer state stay fp32 (master weights: the head is made fp32 before
+    training and autocast only casts each op's inputs); log q is made fp32 explicitly (`losses.draft_log_probs`).
+    """
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 
@@ -151,39 +133,37 @@ def _batches(count: int, config: TrainConfig, epoch_seed: int, world: int) -> li
 
 def train_losses(model, lm_head: torch.Tensor, batch: Batch, config: TrainConfig, phase: Phase,
                  noise: torch.Tensor | None, denominator: float, world: int, device: torch.device) -> dict[str, float]:
-    """Forward and backward of one batch; returns the logged per-step losses (normalised by the global count)."""
-    with torch.no_grad():
-        target_probs = torch.softmax(batch.targets @ lm_head.T, dim=-1)  # [B, N, V] p, from clean features
+    """Forward and backward of one batch; returns the logged per-step losses (normalised by the global count).
+
+    Every step's graph is kept until one backward over the step-weighted sum of their losses: the gradient of the
+    sum is the reference's sum of per-step backwards, while each feature set's projections stay one graph node
+    that all later steps read. The price is S steps' activations at once; none of them is vocabulary-sized.
+    """
+    step_weights = [config.step_weight(s) for s in range(config.steps)]
     topk_weight = config.topk_weight(phase)
-    logged: dict[str, float] = {}
-
-    def backward(s: int, out: torch.Tensor) -> None:
-        draft_logprobs = torch.log_softmax((out.float() @ lm_head.T), dim=-1)  # [B, N, V] log q
-        regression = masked_sum(feature_regression_loss(out, batch.targets), batch.loss_mask)
-        cross_entropy = masked_sum(soft_cross_entropy(draft_logprobs, target_probs), batch.loss_mask)
-        total = config.feature_weight * regression + config.ce_weight * cross_entropy
-        if topk_weight:
-            total = total + topk_weight * masked_sum(
-                topk_distillation_loss(draft_logprobs, target_probs, config.topk), batch.loss_mask)
-        # DDP averages gradients over ranks; scaling by world / global count makes that the global mean.
-        (config.step_weight(s) * total * world / denominator).backward()
-        logged[f"loss_{s}"] = float(total.detach()) / denominator
-        logged[f"top1_{s}"] = float(masked_sum((draft_logprobs.argmax(-1) == target_probs.argmax(-1)).float(),
-                                               batch.loss_mask)) / denominator
-
-    if isinstance(model, DistributedDataParallel):
-        # Gradients are reduced once, on the last pass: earlier passes accumulate locally.
-        def on_step(s, out):
-            if s < config.steps - 1:
-                with model.no_sync():
-                    backward(s, out)
-            else:
-                backward(s, out)
-    else:
-        on_step = backward
     with _autocast(config, device):
-        step(model, batch, config.steps, noise, on_step)
+        outputs = step(model, batch, config.steps, noise)
+        regression = torch.stack([masked_sum(feature_regression_loss(out, batch.targets), batch.loss_mask)
+                                  for out in outputs])  # [S]
+        vocabulary = vocabulary_losses(outputs, batch.targets, lm_head, batch.loss_mask,
+                                       [w * config.ce_weight for w in step_weights],
+                                       [w * topk_weight for w in step_weights], config.topk, config.loss_chunk)
+    total = config.feature_weight * (regression * regression.new_tensor(step_weights)).sum() + vocabulary.weighted
+    # DDP averages gradients over ranks; scaling by world / global count makes that the global mean.
+    (total * world / denominator).backward()
+    losses = (config.feature_weight * regression.detach().double() + config.ce_weight * vocabulary.cross_entropy
+              + topk_weight * vocabulary.topk) / denominator  # [S], each step unweighted
+    logged: dict[str, float] = {}
+    for s in range(config.steps):
+        logged[f"loss_{s}"] = float(losses[s])
+        logged[f"top1_{s}"] = float(vocabulary.top1[s]) / denominator
     return logged
+
+
+def _greedy_tokens(features: torch.Tensor, lm_head: torch.Tensor, chunk: int) -> torch.Tensor:
+    """argmax of lm_head(features), `chunk` positions at a time: [B, N, H] -> [B, N], never a [B, N, V]."""
+    rows = features.flatten(0, 1)
+    return torch.cat([(part @ lm_head.T).argmax(-1) for part in rows.split(chunk)]).view(features.shape[:-1])
 
 
 @torch.no_grad()
@@ -203,11 +183,11 @@ def evaluate(head: DraftHead, lm_head: torch.Tensor, dataset: HiddenStateDataset
         batch = collate([dataset[i] for i in range(start, min(start + config.batch_size, len(dataset)))],
                         config.max_length).to(lm_head.device)
         outputs = step(model, batch, depth)
-        target_tokens = (batch.features @ lm_head.T).argmax(-1)  # [B, N] y_t: the target's greedy next token
+        target_tokens = _greedy_tokens(batch.features, lm_head, config.loss_chunk)  # [B, N] y_t, the target's
         seq = batch.valid.shape[1]
         chain = batch.loss_mask[:, : seq].bool()  # anchor a needs the first predicted token to be trained
         for i, out in enumerate(outputs):
-            predicted = (out @ lm_head.T).argmax(-1)  # [B, N] token after position t + 1
+            predicted = _greedy_tokens(out, lm_head, config.loss_chunk)  # [B, N] token after position t + 1
             # Depth i from anchor a uses out_i[a + i] and the target's y[a + i + 1].
             correct = torch.zeros_like(chain)
             if seq - 1 - i > 0:
@@ -241,11 +221,18 @@ def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config:
           resume: bool = False, force: bool = False, progress: bool = True, device: str = "cpu") -> dict:
     """Train a draft head for `target_dir` on hidden states in `data_dir`; `out` becomes a loadable draft.
 
+    Under torchrun the process group is set up here (gloo, or NCCL for "cuda", which means cuda:LOCAL_RANK) and
+    torn down after; one that the caller initialised is used and left as it is (`distributed.py`).
+
     Returns the last epoch's evaluation metrics.
     """
-    out = Path(out)
-    env = Distributed.from_environment()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device)
+    with Ranks.from_environment(device) as env:
+        return _train(Path(target_dir), Path(data_dir), Path(out), config, resume, force, progress, env)
+
+
+def _train(target_dir: Path, data_dir: Path, out: Path, config: TrainConfig, resume: bool, force: bool, progress: bool,
+           env: Ranks) -> dict:
+    device = env.device
     target = load_target_head(target_dir)
     train_set, eval_set = HiddenStateDataset(data_dir, "train"), HiddenStateDataset(data_dir, "eval")
     check_data_matches_target(train_set.manifest, target)
@@ -258,7 +245,7 @@ def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config:
     if resume and (out / STATE_FILE).exists():
         head, _ = load_draft(out, target, dtype=torch.float32)
         saved_state = torch.load(out / STATE_FILE, weights_only=True)
-        if json.loads(saved_state["config"]) != json.loads(json.dumps(asdict(config))):
+        if _resumable(json.loads(saved_state["config"])) != _resumable(json.loads(json.dumps(asdict(config)))):
             raise HassDeployError(f"{out} was trained with different settings; resume with the same options")
         state = TrainState(**saved_state["state"])
         metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
@@ -293,7 +280,7 @@ def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config:
                     batch = collate([train_set[i] for i in local], config.max_length)
                     noise = _noise(batch, local, config, epoch_seed).to(device) if config.feature_noise else None
                     batch = batch.to(device)
-                    count = env.all_sum(batch.loss_mask.sum().double())  # NCCL needs it on the device
+                    count = env.all_sum(batch.loss_mask.sum().double())
                     if float(count) == 0:
                         continue
                     logged.append(train_losses(model, lm_head, batch, config, phase, noise, float(count), env.world,
@@ -320,8 +307,6 @@ def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config:
             env.barrier()
         state = TrainState(phase_index + 1, 0, state.global_step)
         saved_state = None
-    if env.world > 1:
-        dist.destroy_process_group()
     return metrics[-1] if metrics else {}
 
 

@@ -1,12 +1,14 @@
 """`hass-deploy bench`: a run through the CLI, a failed lossless check exiting 1, and one-line usage errors."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 from typer.testing import CliRunner
 
 from hass_deploy.bench import runner as bench_runner
 from hass_deploy.cli import app
+from hass_deploy.config import HybridConfig
 from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, save_draft, target_identity
 
 runner = CliRunner()
@@ -54,8 +56,11 @@ def test_cli_bench_runs_and_prints_the_table(cli_inputs, tmp_path):
     assert "| **overall** |" in result.output and "| **overall** | prompt lookup |" in result.output
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["tree"] == {"tokens": 4, "depth": 2, "top_k": 4}  # unspecified options keep TreeConfig's defaults
-    assert [m["key"] for m in data["methods"]] == ["plain", "draft", "lookup"]  # prompt lookup is on by default
+    # Prompt lookup and hybrid drafting are on by default.
+    assert [m["key"] for m in data["methods"]] == ["plain", "draft", "lookup", "hybrid"]
     assert data["summaries"]["overall"]["lookup"]["identical"] is True
+    assert data["summaries"]["overall"]["hybrid"]["identical"] is True
+    assert data["hybrid"] == asdict(HybridConfig())  # a fixed tree: the default costs
     assert data["prompt_sets"] == ["prompts", "prompts-2"]  # the same file twice: two sets, told apart
     assert (tmp_path / "bench.png").exists() and (tmp_path / "bench.md").exists()
 
@@ -65,13 +70,20 @@ def test_cli_bench_prompt_lookup_options(cli_inputs, tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     data = json.loads((tmp_path / "off" / "bench.json").read_text())
     assert [m["key"] for m in data["methods"]] == ["plain", "draft"] and data["config"]["lookup"] is None
-    assert "prompt lookup" not in result.output
+    assert "prompt lookup" not in result.output and data["hybrid"] is None
     result = invoke(*cli_inputs["base"], "--lookup-tokens", 4, "--lookup-depth", 3, "--lookup-max-ngram", 2,
+                    "--lookup-branches", 2, "--hybrid-tokens", 5, "--hybrid-draft-cost", 0.25, "--hybrid-row-cost", 0.01,
                     "--out", tmp_path / "small")
     assert result.exit_code == 0, (result.output, result.exception)
     data = json.loads((tmp_path / "small" / "bench.json").read_text())
-    assert data["config"]["lookup"] == {"tokens": 4, "depth": 3, "max_ngram": 2, "min_ngram": 1}
+    assert data["config"]["lookup"] == {"tokens": 4, "depth": 3, "max_ngram": 2, "min_ngram": 1, "branches": 2}
+    assert data["hybrid"] == data["config"]["hybrid"] == {"tokens": 5, "draft_cost": 0.25, "row_cost": 0.01}
     assert "- prompt lookup: tokens 4, depth 3, n-grams 1..2" in result.output
+    assert "- hybrid: the draft's and prompt lookup's candidates reranked into one tree of 5 nodes" in result.output
+    result = invoke(*cli_inputs["base"], "--no-hybrid", "--out", tmp_path / "no-hybrid")
+    assert result.exit_code == 0, (result.output, result.exception)
+    data = json.loads((tmp_path / "no-hybrid" / "bench.json").read_text())
+    assert [m["key"] for m in data["methods"]] == ["plain", "draft", "lookup"] and data["hybrid"] is None
 
 
 def test_cli_bench_fails_loudly_when_outputs_differ(cli_inputs, tmp_path, monkeypatch):
@@ -91,7 +103,7 @@ def test_cli_bench_fails_loudly_when_outputs_differ(cli_inputs, tmp_path, monkey
 
     monkeypatch.setattr(bench_runner, "bench_decoders", broken)
     result = invoke(*cli_inputs["base"], "--out", tmp_path)
-    line = user_error(result, "LOSSLESS CHECK FAILED", "2 of 4")  # 2 prompts x (draft + prompt lookup) checked
+    line = user_error(result, "LOSSLESS CHECK FAILED", "2 of 6")  # 2 prompts x (draft, lookup, hybrid) checked
     assert "at new token 0" in line
     assert "LOSSLESS CHECK FAILED" in (tmp_path / "bench.md").read_text()  # the files are still written
     assert json.loads((tmp_path / "bench.json").read_text())["lossless"] is False
@@ -110,6 +122,11 @@ def test_cli_bench_fails_loudly_when_outputs_differ(cli_inputs, tmp_path, monkey
     (["--max-new-tokens", "400"], ["does not fit a KV cache"]),
     (["--lookup-tokens", "0"], ["--lookup-tokens must be >= 1"]),
     (["--lookup-min-ngram", "2", "--lookup-max-ngram", "1"], ["--lookup-min-ngram <= --lookup-max-ngram"]),
+    (["--lookup-branches", "0"], ["--lookup-branches must be >= 1"]),
+    (["--hybrid-tokens", "0"], ["--hybrid-tokens must be >= 1"]),
+    (["--hybrid-draft-cost", "-1"], ["--hybrid-draft-cost must be >= 0"]),
+    (["--hybrid-row-cost", "-1"], ["--hybrid-row-cost must be >= 0"]),
+    (["--no-lookup", "--hybrid"], ["--hybrid merges prompt lookup's trees", "--no-lookup"]),
 ])
 def test_cli_bench_usage_errors_are_one_line(cli_inputs, tmp_path, extra, fragments):
     user_error(invoke(*cli_inputs["base"], *extra, "--out", tmp_path / "out"), *fragments)

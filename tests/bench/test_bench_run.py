@@ -10,7 +10,7 @@ from conftest import OracleDraft
 from hass_deploy.bench import BenchConfig, TreeSearchConfig, bench_decoders, run_bench
 from hass_deploy.bench.results import OVERALL
 from hass_deploy.bench.runner import EncodedSet, LookupDecoder, summarise_runs
-from hass_deploy.config import LookupConfig, SamplingConfig, TreeConfig
+from hass_deploy.config import HybridConfig, LookupConfig, SamplingConfig, TreeConfig
 from hass_deploy.errors import ConfigError
 from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, save_draft, target_identity
 from hass_deploy.prompts import Prompt
@@ -44,30 +44,34 @@ def test_bench_writes_three_files_and_checks_lossless(bench_inputs, tmp_path):
     assert report.lossless is True
     assert report.prompt_sets == ("questions", "plain")
     assert report.prompt_encoding == "bytes"  # the tiny target has no tokenizer
-    assert [m.key for m in report.methods] == ["plain", "draft", "baseline", "lookup"]
+    assert [m.key for m in report.methods] == ["plain", "draft", "baseline", "lookup", "hybrid"]
     assert report.label("draft").startswith("HASS") and report.label("baseline").startswith("EAGLE-2")
     assert report.label("lookup") == "prompt lookup"
-    # 2 prompts per set (--max-prompts) x 4 methods, every method on every prompt.
-    assert len(report.runs) == 16
-    for method in ("baseline", "lookup"):
+    # 2 prompts per set (--max-prompts) x 5 methods, every method on every prompt.
+    assert len(report.runs) == 20
+    for method in ("baseline", "lookup", "hybrid"):
         assert {(r.prompt_set, r.index) for r in report.runs if r.method == method} == {
             (s, i) for s in ("questions", "plain") for i in range(2)}
     overall = report.summaries[OVERALL]
     assert overall["draft"].tau >= 1.0 and overall["draft"].identical is True
     assert overall["lookup"].tau >= 1.0 and overall["lookup"].identical is True  # in the lossless check
     assert overall["plain"].tau is None and overall["baseline"].speedup > 0 and overall["lookup"].speedup > 0
-    assert all(r.matches_plain is True for r in report.runs if r.method == "lookup")
+    assert overall["hybrid"].tau >= 1.0 and overall["hybrid"].identical is True
+    assert 0 <= overall["hybrid"].draft_rounds <= overall["hybrid"].rounds  # 8 new tokens: rarely worth a catch-up
+    assert overall["draft"].draft_rounds == overall["draft"].rounds and overall["lookup"].draft_rounds == 0
+    assert all(r.matches_plain is True for r in report.runs if r.method in ("lookup", "hybrid"))
     data = json.loads((out / "bench.json").read_text())
     assert data["lossless"] is True and data["tree"] == {"tokens": 6, "depth": 3, "top_k": 2}
-    assert data["config"]["lookup"] == {"tokens": 8, "depth": 5, "max_ngram": 3, "min_ngram": 1}
-    assert {"plain", "draft", "baseline", "lookup"} == set(data["summaries"]["questions"])
+    assert data["config"]["lookup"] == {"tokens": 8, "depth": 10, "max_ngram": 4, "min_ngram": 1, "branches": 4}
+    assert {"plain", "draft", "baseline", "lookup", "hybrid"} == set(data["summaries"]["questions"])
     assert {"cpu", "logical_cores", "torch", "onnxruntime", "date"} <= set(data["machine"])
     assert set(data["summaries"]) == {"questions", "plain", "overall"}
     assert data["summaries"]["overall"]["draft"]["tokens_per_s"]["iqr"] >= 0
     assert data["tree_auto"] is None
     markdown = (out / "bench.md").read_text()
     assert "| **overall** | HASS" in markdown and "PASSED" in markdown
-    assert "| **overall** | prompt lookup |" in markdown and "- prompt lookup: tokens 8, depth 5, n-grams 1..3" in markdown
+    assert "| **overall** | prompt lookup |" in markdown and "- prompt lookup: tokens 8, depth 10, n-grams 1..4" in markdown
+    assert "| **overall** | hybrid: the draft and prompt lookup in one tree |" in markdown
     assert "| prompt lookup | " in markdown  # its per-depth acceptance row
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -199,11 +203,14 @@ def test_onnxruntime_backend_with_its_own_baseline_export(bench_inputs, targets,
     search = TreeSearchConfig(tokens=(4, 6), depths=(2,), top_ks=(2, 4), chain_depths=(1, 3, 5), prompts=1,
                               max_new_tokens=6, finalists=2, repeats=2)
     config = replace(FAST, tree=None, search=search, max_prompts=1, lookup=LookupConfig(tokens=4),
+                     hybrid=HybridConfig(tokens=4),
                      runtime=replace(FAST.runtime, backend="onnxruntime"))
     report = run_bench(bench_inputs["target"], bench_inputs["drafts"]["hass"], bench_inputs["prompts"][:1], config,
                        baseline_draft=bench_inputs["drafts"]["eagle2"], artifacts=exports["hass"],
                        baseline_artifacts=exports["eagle2"])
-    assert report.lossless is True and len(report.runs) == 4  # plain, draft, baseline, prompt lookup
+    assert report.lossless is True and len(report.runs) == 5  # plain, draft, baseline, prompt lookup, hybrid
+    # --tree auto measured the draft's cost for hybrid drafting, in verify steps of its tree.
+    assert report.hybrid.tokens == 4 and report.hybrid.draft_cost > 0 and report.hybrid.row_cost > 0
     with pytest.raises(ConfigError, match="--lookup-tokens 8 .*tree budget \\(4\\)"):  # refused before any run
         run_bench(bench_inputs["target"], bench_inputs["drafts"]["hass"], bench_inputs["prompts"][:1],
                   replace(config, lookup=LookupConfig()), artifacts=exports["hass"])

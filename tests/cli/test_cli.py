@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -275,13 +276,15 @@ def test_prompt_lookup_needs_no_draft_and_is_lossless(small_vocab):
               "--json")
     plain = records(ok(invoke(*common, "--no-draft")))[0]
     looked_up = records(ok(invoke(*common, "--no-draft", "--lookup")))[0]
-    over_draft = records(ok(invoke(*common, "--draft", draft, "--lookup")))[0]  # --lookup: the head's tree is not used
+    hybrid = records(ok(invoke(*common, "--draft", draft, "--lookup")))[0]  # with a draft: both in one tree
+    costly = records(ok(invoke(*common, "--draft", draft, "--lookup", "--hybrid-tokens", 5,
+                               "--hybrid-draft-cost", 100)))[0]
     narrow = records(ok(invoke(*common, "--no-draft", "--lookup", "--lookup-tokens", 3, "--lookup-depth", 2,
-                               "--lookup-max-ngram", 2, "--lookup-min-ngram", 2)))[0]
-    for record in (plain, looked_up, over_draft, narrow):
+                               "--lookup-max-ngram", 2, "--lookup-min-ngram", 2, "--lookup-branches", 1)))[0]
+    for record in (plain, looked_up, hybrid, costly, narrow):
         _check_record(record, prompt, 40)
         assert record["output_ids"] == _greedy_reference(model, prompt, 40)
-    assert over_draft["accept_lengths"] == looked_up["accept_lengths"]
+    assert sum(hybrid["accept_lengths"]) > 0 and max(costly["accept_lengths"]) <= 4
     assert sum(looked_up["accept_lengths"]) > 0 and looked_up["rounds"] < plain["rounds"]
     assert max(narrow["accept_lengths"]) <= 2 and sum(narrow["accept_lengths"]) > 0
 
@@ -289,11 +292,31 @@ def test_prompt_lookup_needs_no_draft_and_is_lossless(small_vocab):
 @pytest.mark.parametrize("option, value, pattern", [
     ("--lookup-tokens", "0", r"lookup[-_]tokens must be >= 1.*got 0$"),
     ("--lookup-depth", "0", r"lookup[-_]depth must be >= 1.*got 0$"),
-    ("--lookup-min-ngram", "4", r"lookup[-_]min[-_]ngram <= .*lookup[-_]max[-_]ngram.*got 4 and 3$"),
+    ("--lookup-min-ngram", "5", r"lookup[-_]min[-_]ngram <= .*lookup[-_]max[-_]ngram.*got 5 and 4$"),
+    ("--lookup-branches", "0", r"lookup[-_]branches must be >= 1.*got 0$"),
+    ("--hybrid-tokens", "0", r"hybrid[-_]tokens must be >= 1.*got 0$"),
+    ("--hybrid-draft-cost", "-0.5", r"hybrid[-_]draft[-_]cost must be >= 0.*got -0.5$"),
 ])
 def test_bad_lookup_sizes_are_one_line(target, option, value, pattern):
     line = user_error(_gen(target, "--no-draft", "--lookup", "--prompt-ids", "1,2", option, value))
     assert re.search(pattern, line), (pattern, line)
+
+
+def test_a_static_lookup_corpus(small_vocab, tmp_path):
+    """Token ids of a corpus propose where the prompt has no match; the output is plain decoding's all the same, and
+    a bad corpus is one line before any model loads."""
+    model, target, _ = small_vocab
+    common = ("generate", "--target", target, "--no-draft", "--prompt-ids", "1,2,3", "--max-new-tokens", 24, "--json")
+    plain = records(ok(invoke(*common)))[0]
+    numpy.save(tmp_path / "corpus.npy", numpy.array([3] + plain["output_ids"]))  # what the target will say
+    with_corpus = records(ok(invoke(*common, "--lookup", "--lookup-corpus", tmp_path / "corpus.npy")))[0]
+    assert with_corpus["output_ids"] == plain["output_ids"]
+    assert with_corpus["accept_lengths"][0] > 0  # the first round already copies from the corpus
+    assert "--lookup-corpus is prompt lookup's" in user_error(invoke(*common, "--lookup-corpus", tmp_path / "x.npy"))
+    assert "no such file" in user_error(invoke(*common, "--lookup", "--lookup-corpus", tmp_path / "x.npy"))
+    (tmp_path / "big.txt").write_text("1 2 99999")
+    assert "outside the target's vocabulary" in user_error(invoke(*common, "--lookup", "--lookup-corpus",
+                                                                  tmp_path / "big.txt"))
 
 
 def test_sampling_is_reproducible_with_a_seed(small_vocab):

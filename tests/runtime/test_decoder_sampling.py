@@ -4,7 +4,8 @@ tokens matches the target's own warped distribution, computed exactly by enumera
 Each case draws N samples with fixed seeds (so the test is deterministic) and applies a chi-square test at
 p > 1e-3, i.e. a 1-in-1000 false-failure rate for a fresh choice of seeds. The same test on plain sampling
 guards the reference path, and a deliberately biased sampler is shown to fail it (the test has power). Trees
-come from draft heads (random, oracle, adversarial) and from prompt lookup over a repetitive prompt.
+come from draft heads (random, oracle, adversarial), from prompt lookup over a repetitive prompt, and from both
+at once (hybrid: mixed trees, and rounds in which the draft head does not run).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hass_deploy.config import GenerationConfig, LookupConfig, SamplingConfig, T
 from hass_deploy.models.checkpoint import init_draft
 from hass_deploy.models.loading import load_target
 from hass_deploy.models.random_target import random_hf_model
+from hass_deploy.runtime import tree as trees
 from hass_deploy.runtime.sampling import target_probs
 
 VOCAB, NEW_TOKENS, SAMPLES, PROMPT = 6, 3, 2500, [1, 4, 2]
@@ -123,6 +125,26 @@ def test_prompt_lookup_sampling_matches_exact_distribution(sampling, peaked_targ
     accepted: list[int] = []
     samples = draws(make_decoder(peaked_target, max_len=64), sampling, LOOKUP_PROMPT, LOOKUP, accepted)
     assert sum(a >= 2 for a in accepted) > SAMPLES // 4, "lookup should often get two drafted tokens accepted"
+    assert chi_square_pvalue(samples, exact_joint(peaked_target, sampling, LOOKUP_PROMPT)) > 1e-3
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=4)],
+                         ids=["t1", "t0.7-topk4"])
+def test_hybrid_sampling_matches_exact_distribution(sampling, peaked_target, monkeypatch):
+    """Mixed trees: the draft head's top-k candidates and lookup's copied ones, reranked into one tree by scores
+    calibrated on earlier rounds' outcomes; acceptance reads only p, so the law is exact all the same."""
+    merged_trees = []
+    merge = trees.merge_candidates
+
+    def recording_merge(*args):
+        merged_trees.append(merge(*args))
+        return merged_trees[-1]
+
+    monkeypatch.setattr(trees, "merge_candidates", recording_merge)
+    decoder = make_decoder(peaked_target, init_draft(peaked_target, seed=3), max_len=64)
+    samples = draws(decoder, sampling, LOOKUP_PROMPT, LOOKUP)
+    mixed = sum(any(m & 1 for m in t.sources) and any(m & 2 for m in t.sources) for t in merged_trees)
+    assert mixed > SAMPLES // 4, "many trees should hold candidates of both drafters"
     assert chi_square_pvalue(samples, exact_joint(peaked_target, sampling, LOOKUP_PROMPT)) > 1e-3
 
 

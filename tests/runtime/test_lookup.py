@@ -1,20 +1,24 @@
-"""Tests for hass_deploy.runtime.lookup: hand-worked histories (most recent first, longest n-gram first, the
-fallback to shorter n-grams, no match), the trie merge (shared prefixes once, distinct siblings, the budget), and
-properties over random histories against a brute-force rescan of the history (what the index must equal)."""
+"""Tests for hass_deploy.runtime.lookup, without a model: the n-gram cache's counts and best-follower lists (hand
+worked, and over random histories against a brute-force rescan of the history), best-first tree growth (hand
+worked, and against a brute-force specification), limits (budget, depth, branches, work per proposal), the static
+corpus, and the export tree-budget check."""
 
+import heapq
+import math
 import random
 
+import numpy
 import pytest
 import torch
 
 from runtime.test_tree import _assert_consistent
-from hass_deploy.config import LookupConfig
-from hass_deploy.errors import ConfigError
-from hass_deploy.runtime.lookup import RECENT_OCCURRENCES, PromptLookup, check_tree_budget, merge_continuations
+from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig
+from hass_deploy.errors import ConfigError, HassDeployError
+from hass_deploy.runtime.lookup import NgramCache, PromptLookup, check_tree_budget
 
 
-def lookup_of(history: list[int], **config) -> PromptLookup:
-    lookup = PromptLookup(LookupConfig(**config))
+def lookup_of(history: list[int], corpus: NgramCache | None = None, **config) -> PromptLookup:
+    lookup = PromptLookup(LookupConfig(**config), corpus=corpus)
     lookup.extend(history)
     return lookup
 
@@ -23,37 +27,169 @@ def tree_lists(tree) -> tuple[list[int], list[int]]:
     return tree.tokens.tolist(), tree.parents.tolist()
 
 
-def test_most_recent_occurrence_first():
-    # Trailing 2-gram (1, 2) occurred twice before: followed by 4 1 2 (the most recent) and by 3 1 2 4 1.
-    lookup = lookup_of([1, 2, 3, 1, 2, 4, 1, 2], depth=3)
-    assert list(lookup.continuations(3)) == [[4, 1, 2], [3, 1, 2]]  # the 1-gram (2) gives the same two: not repeated
-    tree = lookup.propose(2, 8)
-    #       2
-    #      / \
-    #     4   3
-    #     |   |
-    #     1   1
-    #     |   |
-    #     2   2
-    assert tree_lists(tree) == ([2, 4, 1, 2, 3, 1, 2], [-1, 0, 1, 2, 0, 4, 5])
-    _assert_consistent(tree)
+# -------------------------------------------------------------------------------------------------------------
+# The cache.
+
+def test_counts_rank_followers_by_frequency_then_recency():
+    cache = NgramCache(1, 2, branches=4)
+    cache.extend([5, 1, 5, 2, 5, 1, 5, 3, 5])  # 5 was followed by 1, 2, 1, 3
+    assert cache.totals[(5,)] == 4 and cache.followers[(5,)] == {1: [2, 5], 2: [1, 3], 3: [1, 7]}
+    assert cache.best[(5,)] == [1, 3, 2]  # 1 twice; 3 and 2 once each, 3 the more recent
+    assert cache.continuations([9, 5]) == [(1, 0.5), (3, 0.25), (2, 0.25)]  # (9, 5) never occurred: back to (5,)
+    assert cache.continuations([2, 5]) == [(1, 1.0)]  # (2, 5) occurred once, followed by 1
+    assert cache.continuations([7]) == []
+    assert (5,) not in NgramCache(2, 2, 4).followers  # n below min_ngram is not counted
 
 
-def test_longest_ngram_first_then_shorter_ones():
-    # (7, 8) occurred once, followed by 9; the single token 8 occurred more recently, followed by 6. The 2-gram
-    # match is proposed first although the 1-gram one is more recent.
-    lookup = lookup_of([7, 8, 9, 5, 8, 6, 7, 8], depth=2)
-    assert list(lookup.continuations(2)) == [[9, 5], [6, 7]]
-    assert tree_lists(lookup.propose(8, 8)) == ([8, 9, 5, 6, 7], [-1, 0, 1, 0, 3])
-    # Without 1-grams only the 2-gram match is left; with only 3-grams nothing matches (the root alone).
-    assert tree_lists(lookup_of([7, 8, 9, 5, 8, 6, 7, 8], depth=2, min_ngram=2).propose(8, 8)) == ([8, 9, 5],
-                                                                                                [-1, 0, 1])
-    assert tree_lists(lookup_of([7, 8, 9, 5, 8, 6, 7, 8], min_ngram=3).propose(8, 8)) == ([8], [-1])
+def test_the_newest_follower_passes_older_ones_with_the_same_count_and_branches_cap_the_list():
+    cache = NgramCache(1, 1, branches=2)
+    cache.extend([0, 1, 0, 2, 0, 3])
+    assert cache.best[(0,)] == [3, 2]  # all seen once: the latest first, and only two kept
+    cache.extend([0, 1])  # 1 twice now: first
+    assert cache.best[(0,)] == [1, 3]
+    assert cache.continuations([0]) == [(1, 0.5), (3, 0.25)]
 
 
-def test_fallback_to_a_single_token_when_longer_ngrams_never_occurred():
-    lookup = lookup_of([3, 5, 6, 4, 5])  # (4, 5) and (6, 4, 5) are new; 5 was followed by 6 4 5
-    assert tree_lists(lookup.propose(5, 8)) == ([5, 6, 4, 5], [-1, 0, 1, 2])
+def brute_force_continuations(history: list[int], context: list[int], config: LookupConfig) -> list[tuple[int, float]]:
+    """The specification: rescan the whole history for the longest n-gram of the context with a follower."""
+    for n in range(min(config.max_ngram, len(context)), config.min_ngram - 1, -1):
+        key = context[-n:]
+        counts: dict[int, list[int]] = {}
+        for start in range(len(history) - n):
+            if history[start:start + n] == key:
+                follower = history[start + n]
+                counts.setdefault(follower, [0, 0])
+                counts[follower][0] += 1
+                counts[follower][1] = start + n
+        if counts:
+            total = sum(count for count, _ in counts.values())
+            ranked = sorted(counts, key=lambda token: counts[token], reverse=True)[:config.branches]
+            return [(token, counts[token][0] / total) for token in ranked]
+    return []
+
+
+def brute_force_candidates(history: list[int], root: int, budget: int, config: LookupConfig):
+    """Best-first growth written the obvious way: every round, pick the highest path probability among all
+    unexpanded children of the tree's nodes (ties: the child generated first)."""
+    tokens, parents, scores, paths = [root], [-1], [0.0], [[]]
+    frontier, order = [], 0
+
+    def expand(node):
+        nonlocal order
+        if len(paths[node]) >= config.depth:
+            return
+        for token, estimate in brute_force_continuations(history, history + paths[node], config):
+            order += 1
+            frontier.append((scores[node] + math.log(estimate), -order, node, token))
+
+    expand(0)
+    while frontier and len(tokens) < budget:
+        best = max(frontier)
+        frontier.remove(best)
+        score, _, parent, token = best
+        tokens.append(token)
+        parents.append(parent)
+        scores.append(score)
+        paths.append(paths[parent] + [token])
+        expand(len(tokens) - 1)
+    return tokens, parents, scores
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_histories_match_the_brute_force_specification(seed):
+    rng = random.Random(seed)
+    max_ngram = rng.choice([1, 2, 3, 4])
+    config = LookupConfig(tokens=rng.choice([2, 4, 8, 12]), depth=rng.choice([1, 3, 5, 10]), max_ngram=max_ngram,
+                          min_ngram=rng.randint(1, max_ngram), branches=rng.choice([1, 2, 4]))
+    vocab = rng.choice([2, 3, 5, 12])  # small vocabularies: many matches, many shared prefixes
+    history = [rng.randrange(vocab) for _ in range(rng.randint(1, 120))]
+    lookup = lookup_of(history, **vars(config))
+    for length in range(1, 6):  # the contexts deeper nodes see: the history plus drafted tokens
+        context = history + [rng.randrange(vocab) for _ in range(length - 1)]
+        assert lookup.cache.continuations(context) == brute_force_continuations(history, context, config)
+    for budget in (1, 2, config.tokens):
+        found = lookup.candidates(history[-1], budget)
+        tokens, parents, scores = brute_force_candidates(history, history[-1], budget, config)
+        assert (found.tokens, found.parents) == (tokens, parents)
+        assert found.scores == pytest.approx(scores)
+        tree = lookup.propose(history[-1], budget)
+        _assert_consistent(tree)
+        assert tree.num_nodes <= budget and tree.max_depth <= config.depth
+        children = {}
+        for node in range(1, tree.num_nodes):  # siblings distinct
+            key = (found.parents[node], found.tokens[node])
+            assert key not in children
+            children[key] = node
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_extend_equals_one_rebuild(seed):
+    """Rounds commit a few tokens at a time, proposing in between; the cache then equals one built at once."""
+    rng = random.Random(100 + seed)
+    history = [rng.randrange(4) for _ in range(200)]
+    config = LookupConfig(tokens=8, max_ngram=3, branches=2)
+    incremental = PromptLookup(config)
+    position = rng.randint(1, 20)
+    incremental.extend(history[:position])
+    while position < len(history):
+        incremental.propose(history[position - 1], 8)
+        step = rng.randint(1, 6)
+        incremental.extend(history[position:position + step])
+        position += step
+    rebuilt = lookup_of(history, **vars(config))
+    assert incremental.history == rebuilt.history == history
+    for field in ("followers", "totals", "best"):
+        assert getattr(incremental.cache, field) == getattr(rebuilt.cache, field)
+    assert tree_lists(incremental.propose(history[-1], 8)) == tree_lists(rebuilt.propose(history[-1], 8))
+
+
+def test_work_per_proposal_does_not_grow_with_the_followers():
+    """A token followed by thousands of distinct tokens (a newline in a long file): its best list stays at
+    `branches`, so a proposal reads that many followers, not thousands."""
+    history = []
+    for follower in range(1, 5001):
+        history += [0, follower]
+    lookup = lookup_of(history + [0], branches=3)
+    assert len(lookup.cache.followers[(0,)]) == 5000 and lookup.cache.best[(0,)] == [5000, 4999, 4998]
+    found = lookup.candidates(0, 4)
+    assert found.tokens == [0, 5000, 4999, 4998]  # each seen once: the most recent first, 1/5000 each
+    assert found.scores[1] == pytest.approx(math.log(1 / 5000))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Trees.
+
+def test_a_confident_match_becomes_a_deep_chain():
+    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1]  # 1 was followed by 2 .. 9 1, once: every estimate is 1
+    assert tree_lists(lookup_of(history).propose(1, 8)) == ([1, 2, 3, 4, 5, 6, 7, 8], [-1, 0, 1, 2, 3, 4, 5, 6])
+    assert tree_lists(lookup_of(history, depth=3).propose(1, 8)) == ([1, 2, 3, 4], [-1, 0, 1, 2])
+    assert tree_lists(lookup_of(history).propose(1, 3)) == ([1, 2, 3], [-1, 0, 1])
+    assert lookup_of(history).propose(1, 1).num_nodes == 1
+
+
+def test_an_uncertain_match_spends_the_budget_on_alternatives():
+    # 4 was followed by 1 once and by 2 once (the more recent); 1 by 7, 2 by 8, and both of those by 3.
+    found = lookup_of([4, 1, 7, 3, 4, 2, 8, 3, 4], max_ngram=1).candidates(4, 7)
+    #          4
+    #        /   \
+    #       2     1        1/2 each: 2 first (more recent)
+    #       |     |
+    #       8     7        1/2: each certain after its parent
+    #       |     |
+    #       3     3
+    assert found.tokens == [4, 2, 1, 8, 7, 3, 3] and found.parents == [-1, 0, 0, 1, 2, 3, 4]
+    assert [math.exp(score) for score in found.scores] == pytest.approx([1] + [0.5] * 6)
+    assert found.expected_accepted == pytest.approx(3.0)
+
+
+def test_longest_ngram_first():
+    # (7, 8) occurred once, followed by 9; the single token 8 occurred more often, followed by 6 twice.
+    lookup = lookup_of([8, 6, 7, 8, 9, 5, 8, 6, 7, 8], max_ngram=2, depth=1)
+    assert tree_lists(lookup.propose(8, 8)) == ([8, 9], [-1, 0])
+    assert tree_lists(lookup_of([8, 6, 7, 8, 9, 5, 8, 6, 7, 8], max_ngram=1, depth=1).propose(8, 8)) == (
+        [8, 6, 9], [-1, 0, 0])
+    # Without 1-grams, a new 2-gram matches nothing: the root alone.
+    assert tree_lists(lookup_of([7, 8, 9, 5, 8], min_ngram=2).propose(8, 8)) == ([8], [-1])
 
 
 def test_no_match_is_the_root_alone():
@@ -61,38 +197,6 @@ def test_no_match_is_the_root_alone():
         tree = lookup_of(history).propose(history[-1], 8)
         assert tree.num_nodes == 1 and tree.max_depth == 0
         assert tree_lists(tree) == ([history[-1]], [-1]) and tree.mask.tolist() == [[True]]
-
-
-def test_merge_counts_shared_prefixes_once_and_keeps_siblings_distinct():
-    #        0
-    #       / \
-    #      1   6
-    #     / \
-    #    2   5
-    #   / \
-    #  3   4
-    tokens, parents = merge_continuations(0, [[1, 2, 3], [1, 2, 4], [1, 5], [6], [1, 2, 3]], budget=20)
-    assert tokens == [0, 1, 2, 3, 4, 5, 6] and parents == [-1, 0, 1, 2, 2, 1, 0]
-
-
-@pytest.mark.parametrize("budget, nodes", [(1, 1), (2, 2), (4, 4), (5, 5), (6, 6), (7, 7), (8, 7)])
-def test_merge_stops_at_the_budget_and_reads_no_further(budget, nodes):
-    def continuations():
-        yield from ([1, 2, 3], [1, 2, 4], [1, 5], [6])
-        if budget <= 7:
-            raise AssertionError("read past a full tree")
-
-    tokens, parents = merge_continuations(0, continuations(), budget)
-    assert len(tokens) == len(parents) == nodes
-    assert (tokens, parents) == ([0, 1, 2, 3, 4, 5, 6][:nodes], [-1, 0, 1, 2, 2, 1, 0][:nodes])
-
-
-def test_depth_and_budget_bound_the_tree():
-    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1]  # 1 was followed by 2 .. 9 1
-    assert lookup_of(history).propose(1, 8).max_depth == 5  # the default depth
-    assert tree_lists(lookup_of(history, depth=3).propose(1, 8)) == ([1, 2, 3, 4], [-1, 0, 1, 2])
-    assert tree_lists(lookup_of(history, depth=7).propose(1, 3)) == ([1, 2, 3], [-1, 0, 1])  # budget - 1 deep
-    assert lookup_of(history).propose(1, 1).num_nodes == 1
 
 
 def test_propose_checks_its_inputs():
@@ -106,7 +210,7 @@ def test_propose_checks_its_inputs():
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(tokens=0), "--lookup-tokens"), (dict(depth=0), "--lookup-depth"),
+    (dict(tokens=0), "--lookup-tokens"), (dict(depth=0), "--lookup-depth"), (dict(branches=0), "--lookup-branches"),
     (dict(min_ngram=0), "n-gram"), (dict(min_ngram=3, max_ngram=2), "n-gram"),
 ])
 def test_config_refuses_bad_sizes(fields, message):
@@ -114,97 +218,51 @@ def test_config_refuses_bad_sizes(fields, message):
         LookupConfig(**fields)
 
 
-def reference_continuations(history: list[int], config: LookupConfig, depth: int) -> list[list[int]]:
-    """The specification by brute force: rescan the whole history for each n-gram size (O(history) per n)."""
-    out, seen = [], set()
-    for n in range(min(config.max_ngram, len(history)), config.min_ngram - 1, -1):
-        trailing = history[-n:]
-        starts = [s for s in range(n, len(history)) if history[s - n:s] == trailing]
-        for start in reversed(starts[-RECENT_OCCURRENCES:]):
-            if start not in seen:
-                seen.add(start)
-                out.append(history[start:start + depth])
-    return out
-
-
-def reference_trie(continuations: list[list[int]], budget: int) -> list[tuple[int, ...]]:
-    """The root-to-node token paths the merge must produce, in node order: every distinct prefix of the
-    continuations in the order first proposed, until the budget."""
-    paths: list[tuple[int, ...]] = [()]
-    for continuation in continuations:
-        for i in range(1, len(continuation) + 1):
-            if tuple(continuation[:i]) not in paths:
-                if len(paths) == budget:
-                    return paths
-                paths.append(tuple(continuation[:i]))
-    return paths
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_random_histories_match_the_brute_force_specification(seed):
-    rng = random.Random(seed)
-    config = LookupConfig(tokens=rng.choice([2, 4, 8, 12]), depth=rng.choice([1, 3, 5, 7]),
-                          max_ngram=rng.choice([1, 2, 3, 4]), min_ngram=1)
-    config = LookupConfig(config.tokens, config.depth, config.max_ngram, rng.randint(1, config.max_ngram))
-    vocab = rng.choice([2, 3, 5, 12])  # small vocabularies: many matches, many shared prefixes
-    history = [rng.randrange(vocab) for _ in range(rng.randint(1, 120))]
-    lookup = lookup_of(history, **vars(config))
-    for budget in (1, 2, config.tokens):
-        depth = min(config.depth, budget - 1)
-        assert list(lookup.continuations(depth)) == reference_continuations(history, config, depth)
-        tree = lookup.propose(history[-1], budget)
-        _assert_consistent(tree)
-        tokens = tree.tokens.tolist()
-        assert tree.num_nodes <= budget and tree.max_depth <= depth
-        paths = []
-        for node in range(tree.num_nodes):
-            path = [tokens[i] for i in tree.paths[node].tolist() if i >= 0][1:]
-            paths.append(tuple(path))
-        assert len(set(paths)) == len(paths)  # siblings distinct: no two nodes spell the same path
-        # Node order is proposal order: the longest, most recent match's path first at every level.
-        assert paths == reference_trie(reference_continuations(history, config, depth), budget)
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_incremental_extend_equals_one_rebuild(seed):
-    """Rounds commit a few tokens at a time, proposing in between; the index then equals one built at once."""
-    rng = random.Random(100 + seed)
-    history = [rng.randrange(4) for _ in range(200)]
-    config = LookupConfig(tokens=8, depth=5, max_ngram=3, min_ngram=1)
-    incremental = PromptLookup(config)
-    position = rng.randint(1, 20)
-    incremental.extend(history[:position])
-    while position < len(history):
-        incremental.propose(history[position - 1], 8)
-        step = rng.randint(1, 6)
-        incremental.extend(history[position:position + step])
-        position += step
-    rebuilt = lookup_of(history, **vars(config))
-    assert incremental.history == rebuilt.history == history
-    assert incremental.followers == rebuilt.followers
-    assert tree_lists(incremental.propose(history[-1], 8)) == tree_lists(rebuilt.propose(history[-1], 8))
-
-
-def test_work_per_round_does_not_grow_with_the_history():
-    """A history of one repeated token is the worst case: every n-gram occurred thousands of times. The index
-    keeps the most recent occurrences only, so a proposal reads a bounded number of continuations."""
-    config = LookupConfig(tokens=64, depth=7, max_ngram=3, min_ngram=1)
-    lookup = lookup_of([7] * 20_000, **vars(config))
-    assert max(len(starts) for starts in lookup.followers.values()) == RECENT_OCCURRENCES
-    assert len(list(lookup.continuations(7))) == RECENT_OCCURRENCES  # the same positions for every n
-    assert tree_lists(lookup.propose(7, 64)) == ([7] * 8, [-1, 0, 1, 2, 3, 4, 5, 6])  # one chain, depth 7
-
-
 def test_tree_lives_on_the_requested_device_as_int64():
     lookup = PromptLookup(LookupConfig(), device="cpu")
     lookup.extend([1, 2, 1])
     tree = lookup.propose(1, 8)
     assert tree.tokens.device == torch.device("cpu") and tree.tokens.dtype == torch.int64
-    assert tree.mask.dtype == torch.bool and tree_lists(tree) == ([1, 2, 1], [-1, 0, 1])
+    assert tree.mask.dtype == torch.bool and tree_lists(tree) == ([1, 2] * 4, list(range(-1, 7)))  # 1 2 1 2 ... repeats
 
+
+# -------------------------------------------------------------------------------------------------------------
+# The static corpus.
+
+def test_the_corpus_is_read_only_where_the_history_has_no_match(tmp_path):
+    numpy.save(tmp_path / "ids.npy", numpy.array([3, 4, 5, 6, 9, 1], dtype=numpy.int32))
+    corpus = NgramCache.from_file(tmp_path / "ids.npy", LookupConfig())
+    assert corpus.tokens == [3, 4, 5, 6, 9, 1]
+    assert tree_lists(lookup_of([7, 3], corpus=corpus).propose(3, 8)) == ([3, 4, 5, 6, 9, 1], [-1, 0, 1, 2, 3, 4])
+    # The history's own match wins: 3 was followed by 2 in this generation.
+    assert tree_lists(lookup_of([3, 2, 3], corpus=corpus, depth=1).propose(3, 8)) == ([3, 2], [-1, 0])
+    (tmp_path / "ids.txt").write_text("3 4 5\n6 9 1\n")
+    assert NgramCache.from_file(tmp_path / "ids.txt", LookupConfig()).followers == corpus.followers
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda path: None, "no such file"),
+    (lambda path: path.write_text("1 2 x"), "not token ids"),
+    (lambda path: numpy.save(path, numpy.zeros((2, 3), dtype=numpy.int64)), "1-D array"),
+    (lambda path: numpy.save(path, numpy.array([0.5, 1.0])), "integer"),
+    (lambda path: numpy.save(path, numpy.array([3, -1])), "non-negative"),
+])
+def test_a_bad_corpus_is_one_clear_error(tmp_path, write, message):
+    path = tmp_path / ("ids.txt" if "token ids" in message else "ids.npy")
+    write(path)
+    with pytest.raises(HassDeployError, match=message):
+        NgramCache.from_file(path, LookupConfig())
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Exports fix the verify step's size.
 
 def test_tree_budget_of_an_export_is_checked():
-    check_tree_budget(LookupConfig(tokens=8), None)  # no fixed budget (the torch backend)
-    check_tree_budget(LookupConfig(tokens=8), 8)
+    lookup = GenerationConfig(lookup=LookupConfig(tokens=8), hybrid=HybridConfig(tokens=12))
+    check_tree_budget(lookup, with_draft=True, tree_budget=None)  # no fixed budget (the torch backend)
+    check_tree_budget(lookup, with_draft=False, tree_budget=8)
+    check_tree_budget(GenerationConfig(hybrid=HybridConfig(tokens=12)), with_draft=True, tree_budget=8)  # no lookup
     with pytest.raises(ConfigError, match=r"--lookup-tokens 9 is more than the artifacts' tree budget \(8\)"):
-        check_tree_budget(LookupConfig(tokens=9), 8)
+        check_tree_budget(GenerationConfig(lookup=LookupConfig(tokens=9)), with_draft=False, tree_budget=8)
+    with pytest.raises(ConfigError, match=r"--hybrid-tokens 12 is more than the artifacts' tree budget \(8\)"):
+        check_tree_budget(lookup, with_draft=True, tree_budget=8)

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import math
 import random
 
 import pytest
@@ -23,7 +24,8 @@ from hass_deploy.runtime.sampling import (
     target_probs,
     warp_logits,
 )
-from hass_deploy.runtime.tree import DraftTree, build_tree, root_only, tree_from_parents
+from hass_deploy.runtime.tree import (Candidates, DraftTree, build_tree, merge_candidates, root_only, tree_from_lists,
+                                     tree_from_parents)
 
 P_VALUE_THRESHOLD = 1e-3
 
@@ -414,8 +416,8 @@ def _oracle_probs(tree: DraftTree) -> torch.Tensor:
 
 
 def test_accept_sampling_is_lossless_on_a_prompt_lookup_tree():
-    """Prompt lookup's tree is copied from the history (most recent match first), ranked by no distribution, and
-    holds tokens the target gives probability 0; acceptance reads only p, so the law is exact all the same."""
+    """Prompt lookup's tree is grown from the history's n-gram counts, ranked by no target distribution, and holds
+    tokens the target gives probability 0; acceptance reads only p, so the law is exact all the same."""
     lookup = PromptLookup(LookupConfig(tokens=10, depth=3))
     lookup.extend([0, 2, 1, 3, 0, 1, 4, 0, 2, 5, 1, 0])
     tree = lookup.propose(0, 10)
@@ -426,8 +428,22 @@ def test_accept_sampling_is_lossless_on_a_prompt_lookup_tree():
     #   5   1   4
     #   |   |   |
     #   1   3   0
-    assert tree.tokens.tolist() == [0, 2, 5, 1, 1, 4, 0, 1, 3] and tree.parents.tolist() == [-1, 0, 1, 2, 0, 4, 5, 1, 7]
+    assert tree.tokens.tolist() == [0, 2, 1, 5, 1, 4, 1, 3, 0] and tree.parents.tolist() == [-1, 0, 0, 1, 1, 2, 3, 4, 5]
     counts = _emitted_pair_counts(tree, _oracle_probs(tree), 5000, seed=23)
+    assert _pair_law_p_value(counts) > P_VALUE_THRESHOLD
+
+
+def test_accept_sampling_is_lossless_on_a_merged_tree():
+    """A hybrid tree: a draft head's top-k candidates and prompt lookup's copied chain, one shared prefix merged,
+    lookup's low-probability tokens among the root's children; acceptance reads only p, so the law is exact."""
+    lookup = PromptLookup(LookupConfig(tokens=6))
+    lookup.extend([0, 2, 5, 1, 0, 3, 3, 0])
+    draft_tree, _ = _ranked_tree([(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)])
+    draft = Candidates(draft_tree.tokens.tolist(), draft_tree.parents.tolist(), [0.0, -0.2, -1.0, -0.5, -1.5, -2.0])
+    merged = merge_candidates([draft, lookup.candidates(0, 6)], [0.0, math.log(0.7)], num_nodes=9)
+    assert 1 in merged.sources and 2 in merged.sources, "both drafters should have nodes in the tree"
+    tree = tree_from_lists(merged.tokens, merged.parents, torch.device("cpu"))
+    counts = _emitted_pair_counts(tree, _oracle_probs(tree), 5000, seed=29)
     assert _pair_law_p_value(counts) > P_VALUE_THRESHOLD
 
 

@@ -1,15 +1,21 @@
-"""Tests for hass_deploy.runtime.tree: golden trees worked out by hand, then properties over random pools."""
+"""Tests for hass_deploy.runtime.tree: golden trees worked out by hand, then properties over random pools; the
+merge of several drafters' candidates (hybrid trees) by hand and against a brute-force union."""
 
+import math
 import random
 
 import pytest
 import torch
 
 from hass_deploy.runtime.tree import (
+    Candidates,
     DraftTree,
     build_tree,
+    merge_candidates,
+    pool_candidates,
     root_only,
     select_beam,
+    tree_from_lists,
     tree_from_parents,
 )
 
@@ -315,3 +321,118 @@ def test_tree_from_random_parents():
         parents = [-1] + [rng.randint(max(0, node - 3), node - 1) for node in range(1, num_nodes)]
         tree = tree_from_parents(torch.arange(num_nodes), torch.tensor(parents))
         _assert_consistent(tree)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Merging several drafters' candidates (hybrid trees).
+
+LOG = math.log
+
+
+def test_merge_counts_shared_prefixes_once_and_ranks_by_the_best_source():
+    #   draft:  0 -> 5 (0.6) -> 6 (0.3)        lookup: 0 -> 5 (0.9) -> 7 (0.8) -> 8 (0.7)
+    #           0 -> 9 (0.3)
+    draft = Candidates([0, 5, 6, 9], [-1, 0, 1, 0], [0.0, LOG(0.6), LOG(0.3), LOG(0.3)])
+    lookup = Candidates([0, 5, 7, 8], [-1, 0, 1, 2], [0.0, LOG(0.9), LOG(0.8), LOG(0.7)])
+    merged = merge_candidates([draft, lookup], [0.0, 0.0], num_nodes=10)
+    #        0
+    #      /   \
+    #     5     9          5 proposed by both: one node, bits 0b11
+    #    / \
+    #   6   7
+    #       |
+    #       8
+    assert merged.tokens == [0, 5, 6, 9, 7, 8] and merged.parents == [-1, 0, 1, 0, 1, 4]
+    assert merged.sources == [0, 0b11, 0b01, 0b01, 0b10, 0b10]
+    assert merged.source_scores[0] == pytest.approx([-math.inf, LOG(0.6), LOG(0.3), LOG(0.3), -math.inf, -math.inf])
+    assert merged.source_scores[1] == pytest.approx([-math.inf, LOG(0.9), -math.inf, -math.inf, LOG(0.8), LOG(0.7)])
+    # A budget of 4 keeps the three best by the better source's score: 5 (0.9), 7 (0.8), 8 (0.7).
+    small = merge_candidates([draft, lookup], [0.0, 0.0], num_nodes=4)
+    assert small.tokens == [0, 5, 7, 8] and small.parents == [-1, 0, 1, 2] and small.sources == [0, 3, 2, 2]
+    # Calibration offsets move the budget: lookup's scores halved (log 0.5), the draft's doubled (log 2).
+    moved = merge_candidates([draft, lookup], [LOG(2.0), LOG(0.5)], num_nodes=4)
+    #   5: max(1.2, 0.45), then 6: 0.6, 9: 0.6, 7: 0.4 -> 5, 6, 9 (ties by node order)
+    assert moved.tokens == [0, 5, 6, 9] and moved.parents == [-1, 0, 1, 0]
+    assert merge_candidates([draft, lookup], [0.0, 0.0], num_nodes=1).tokens == [0]
+
+
+def test_merge_keeps_ranking_closed_under_ancestors():
+    # Lookup proposes 0 -> 3 (0.1) -> 4 (0.1); the draft 0 -> 3 (0.05) -> 4 (0.9): not a genuine cumulative
+    # score (child above parent), and the parent's best score (0.1) caps the child's rank.
+    draft = Candidates([0, 3, 4], [-1, 0, 1], [0.0, LOG(0.05), LOG(0.9)])
+    lookup = Candidates([0, 3, 4, 2], [-1, 0, 1, 0], [0.0, LOG(0.1), LOG(0.1), LOG(0.2)])
+    merged = merge_candidates([draft, lookup], [0.0, 0.0], num_nodes=3)
+    assert merged.tokens == [0, 3, 2]  # 2 (0.2) first, then 3 (0.1), before its child 4 (capped at 0.1)
+    _assert_consistent(tree_from_lists(merged.tokens, merged.parents, torch.device("cpu")))
+
+
+def test_merge_refuses_duplicate_siblings_and_foreign_roots():
+    duplicate = Candidates([0, 4, 4], [-1, 0, 0], [0.0, -1.0, -2.0])
+    with pytest.raises(ValueError, match="distinct"):
+        merge_candidates([duplicate], [0.0], 3)
+    with pytest.raises(ValueError, match="one root"):
+        merge_candidates([Candidates([0], [-1], [0.0]), Candidates([1], [-1], [0.0])], [0.0, 0.0], 3)
+    with pytest.raises(ValueError, match="one offset per source"):
+        merge_candidates([duplicate], [0.0, 0.0], 3)
+    with pytest.raises(ValueError, match="num_nodes"):
+        merge_candidates([duplicate], [0.0], 0)
+
+
+def _random_candidates(rng: random.Random, root: int, vocab: int, size: int) -> Candidates:
+    """Random candidates with distinct siblings and genuine (non-increasing) path scores, -inf included."""
+    tokens, parents, scores = [root], [-1], [0.0]
+    used: dict[int, set[int]] = {0: set()}
+    for _ in range(size):
+        parent = rng.randrange(len(tokens))
+        free = [token for token in range(vocab) if token not in used[parent]]
+        if not free:
+            continue
+        token = rng.choice(free)
+        used[parent].add(token)
+        used[len(tokens)] = set()
+        step = rng.choice([0.0, -0.5, -1.0, -math.inf])
+        tokens.append(token)
+        parents.append(parent)
+        scores.append(scores[parent] + step)
+    return Candidates(tokens, parents, scores)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_merge_matches_a_brute_force_union(seed):
+    """Against the specification written with token paths: the union of every source's paths, each ranked by
+    its best offset score clamped to its ancestors', the best num_nodes - 1 kept."""
+    rng = random.Random(seed)
+    sources = [_random_candidates(rng, 0, rng.choice([2, 3, 6]), rng.randint(0, 12)) for _ in range(rng.randint(1, 3))]
+    offsets = [rng.choice([0.0, LOG(0.5), LOG(2.0)]) for _ in sources]
+    num_nodes = rng.randint(1, 16)
+    merged = merge_candidates(sources, offsets, num_nodes)
+
+    def paths_of(found):
+        paths = [()]
+        for token, parent in zip(found.tokens[1:], found.parents[1:]):
+            paths.append(paths[parent] + (token,))
+        return paths
+
+    best: dict[tuple, float] = {}
+    order: list[tuple] = []
+    for found, offset in zip(sources, offsets):
+        for path, score in zip(paths_of(found)[1:], found.scores[1:]):
+            if path not in best:
+                order.append(path)
+            best[path] = max(best.get(path, -math.inf), score + offset)
+    rank = {path: min(best[path[:i]] for i in range(1, len(path) + 1)) for path in order}
+    kept = sorted(order, key=lambda path: (-rank[path], order.index(path)))[:num_nodes - 1]
+    got = paths_of(Candidates(merged.tokens, merged.parents, [0.0] * len(merged.tokens)))
+    assert got[1:] == sorted(kept, key=order.index)  # kept paths, in first-proposed order
+    for node, path in enumerate(got[1:], start=1):
+        proposed_by = [s for s, found in enumerate(sources) if path in paths_of(found)]
+        assert merged.sources[node] == sum(1 << s for s in proposed_by)
+    _assert_consistent(tree_from_lists(merged.tokens, merged.parents, torch.device("cpu")))
+
+
+def test_pool_candidates_renumber_the_pool_under_the_root():
+    found = pool_candidates(torch.tensor(9), torch.tensor([4, 5, 6]), torch.tensor([-0.5, -1.0, -0.25]),
+                            torch.tensor([-1, -1, 0]))
+    assert found.tokens == [9, 4, 5, 6] and found.parents == [-1, 0, 0, 1]
+    assert found.scores == [0.0, -0.5, -1.0, -0.5]  # the child's -0.25 clamped to its parent's -0.5
+    assert found.expected_accepted == pytest.approx(2 * math.exp(-0.5) + math.exp(-1.0))

@@ -189,7 +189,7 @@ def test_stop_token_ids_end_with_the_token(server, models):
 # -- per-request speculation and metrics -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["draft", "lookup", "off"])
+@pytest.mark.parametrize("mode", ["draft", "lookup", "hybrid", "off"])
 def test_speculation_per_request_keeps_the_text(server, mode):
     response = httpx.post(url(server) + "/v1/completions", json={
         "prompt": "café☕!café", "max_tokens": 27, "temperature": 0, "speculation": mode}).json()

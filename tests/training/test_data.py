@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
@@ -23,8 +24,8 @@ from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.models.loading import load_target, load_target_head
 from hass_deploy.prompts import Prompt, encode
 from hass_deploy.training import extract
-from hass_deploy.training.data import (DataConfig, DataManifest, HiddenStateDataset, check_data_matches_target,
-                                       generate_data)
+from hass_deploy.training.data import DataManifest, HiddenStateDataset, check_data_matches_target
+from hass_deploy.training.extract import DataConfig, generate_data
 
 # The last assistant turn alone gets an empty <think> block, as Qwen3's template does: not prefix-stable.
 THINK = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}"
@@ -362,6 +363,7 @@ def _rank_worker(rank: int, world: int, port: int, args: tuple, settings: dict) 
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     generate_data(*args, DataConfig(**settings))
+    assert not dist.is_initialized()  # the group generate_data set up, it tore down
 
 
 def test_two_ranks_write_what_one_process_writes(word_target, tmp_path):
@@ -465,8 +467,9 @@ def test_bad_settings():
         DataConfig(format="prompts")
     with pytest.raises(ConfigError, match="not to --format text"):
         DataConfig(format="text", regenerate=True)
-    for bad in (dict(format="csv"), dict(dtype="int8"), dict(max_length=1), dict(eval_fraction=1.0),
-                dict(shard_size=0), dict(batch_tokens=0), dict(max_samples=0), dict(temperature=-1.0)):
+    for bad in (dict(format="csv"), dict(dtype="int8"), dict(dtype="auto"), dict(compute_dtype="fp64"),
+                dict(max_length=1), dict(eval_fraction=1.0), dict(shard_size=0), dict(batch_tokens=0),
+                dict(max_samples=0), dict(temperature=-1.0)):
         with pytest.raises(ConfigError):
             DataConfig(**bad)
 
@@ -531,6 +534,18 @@ def test_damaged_shards_are_named(word_target, tmp_path):
 runner = CliRunner()
 
 
+def test_the_target_runs_in_bf16_on_a_gpu_and_fp32_on_a_cpu(word_target, tmp_path):
+    assert DataConfig().compute_dtype == "auto" and DataConfig().resolved().compute_dtype == "fp32"
+    assert DataConfig(device="cuda").resolved().compute_dtype == "bf16"
+    assert DataConfig(device="cuda:1", compute_dtype="fp32").resolved().compute_dtype == "fp32"  # asked for
+    # The manifest records what ran, resolved: CPU data made when fp32 was the default still resumes.
+    manifest = run(word_target, write_jsonl(tmp_path / "text.jsonl", [{"text": "hello there"}]), tmp_path / "out",
+                   format="text")
+    assert manifest.settings["compute_dtype"] == "fp32"
+    assert run(word_target, tmp_path / "text.jsonl", tmp_path / "out", format="text",
+               compute_dtype="fp32").settings == manifest.settings
+
+
 def test_data_command(word_target, tmp_path):
     dataset = write_jsonl(tmp_path / "chat.jsonl", [conv(("human", "hello"), ("gpt", "there how are you"))] * 3)
     result = runner.invoke(app, ["data", "--target", str(word_target), "--dataset", str(dataset), "--out",
@@ -547,3 +562,10 @@ def test_data_command(word_target, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["error: --format prompts needs --regenerate: prompt files hold no responses, so the target "
                      "has to write them"]
+
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, ["data", "--target", str(word_target), "--dataset", str(dataset), "--out",
+                                     str(tmp_path / "gpu"), "--device", "cuda"])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+        assert [line for line in result.stderr.splitlines() if line.strip()] == [
+            "error: --device cuda: this torch sees no CUDA device"]

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
 
 from conftest import make_decoder
 from hass_deploy.config import GenerationConfig, Phase, TrainConfig, TreeConfig
@@ -20,7 +23,9 @@ from hass_deploy.models.checkpoint import init_draft, load_draft
 from hass_deploy.models.loading import load_target, load_target_head
 from hass_deploy.models.random_target import random_hf_model
 from hass_deploy.training import trainer
-from hass_deploy.training.data import DataConfig, HiddenStateDataset, generate_data
+from hass_deploy.training.data import HiddenStateDataset
+from hass_deploy.training.extract import DataConfig, generate_data
+from hass_deploy.training.losses import draft_log_probs
 
 VOCAB = 64
 
@@ -87,6 +92,36 @@ def test_eagle2_recipe_is_one_step_without_topk(workspace, tmp_path):
     assert "loss_1" not in record and "loss_0" in record
 
 
+def test_bf16_autocasts_the_draft_over_fp32_master_weights(workspace, tmp_path, monkeypatch):
+    forward_dtypes: set[torch.dtype] = set()
+    real_init = trainer.init_draft
+
+    def init_draft(*args, **kwargs):
+        head = real_init(*args, **kwargs)
+        head.fc.register_forward_hook(lambda module, inputs, output: forward_dtypes.add(output.dtype))
+        return head
+
+    monkeypatch.setattr(trainer, "init_draft", init_draft)
+    trainer.train(workspace / "target", workspace / "data", tmp_path / "draft",
+                  fast(precision="bf16", phases=(Phase(epochs=1, lr=3e-3, topk_weight=1.0),)), progress=False)
+    assert torch.bfloat16 in forward_dtypes  # the training passes (evaluation runs in fp32)
+    saved = torch.load(tmp_path / "draft" / trainer.STATE_FILE, weights_only=True)["optimizer"]["state"]
+    moments = [t for state in saved.values() for name, t in state.items() if name != "step"]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+    head, _ = load_draft(tmp_path / "draft", load_target_head(workspace / "target"))  # in its stored dtype
+    assert {p.dtype for p in head.parameters()} == {torch.float32}
+
+
+def test_log_q_is_fp32_under_bf16_autocast():
+    """The lm_head matmul may run in bf16; the log-softmax may not (the CPU's autocast would leave it in bf16)."""
+    features, lm_head = torch.randn(2, 5, 16), torch.randn(32, 16)
+    with trainer._autocast(fast(precision="bf16"), torch.device("cpu")):
+        logits = features @ lm_head.T
+        log_q = draft_log_probs(features, lm_head)
+    assert logits.dtype == torch.bfloat16 and log_q.dtype == torch.float32
+    torch.testing.assert_close(log_q, torch.log_softmax(logits.float(), dim=-1))
+
+
 def test_interrupted_training_resumes_to_the_same_weights(workspace, tmp_path, monkeypatch):
     config = fast(phases=(Phase(epochs=2, lr=3e-3, topk_weight=0.0), Phase(epochs=1, lr=1e-3, topk_weight=1.0)))
     trainer.train(workspace / "target", workspace / "data", tmp_path / "whole", config, progress=False)
@@ -115,6 +150,9 @@ def test_interrupted_training_resumes_to_the_same_weights(workspace, tmp_path, m
     with pytest.raises(HassDeployError, match="different settings"):
         trainer.train(workspace / "target", workspace / "data", tmp_path / "resumed", fast(), resume=True,
                       progress=False)
+    # A memory-only setting may differ (and checkpoints from before it existed, without it, resume too).
+    trainer.train(workspace / "target", workspace / "data", tmp_path / "resumed", replace(config, loss_chunk=3),
+                  resume=True, progress=False)
 
 
 def _free_port() -> int:
@@ -123,23 +161,74 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, args: tuple) -> None:
+class CountingDDP(DistributedDataParallel):
+    """DDP that appends the bucket index of every gradient all-reduce it makes to `calls`."""
+
+    calls: list[int] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_comm_hook(None, self._reduce)
+
+    @staticmethod
+    def _reduce(state, bucket):
+        CountingDDP.calls.append(bucket.index())
+        return allreduce_hook(None, bucket)
+
+
+def _ddp_worker(rank: int, world: int, port: int, args: tuple, callers_group: bool) -> None:
+    """One torchrun-style rank: trains, then checks the process group and writes its all-reduce count.
+
+    With `callers_group` the group is initialised here first (as accelerate or a script would): the trainer must
+    use it and leave it; otherwise the trainer initialises its own and must tear it down.
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    if callers_group:
+        dist.init_process_group("gloo")
+    trainer.DistributedDataParallel = CountingDDP  # this process's trainer: a spawned worker imports its own
     trainer.train(*args, progress=False)
+    if callers_group:
+        total = torch.ones(1)
+        dist.all_reduce(total)  # still usable after training
+        assert total.item() == world
+        dist.destroy_process_group()
+    else:
+        assert not dist.is_initialized()
+    out = Path(args[2])
+    (out.parent / f"{out.name}.rank{rank}.json").write_text(json.dumps(CountingDDP.calls))
+
+
+def _one_all_reduce_per_optimizer_step(out: Path, world: int) -> None:
+    """Each bucket's gradients reduced exactly once per optimizer step, on every rank, not once per aligned pass."""
+    steps = torch.load(out / trainer.STATE_FILE, weights_only=True)["state"]["global_step"]
+    assert steps > 0
+    for rank in range(world):
+        calls = json.loads((out.parent / f"{out.name}.rank{rank}.json").read_text())
+        buckets = set(calls)
+        assert buckets and all(calls.count(b) == steps for b in buckets), (rank, steps, calls)
 
 
 def test_two_process_ddp_matches_single_process(workspace, tmp_path):
     config = fast(phases=(Phase(epochs=2, lr=3e-3, topk_weight=1.0),), batch_size=8)
+    assert config.steps == 3  # HASS: three aligned passes per batch, one all-reduce
     trainer.train(workspace / "target", workspace / "data", tmp_path / "single", config, progress=False)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), (workspace / "target", workspace / "data", tmp_path / "ddp", config)),
-             nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), (workspace / "target", workspace / "data", tmp_path / "ddp", config),
+                                False), nprocs=2, join=True)
     target = load_target_head(workspace / "target")
     single, _ = load_draft(tmp_path / "single", target)
     parallel, _ = load_draft(tmp_path / "ddp", target)
     for (name, a), b in zip(single.state_dict().items(), parallel.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    _one_all_reduce_per_optimizer_step(tmp_path / "ddp", 2)
+
+
+def test_a_callers_process_group_is_used_and_outlives_training(workspace, tmp_path):
+    config = fast(phases=(Phase(epochs=1, lr=3e-3, topk_weight=1.0),), batch_size=8)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), (workspace / "target", workspace / "data", tmp_path / "ddp", config),
+                                True), nprocs=2, join=True)
+    _one_all_reduce_per_optimizer_step(tmp_path / "ddp", 2)
 
 
 def test_data_from_another_target_is_refused(workspace, tmp_path):
