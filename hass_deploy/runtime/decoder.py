@@ -121,15 +121,15 @@ class SpeculativeDecoder:
             yield new
             if stop is not None:
                 return
-            drafted, draft_ran = None, False  # the draft head's candidates in a hybrid round; whether it ran
+            # A hybrid round's merged tree and the draft head's candidates in it; whether the draft head ran.
+            merged, drafted, draft_ran = None, None, False
             if room <= 1 or (lookup is None and self.draft is None):
                 tree = replace(root_only, tokens=root.view(1))
             elif planner is not None:
                 budget = min(config.hybrid.tokens, room)
                 found = lookup.candidates(new[-1], budget)  # new[-1] is the pending root
                 # Rows the draft's context pass would take beyond the last round's own: the prompt in the first round.
-                catch_up = sum(tokens.numel() for _, tokens in pending[:-1]) + (pending[-1][1].numel() - 1) * (
-                    not result.rounds)
+                catch_up = sum(tokens.numel() for _, tokens in pending) - (len(new) if result.rounds else 1)
                 if planner.wants_draft(found, catch_up, config.max_new_tokens - len(result.output_ids)):
                     drafted = trees.pool_candidates(root, *self._grow(root, pending, draft_len, config.tree, budget))
                     draft_ran = True
@@ -156,7 +156,7 @@ class SpeculativeDecoder:
                     draft_len, pending = cache_len, []
                 # [1, a+1, H] verified features of the committed nodes (a copy: the backend reuses its outputs)
                 pending.append((out.hidden[:, accepted.path], committed))
-            if planner is not None:
+            if merged is not None:
                 planner.record(merged, accepted.nodes, found, draft_ran)
             cache_len += len(accepted.nodes)
             root = committed[-1]

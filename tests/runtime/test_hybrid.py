@@ -212,6 +212,16 @@ def test_hybrid_runs_into_cache_capacity(targets, random_drafts):
     assert spec.output_ids == plain.output_ids and spec.stop_reason == plain.stop_reason == "cache_full"
 
 
+def test_hybrid_with_no_room_for_a_tree_from_the_first_round(targets, random_drafts):
+    """A prompt one row short of the cache: the rounds are root-only, and the planner learns nothing from them."""
+    target, max_len = targets["llama"], 24
+    ids = prompt(max_len - 1, seed=4)
+    config = GenerationConfig(max_new_tokens=10, tree=TREE, lookup=LookupConfig(), eos_token_ids=())
+    plain = make_decoder(target, max_len=max_len).generate(ids, replace(config, lookup=None))
+    spec = make_decoder(target, random_drafts["llama"], max_len=max_len).generate(ids, config)
+    assert spec.output_ids == plain.output_ids and spec.stop_reason == "cache_full" and spec.draft_rounds == 0
+
+
 def test_hybrid_tree_larger_than_a_fixed_verify_budget_is_refused_before_any_step(targets, random_drafts):
     target = targets["llama"]
 
