@@ -26,8 +26,8 @@ from hass_deploy.prompts import read_prompt_file
 from hass_deploy.quickstart import PRESETS
 from hass_deploy.training.trainer import train
 
-BASE = PRESETS["default"].train
-LR = BASE.phases[0].lr
+LR = PRESETS["default"].train.phases[0].lr
+BASE = replace(PRESETS["default"].train, phases=(Phase(2, LR, 1.0),))  # the ablation's 2-epoch base
 VARIANTS = {
     "eagle2": replace(BASE, recipe="eagle2"),
     "hass": replace(BASE, recipe="hass"),
@@ -35,6 +35,11 @@ VARIANTS = {
     "hass-stepw": replace(BASE, recipe="hass", step_weights=(1.0, 0.5, 0.25)),
     "eagle2-4ep": replace(BASE, recipe="eagle2", phases=(Phase(4, LR, 1.0),)),
     "hass-4ep": replace(BASE, recipe="hass", phases=(Phase(4, LR, 1.0),)),
+    # The reference's order: alignment alone first, Top-K distillation only in the second phase.
+    "hass-4ep-topk-late": replace(BASE, recipe="hass", phases=(Phase(2, LR, 0.0), Phase(2, LR, 1.0))),
+    "hass-4ep-topk0.5": replace(BASE, recipe="hass", phases=(Phase(4, LR, 0.5),)),
+    "eagle2-6ep": replace(BASE, recipe="eagle2", phases=(Phase(6, LR, 1.0),)),
+    "hass-6ep": replace(BASE, recipe="hass", phases=(Phase(6, LR, 1.0),)),
 }
 TREES = (TreeConfig(11, 3, 2), TreeConfig(4, 3, 1))
 

@@ -567,7 +567,7 @@ def serve(
 @_user_errors
 def quickstart(
     workdir: Optional[Path] = typer.Option(None, help="Work directory (default: ./hass-deploy-quickstart/PRESET)."),
-    preset: str = typer.Option("default", help="default (about 13 min on 2 CPU cores, target included) or "
+    preset: str = typer.Option("default", help="default (about 11 min on 2 CPU cores, target included) or "
                                                "tiny (under a minute)."),
     prompts: list[Path] = typer.Option([], help="More JSONL prompt sets to benchmark beside the held-out text."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
