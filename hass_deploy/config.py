@@ -42,8 +42,8 @@ class LookupConfig:
     Sized for a few CPU cores like TreeConfig: verifying T rows costs more than one row there (`cpu-notes.md` §2),
     so the tree stays at the scale of llama.cpp's prompt lookup (8 drafted tokens or fewer). Chosen by replaying
     the quickstart target's greedy outputs (docs/RESULTS.md §9): tau rose with the depth up to the budget (a
-    confident match is worth a long chain), n-grams up to 4 were within 0.03 tau of 3 and 5 (4 is llama.cpp's),
-    and more than 4 branches per node never made a difference within 8 nodes.
+    confident match is worth a long chain), n-grams up to 4 were within 0.06 tau of 3 and 5 (4 is llama.cpp's),
+    and 2 branches per node gave the same tau as 4 within 8 nodes (4 leaves room for larger budgets).
     """
 
     tokens: int = 8  # nodes verified per round, the root included (TreeConfig's default budget too)
