@@ -71,14 +71,14 @@ class HybridConfig:
 
     `draft_cost` is what growing the draft head's tree costs, in verify steps of this tree, and `row_cost` what
     each row of its context pass costs: the draft runs in a round only when the tokens it is expected to add pay
-    for that. `--tree auto` measures both (bench); the defaults are the quickstart target's on 2 CPU cores (a
-    round of its draft's 6-node chain takes 1.3 ms beyond the verify step, in the loop, against 2.1 ms for
-    verifying 8 nodes; a context row 0.08 ms).
+    for that. `--tree auto` measures both (bench); the defaults are what it measured for the quickstart's draft on
+    2 CPU cores (docs/RESULTS.md §1: 0.71 for its 6-node chain, in the loop, and 0.0101 a row, in verify steps of
+    8 nodes).
     """
 
     tokens: int = 8  # nodes verified per round from both drafters, the root included
-    draft_cost: float = 0.6  # the draft head's tree growth, in verify steps of this tree
-    row_cost: float = 0.04  # a row of the draft's context pass (catching up on rounds it skipped), in verify steps
+    draft_cost: float = 0.7  # the draft head's tree growth, in verify steps of this tree
+    row_cost: float = 0.01  # a row of the draft's context pass (catching up on rounds it skipped), in verify steps
 
     def __post_init__(self) -> None:
         if self.tokens < 1:

@@ -205,9 +205,10 @@ def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig,
 
     # `lookup` and `hybrid` in the load config: an export's tree budget is checked against their trees too, up
     # front (without hybrid, its check is lookup's own).
-    hybrid = hybrid or HybridConfig(tokens=lookup.tokens if lookup else HybridConfig().tokens)
-    pipe = Pipeline.load(target, draft, runtime, GenerationConfig(tree=envelope, lookup=lookup, hybrid=hybrid),
-                         artifacts)
+    if hybrid is None and lookup is not None:
+        hybrid = HybridConfig(tokens=lookup.tokens)
+    pipe = Pipeline.load(target, draft, runtime, GenerationConfig(tree=envelope, lookup=lookup,
+                                                                  hybrid=hybrid or HybridConfig()), artifacts)
     plain = SpeculativeDecoder(pipe.decoder.target, None)
     decoders: dict[str, Decoder] = {PLAIN: plain, "draft": pipe.decoder}
     methods = [Method(PLAIN, "plain decoding", None), Method("draft", _label(pipe.draft_metadata, Path(draft)), str(draft))]
