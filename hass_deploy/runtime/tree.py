@@ -5,10 +5,11 @@ token the target already chose but has not yet put in its KV cache; every other 
 continues its parent. The functions here turn the draft's scored candidate pool into that tree and derive the
 tensors verification needs (ancestor mask, depths = position offsets, root-to-node paths).
 
-A tree is a few dozen numbers, so its structure (depths, ancestor mask, paths) is derived on the host from one
-read of the inputs and uploaded as one tensor: on 2 CPU cores the same derivation as ~25 tiny tensor kernels cost
-0.6 ms of every round (docs/RESULTS.md), and on a GPU it would be as many launches. The tree's tensors live on
-the inputs' device.
+A tree is a few dozen numbers, so on the CPU its structure (depths, ancestor mask, paths) is derived on the host
+from one read of the inputs and uploaded as one tensor: on 2 CPU cores the same derivation as ~25 tiny tensor
+kernels cost 0.6 ms of every round (docs/RESULTS.md). On a GPU that read is a host synchronisation in the middle of
+the round, so there `build_tree_on_device` derives the same tree with tensor ops and the round's only
+synchronisation is the one that reads the accepted tokens. The tree's tensors live on the inputs' device.
 """
 
 from __future__ import annotations
@@ -296,3 +297,58 @@ def build_tree(
         raise ValueError(f"num_nodes counts the root and must be >= 1, got {num_nodes}")
     merged = merge_candidates([pool_candidates(root_token, pool_tokens, pool_scores, pool_parents)], [0.0], num_nodes)
     return tree_from_lists(merged.tokens, merged.parents, pool_tokens.device)
+
+
+def build_tree_on_device(
+    root_token: torch.Tensor,
+    pool_tokens: torch.Tensor,
+    pool_scores: torch.Tensor,
+    pool_parents: torch.Tensor,
+    num_nodes: int,
+    max_depth: int,
+) -> DraftTree:
+    """`build_tree` without reading anything back: the same tree, derived with tensor ops on the pool's device, so
+    a GPU round can go on to verification without waiting for the draft (about 6 kernels per level; no sync).
+
+    Args:
+        root_token, pool_tokens, pool_scores, pool_parents, num_nodes: as in `build_tree`; parents are trusted
+            (the decoder's own pool), not checked, since checking would read them.
+        max_depth: an upper bound on the depth of a pool entry under the root (the draft's levels): the number
+            of pointer-chasing passes.
+
+    Returns:
+        The DraftTree `build_tree` returns, except that `paths` has max_depth + 1 columns (the deepest a node
+        could be; the extra columns are -1), since its width is a shape and the deepest kept node is data.
+    """
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes counts the root and must be >= 1, got {num_nodes}")
+    device, count = pool_tokens.device, pool_tokens.shape[0]
+    kept_count = min(num_nodes - 1, count)
+    is_top = pool_parents < 0  # [N] children of the root
+    parent = pool_parents.to(torch.int64).clamp(min=0)  # [N] valid everywhere; where(is_top, ...) masks the root's
+    # Scores clamped to the minimum along each path (as `pool_candidates`), depths counted: one level per pass.
+    scores = pool_scores.double().clamp(max=0.0)
+    depth = torch.zeros(count, dtype=torch.int64, device=device)
+    for _ in range(max_depth - 1):
+        scores = torch.where(is_top, scores, torch.minimum(scores, scores[parent]))
+        depth = torch.where(is_top, 0, depth[parent] + 1)
+    # The best kept_count in a stable descending sort (ties: lower pool index), then back into pool order.
+    kept = torch.sort(torch.sort(scores, descending=True, stable=True).indices[:kept_count]).values  # [T-1]
+    node_of = torch.zeros(count, dtype=torch.int64, device=device)  # pool index -> tree node (0: not kept, root)
+    node_of[kept] = torch.arange(1, kept_count + 1, device=device)
+    parents = torch.cat([torch.full((1,), -1, dtype=torch.int64, device=device),
+                         torch.where(is_top[kept], 0, node_of[parent[kept]])])  # [T]
+    depths = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), depth[kept] + 1])  # [T]
+    nodes = kept_count + 1
+    # Ancestor mask: each pass adds one more generation (a node's row = itself + its parent's row).
+    up = parents.clamp(min=0)  # [T] the root is its own parent here
+    eye = torch.eye(nodes, dtype=torch.bool, device=device)
+    mask = eye
+    for _ in range(max_depth):
+        mask = eye | mask[up]
+    # paths[i, depth(j)] = j for every ancestor j of i; non-ancestors go to a spare last column that is dropped.
+    columns = torch.where(mask, depths[None, :], max_depth + 1)  # [T, T]
+    paths = torch.full((nodes, max_depth + 2), -1, dtype=torch.int64, device=device)
+    paths.scatter_(1, columns, torch.arange(nodes, device=device).expand(nodes, nodes))
+    tokens = torch.cat([root_token.reshape(1).to(torch.int64), pool_tokens[kept].to(torch.int64)])
+    return DraftTree(tokens=tokens, parents=parents, depths=depths, mask=mask, paths=paths[:, :max_depth + 1])

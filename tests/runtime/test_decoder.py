@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, OracleDraft, make_decoder
-from hass_deploy.config import GenerationConfig, LookupConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, LookupConfig, SamplingConfig, TreeConfig
 from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError
 from hass_deploy.runtime.backends.torch import TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
@@ -80,6 +80,30 @@ def test_generation_runs_into_cache_capacity(arch, targets, random_drafts):
     assert spec.output_ids == plain.output_ids == spec_random.output_ids
     assert spec.stop_reason == plain.stop_reason == "cache_full"
     assert min(spec.accept_lengths[:-1]) >= 1  # a perfect draft's first proposal is always accepted
+
+
+@pytest.mark.parametrize("shape", ["chain", "wide", "paper"])  # a chain reaches the deepest level every round
+def test_tree_built_on_the_device_decodes_like_the_host_build(shape, targets, random_drafts):
+    """A GPU builds the draft's tree without a host read (`tree.build_tree_on_device`): forced here on the CPU, the
+    same tokens and the same acceptances as the host build, greedy and sampled (equal trees draw equal numbers)."""
+    target, tree = targets["llama"], TREES[shape]
+    ids = prompt(13, seed=5)
+    sampled = GenerationConfig(max_new_tokens=40, tree=tree, eos_token_ids=(), seed=3,
+                               sampling=SamplingConfig(temperature=0.8, top_p=0.9))
+    # A fresh oracle per decoder (its noise has a random state); the perfect one reaches the deepest level.
+    drafts = [lambda: random_drafts["llama"]] + [
+        lambda noise=noise: OracleDraft(target, ids[0], 256 + tree.draft_rows, noise=noise, seed=2)
+        for noise in (0.0, 0.3)]
+    for draft in drafts:
+        for config in (greedy(tree, eos=()), sampled):
+            host = make_decoder(target, draft())
+            on_device = make_decoder(target, draft())
+            on_device.tree_on_device = True
+            expected, result = host.generate(ids, config), on_device.generate(ids, config)
+            assert result.output_ids == expected.output_ids
+            assert result.accept_lengths == expected.accept_lengths
+            # Every row the target computed, stale tree rows included, so a tree that differs anywhere shows here.
+            assert torch.equal(on_device.target.kv.storage, host.target.kv.storage)
 
 
 def test_perfect_draft_accepts_full_depth(targets):

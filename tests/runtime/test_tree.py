@@ -11,6 +11,7 @@ from hass_deploy.runtime.tree import (
     Candidates,
     DraftTree,
     build_tree,
+    build_tree_on_device,
     merge_candidates,
     pool_candidates,
     root_only,
@@ -312,6 +313,45 @@ def test_build_tree_random_eagle_pools():
         top_k, depth = rng.randint(1, 4), rng.randint(0, 4)
         parents, scores = _eagle_pool(rng, top_k, depth)
         _check_selection(parents, scores, rng.randint(1, len(parents) + 2))
+
+
+def _pool_depth(parents: list[int]) -> int:
+    depth = [0] * len(parents)
+    for index, parent in enumerate(parents):
+        depth[index] = 0 if parent < 0 else depth[parent] + 1
+    return max(depth, default=0) + 1
+
+
+def _check_device_build(parents: list[int], scores: list[float], num_nodes: int, max_depth: int) -> None:
+    args = (torch.tensor(-7), torch.arange(len(parents)) + 1000, torch.tensor(scores), torch.tensor(parents))
+    host, device = build_tree(*args, num_nodes), build_tree_on_device(*args, num_nodes, max_depth)
+    for name in ("tokens", "parents", "depths", "mask"):
+        assert torch.equal(getattr(device, name), getattr(host, name)), name
+    assert device.paths.shape == (host.num_nodes, max_depth + 1)
+    assert torch.equal(device.paths[:, :host.max_depth + 1], host.paths)
+    assert (device.paths[:, host.max_depth + 1:] == -1).all()
+
+
+def test_device_build_equals_the_host_build():
+    """The GPU's sync-free tree is the host's tree, on pools with ties, -inf and any shape, with the depth bound
+    exact or loose."""
+    rng = random.Random(4321)
+    for _ in range(150):
+        size = rng.randint(0, 30)
+        parents, scores = _random_pool(rng, size)
+        _check_device_build(parents, scores, rng.randint(1, size + 3), _pool_depth(parents) + rng.randint(0, 2))
+    for _ in range(60):
+        top_k, depth = rng.randint(1, 4), rng.randint(0, 4)
+        parents, scores = _eagle_pool(rng, top_k, depth)
+        _check_device_build(parents, scores, rng.randint(1, len(parents) + 2), depth + 1)
+
+
+def test_device_build_needs_the_depth_bound():
+    """Too few passes leave a deep node's ancestors out: the bound is what makes it exact."""
+    parents, scores = [-1, 0, 1], [-0.5, -1.0, -1.5]  # a chain of three under the root
+    args = (torch.tensor(1), torch.tensor([5, 6, 7]), torch.tensor(scores), torch.tensor(parents))
+    assert not torch.equal(build_tree_on_device(*args, 4, 2).mask, build_tree(*args, 4).mask)
+    assert torch.equal(build_tree_on_device(*args, 4, 3).mask, build_tree(*args, 4).mask)
 
 
 def test_tree_from_random_parents():
