@@ -66,6 +66,14 @@ def fused_artifacts(fusable_targets, fusable_drafts, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trt_artifacts(fusable_targets, fusable_drafts, tmp_path_factory):
+    """arch -> artifacts with TensorRT plans of the fusable models, built on first use (on a GPU with TensorRT)."""
+    from ort_artifacts import TrtExports
+
+    return TrtExports(tmp_path_factory.getbasetemp() / "trt", fusable_targets, fusable_drafts)
+
+
+@pytest.fixture(scope="session")
 def fusable_targets(fusable_dirs) -> dict[str, TargetModel]:
     return {arch: load_target(path) for arch, path in fusable_dirs.items()}
 

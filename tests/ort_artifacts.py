@@ -38,3 +38,18 @@ class LazyExports(dict):
     def __missing__(self, arch):
         self[arch] = exported(self.base, f"{arch}-fp32", self.targets[arch], self.drafts[arch])
         return self[arch]
+
+
+class TrtExports(LazyExports):
+    """arch -> artifacts with the standard graphs and their TensorRT plans (needs TensorRT and a GPU)."""
+
+    def __missing__(self, arch):
+        from dataclasses import replace
+
+        from hass_deploy.export.tensorrt import build_engines
+
+        out = self.base / f"{arch}-trt"
+        manifest = export_onnx(self.targets[arch], self.drafts[arch], out, replace(CONFIG, engine="trt"), force=True)
+        build_engines(out, manifest).write(out)
+        self[arch] = out
+        return out

@@ -42,7 +42,8 @@ class DraftHead(nn.Module):
         position_ids: torch.Tensor,
         tree_mask: torch.Tensor | None = None,
         kv: KVStore | ReadOnlyKV | None = None,
-        cache_len: int = 0,
+        cache_len: int | torch.Tensor = 0,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """Predict the next target features.
 
@@ -50,10 +51,10 @@ class DraftHead(nn.Module):
             features: [B, T, H] target post-norm features f_t (or the draft's own predictions of them).
             input_ids: [B, T] the token after each feature, x_{t+1}.
             position_ids: [B, T] RoPE position t of each pair.
-            tree_mask, kv, cache_len: as for the target (`models.target.step_attention_mask`).
+            tree_mask, kv, cache_len, kv_len: as for the target (`Transformer.forward`).
 
         Returns:
             [B, T, H] predicted features g_t ≈ f_{t+1}.
         """
         fused = self.fc(torch.cat([self.embed_tokens(input_ids), features], dim=-1))  # [B, T, H]
-        return run_layers(self.layers, self.rotary, fused, position_ids, tree_mask, kv, cache_len)
+        return run_layers(self.layers, self.rotary, fused, position_ids, tree_mask, kv, cache_len, kv_len=kv_len)

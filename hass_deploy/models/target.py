@@ -48,9 +48,10 @@ class KVStore(Protocol):
     """Where a layer's K/V rows live. `runtime/kv.py` implements it with static buffers."""
 
     def update(
-        self, layer: int, cache_len: int, k: torch.Tensor, v: torch.Tensor, kv_len: int
+        self, layer: int, cache_len: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, H_kv, T, D] at rows cache_len.. and return rows [0, kv_len) of the buffers."""
+        """Write k, v [B, H_kv, T, D] at rows cache_len.. (an int, or a 0-d device tensor in a static step) and return
+        rows [0, kv_len) of the buffers."""
         ...
 
 
@@ -300,7 +301,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         kv: KVStore | ReadOnlyKV | None,
-        cache_len: int,
+        cache_len: int | torch.Tensor,
         kv_len: int,
     ) -> torch.Tensor:
         q, k, v = self.project(x, rope)
@@ -347,14 +348,19 @@ def run_layers(
     position_ids: torch.Tensor,
     tree_mask: torch.Tensor | None,
     kv: KVStore | ReadOnlyKV | None,
-    cache_len: int,
+    cache_len: int | torch.Tensor,
     sliding_window: int | None = None,
+    kv_len: int | None = None,
 ) -> torch.Tensor:
-    """The decoder stack shared by the target and the draft head: x [B, T, H] -> [B, T, H]."""
+    """The decoder stack shared by the target and the draft head: x [B, T, H] -> [B, T, H].
+
+    kv_len is how many KV rows attention reads, cache_len + T by default. A static step (`runtime/backends/graphs.py`)
+    passes cache_len as a 0-d device tensor and kv_len as a fixed block of rows: the mask hides the rows past the step.
+    """
     batch, steps, _ = x.shape
     if tree_mask is None:
         tree_mask = causal_tree_mask(steps, x.device, batch)
-    kv_len = cache_len + steps
+    kv_len = cache_len + steps if kv_len is None else kv_len
     # Built once per step and shared by every layer: [B, 1, T, kv_len], or the (buffer, new rows) blocks.
     if isinstance(kv, ReadOnlyKV):
         mask = read_only_masks(cache_len, tree_mask, kv.committed(0)[0].shape[2], position_ids, sliding_window)
@@ -386,7 +392,8 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor,
         tree_mask: torch.Tensor | None = None,
         kv: KVStore | ReadOnlyKV | None = None,
-        cache_len: int = 0,
+        cache_len: int | torch.Tensor = 0,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """Run T new tokens and return the post-final-norm hidden states [B, T, H] (the lm_head input, EAGLE's feature).
 
@@ -397,10 +404,11 @@ class Transformer(nn.Module):
             kv: static KV buffers to write rows cache_len.. into and attend over (`KVStore`), buffers to read whose new
                 rows are handed back (`ReadOnlyKV`, ONNX export), or None = no cache (training, extraction).
             cache_len: rows already committed in `kv`.
+            kv_len: rows of `kv` attention reads (see `run_layers`).
         """
         x = self.embed_tokens(input_ids)
         return self.norm(run_layers(self.layers, self.rotary, x, position_ids, tree_mask, kv, cache_len,
-                                    self.config.sliding_window))
+                                    self.config.sliding_window, kv_len))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -79,10 +79,22 @@ class KVBuffers:
         self.rows = new
         return True
 
-    def update(self, layer: int, cache_len: int, k: torch.Tensor, v: torch.Tensor,
+    def update(self, layer: int, cache_len: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [1, H_kv, T, D] at rows cache_len.. of `layer`; return views of its rows [0, kv_len) (the
-        `models.target.KVStore` protocol: PyTorch's attention)."""
+        `models.target.KVStore` protocol: PyTorch's attention).
+
+        cache_len may be a 0-d device tensor (a static step, `backends/graphs.py`): the rows are then written by
+        index, so where they go is data, not a shape, and the step can be captured. That needs the full layout.
+        """
+        if isinstance(cache_len, torch.Tensor):
+            if self.rows != self.max_len:
+                raise ValueError("a step with a device-side cache_len needs KV buffers of the full layout")
+            rows = cache_len + torch.arange(k.shape[2], device=k.device)  # [T]
+            view = self.view()
+            view[layer, 0, 0].index_copy_(1, rows, k[0])
+            view[layer, 1, 0].index_copy_(1, rows, v[0])
+            return view[layer, 0, :, :, :kv_len], view[layer, 1, :, :, :kv_len]
         end = cache_len + k.shape[2]
         self.reserve(max(end, kv_len))
         view = self.view()

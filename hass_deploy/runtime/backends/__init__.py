@@ -30,8 +30,8 @@ def choose_backend(name: str, artifacts: str | Path | None) -> str:
 
 def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead | None, max_len: int,
                   draft_extra_rows: int, artifacts: str | Path | None = None,
-                  device: str = "cpu", ort_graphs: str = "auto",
-                  manifest: "Manifest | None" = None) -> tuple[TargetBackend, DraftBackend | None]:
+                  device: str = "cpu", ort_graphs: str = "auto", manifest: "Manifest | None" = None,
+                  torch_steps: str = "auto") -> tuple[TargetBackend, DraftBackend | None]:
     """Build the step backends, allocating KV buffers of `max_len` rows (plus the draft's tree rows).
 
     Args:
@@ -43,6 +43,8 @@ def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead 
         device: where the onnxruntime backend runs ("cpu", "cuda[:N]"); torch runs where the models are.
         ort_graphs: which exported graphs onnxruntime runs: auto (fused when exported), standard or fused.
         manifest: the artifacts' manifest when the caller has read it already (it is read once).
+        torch_steps: how the torch backend runs steps (`backends/torch.py`): auto (CUDA graphs on a GPU), eager,
+            static, graphs.
     """
     if name == "torch":
         if artifacts is not None:
@@ -51,8 +53,9 @@ def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead 
             raise HassDeployError("the torch backend runs the target's layers: load it with load_target, not its head")
         from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
 
-        target_backend = TorchTarget(target.module, max_len)
-        draft_backend = None if draft is None else TorchDraft(draft, target.module.lm_head, max_len + draft_extra_rows)
+        target_backend = TorchTarget(target.module, max_len, torch_steps)
+        draft_backend = None if draft is None else TorchDraft(draft, target.module.lm_head, max_len + draft_extra_rows,
+                                                              torch_steps)
         return target_backend, draft_backend
     if name in ("onnxruntime", "tensorrt"):
         from hass_deploy.manifest import check_capacity, check_draft, check_target, draft_identity, read_manifest

@@ -1,13 +1,24 @@
-"""The PyTorch backend: our own modules over static KV buffers, eager, on any torch device."""
+"""The PyTorch backend: our own modules over static KV buffers, on any torch device.
+
+Steps run in one of three modes (`steps`): "eager" runs each step as its shapes come; "graphs" runs tree and decode
+steps as static steps captured as CUDA graphs (`graphs.py`), so a GPU replays a step's ~500 kernels as one launch;
+"static" runs the same static steps without capture (what the CPU tests check). "auto" is graphs on a CUDA device
+and eager elsewhere: on a CPU nothing is launch-bound, and a static step's padding and KV block are pure cost.
+Prefill, and steps too large for a row bucket or too close to the end of the buffers, always run eagerly.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from hass_deploy.errors import ConfigError
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.target import Transformer
+from hass_deploy.runtime.backends import graphs
 from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput, TargetBackend, TargetOutput
 from hass_deploy.runtime.kv import KVBuffers
+
+STEP_MODES = ("auto", "eager", "static", "graphs")
 
 
 def _kv_for(module: torch.nn.Module, num_layers: int, max_len: int) -> KVBuffers:
@@ -16,43 +27,100 @@ def _kv_for(module: torch.nn.Module, num_layers: int, max_len: int) -> KVBuffers
     return KVBuffers(num_layers, config.num_kv_heads, config.head_dim, max_len, weight.dtype, weight.device)
 
 
+def _step_graphs(mode: str, device: torch.device) -> graphs.StepGraphs | None:
+    if mode not in STEP_MODES:
+        raise ConfigError(f"unknown step mode {mode!r}; choose one of {', '.join(STEP_MODES)}")
+    if mode == "auto":
+        mode = "graphs" if device.type == "cuda" else "eager"
+    if mode == "graphs" and device.type != "cuda":
+        raise ConfigError("CUDA graphs need the model on a CUDA device (--device cuda)")
+    return None if mode == "eager" else graphs.StepGraphs(device, capture=mode == "graphs")
+
+
+def _static_shape(steps: int, cache_len: int, max_len: int) -> tuple[int, int] | None:
+    """(padded rows, KV rows read) of a static step, or None when it must run eagerly: too many rows for a bucket,
+    or padding would write past the buffers' end."""
+    rows = graphs.row_bucket(steps)
+    if rows is None or cache_len + rows > max_len:
+        return None
+    return rows, graphs.kv_rows(cache_len + rows, max_len)
+
+
 class TorchTarget(TargetBackend):
-    def __init__(self, module: Transformer, max_len: int):
+    def __init__(self, module: Transformer, max_len: int, steps: str = "auto"):
         self.module = module
         self.device = module.embed_tokens.weight.device
         self.vocab_size = module.config.vocab_size
-        self.max_len = max_len
+        self.max_len, self.mode = max_len, steps
         self.kv = _kv_for(module, module.config.num_layers, max_len)
+        self.graphs = _step_graphs(steps, self.device)
 
     @torch.no_grad()
     def _step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False) -> TargetOutput:
-        hidden = self.module(input_ids, position_ids, tree_mask, self.kv, cache_len)  # [1, T, H]
-        logits = self.module.logits(hidden[:, -1:] if last_only else hidden)
-        return TargetOutput(logits=logits, hidden=hidden)
+        steps = input_ids.shape[1]
+        shape = None if self.graphs is None or last_only else _static_shape(steps, cache_len, self.max_len)
+        if shape is None:
+            hidden = self.module(input_ids, position_ids, tree_mask, self.kv, cache_len)  # [1, T, H]
+            logits = self.module.logits(hidden[:, -1:] if last_only else hidden)
+            return TargetOutput(logits=logits, hidden=hidden)
+        rows, kv_len = shape
+        feeds = {"input_ids": graphs.pad_rows(input_ids, rows), "position_ids": graphs.pad_rows(position_ids, rows),
+                 "tree_mask": graphs.pad_tree_mask(tree_mask, steps, rows, self.device),
+                 "cache_len": torch.full((), cache_len, dtype=torch.int64, device=self.device)}
+
+        def compute(static: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            hidden = self.module(static["input_ids"], static["position_ids"], static["tree_mask"], self.kv,
+                                 static["cache_len"], kv_len)  # [1, T_b, H]
+            return {"hidden": hidden, "logits": self.module.logits(hidden)}
+
+        out = self.graphs.run(("target", rows, kv_len), feeds, steps, compute)
+        return TargetOutput(logits=out["logits"], hidden=out["hidden"])
 
     def compact(self, cache_len: int, keep: torch.Tensor) -> None:
         self.kv.compact(cache_len, keep)
 
     def fork(self) -> "TorchTarget":
-        return TorchTarget(self.module, self.max_len)
+        return TorchTarget(self.module, self.max_len, self.mode)
 
 
 class TorchDraft(DraftBackend):
     """The draft head with the target's lm_head (shared, not copied)."""
 
-    def __init__(self, head: DraftHead, lm_head: torch.nn.Linear, max_len: int):
+    def __init__(self, head: DraftHead, lm_head: torch.nn.Linear, max_len: int, steps: str = "auto"):
         self.head = head
         self.lm_head = lm_head
         self.device = head.fc.weight.device
-        self.max_len = max_len
+        self.max_len, self.mode = max_len, steps
         self.kv = _kv_for(head, 1, max_len)
+        self.graphs = _step_graphs(steps, self.device)
+
+    def _rank(self, hidden: torch.Tensor, top_k: int) -> torch.return_types.topk:
+        logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1, T, V]
+        return torch.topk(logprobs, top_k, dim=-1)
 
     @torch.no_grad()
     def _step(self, features, input_ids, position_ids, cache_len, tree_mask, top_k) -> DraftOutput:
-        hidden = self.head(features.to(self.head.fc.weight.dtype), input_ids, position_ids, tree_mask, self.kv, cache_len)
-        logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1, T, V]
-        top = torch.topk(logprobs, top_k, dim=-1)
-        return DraftOutput(hidden=hidden, logprobs=top.values, tokens=top.indices)
+        features = features.to(self.head.fc.weight.dtype)
+        steps = input_ids.shape[1]
+        shape = None if self.graphs is None else _static_shape(steps, cache_len, self.max_len)
+        if shape is None:
+            hidden = self.head(features, input_ids, position_ids, tree_mask, self.kv, cache_len)
+            top = self._rank(hidden, top_k)
+            return DraftOutput(hidden=hidden, logprobs=top.values, tokens=top.indices)
+        rows, kv_len = shape
+        mask = graphs.pad_tree_mask(tree_mask, steps, rows, self.device)  # [1, T_b, M_b]
+        feeds = {"features": graphs.pad_rows(features, rows), "input_ids": graphs.pad_rows(input_ids, rows),
+                 "position_ids": graphs.pad_rows(position_ids, rows), "tree_mask": mask,
+                 "cache_len": torch.full((), cache_len, dtype=torch.int64, device=self.device)}
+
+        def compute(static: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            hidden = self.head(static["features"], static["input_ids"], static["position_ids"], static["tree_mask"],
+                               self.kv, static["cache_len"], kv_len)  # [1, T_b, H]
+            top = self._rank(hidden, top_k)
+            return {"hidden": hidden, "logprobs": top.values, "tokens": top.indices}
+
+        out = self.graphs.run(("draft", rows, mask.shape[2], kv_len, top_k), feeds, steps, compute)
+        return DraftOutput(hidden=out["hidden"], logprobs=out["logprobs"], tokens=out["tokens"])
 
     def fork(self) -> "TorchDraft":
-        return TorchDraft(self.head, self.lm_head, self.max_len)
+        return TorchDraft(self.head, self.lm_head, self.max_len, self.mode)

@@ -1,15 +1,17 @@
 """The step contract (runtime/backends/base.py), one suite for every backend: a backend is proven by passing it.
 
-Each test runs against PyTorch, ONNX Runtime's standard graphs and its fused graphs, over the same tiny models
+Each test runs against PyTorch (eager and static steps), ONNX Runtime's standard graphs and its fused graphs, and on a
+GPU against PyTorch with and without CUDA graphs and TensorRT, over the same tiny models
 (hidden 64, head_dim 16: what the fused graphs need) and one export per architecture: greedy output
 token-identical to `transformers` for every architecture and tree shape, a step's values, the KV rows a
 backend holds after chunked prefill, tree steps and compaction, running into the KV capacity, the checks
-`step()` makes, and `fork()`. A new backend (TensorRT) joins by adding a case to `open_pair`.
+`step()` makes, and `fork()`. A new backend joins by adding a case to `open_pair`.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import replace
 
 import pytest
@@ -23,11 +25,22 @@ from hass_deploy.runtime.backends import open_backends
 from hass_deploy.runtime.backends.torch import TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
 
-# "torch-cuda" is the torch backend on a GPU (fp32, so greedy output is still transformers' token for token): marked
-# `gpu`, skipped where no CUDA device is (benchmarks/gpu_check.py runs these on one).
-BACKENDS = ("torch", "onnxruntime-standard", "onnxruntime-fused",
-            pytest.param("torch-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-                not torch.cuda.is_available(), reason="no CUDA device on this machine")]))
+
+def _on_gpu(name: str, needs: str | None = None):
+    """A case marked `gpu`, skipped where there is no CUDA device (or no `needs` module): benchmarks/gpu_check.sh
+    runs these on one."""
+    missing = needs is not None and importlib.util.find_spec(needs) is None
+    return pytest.param(name, marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available() or missing,
+        reason="no CUDA device on this machine" if not missing else f"{needs} is not installed")])
+
+
+# "torch-static" runs the torch backend's static steps (padded rows, device-side cache_len, KV blocks) as the CUDA
+# graphs would replay them, on the CPU. "torch-cuda" is the torch backend on a GPU with its steps captured as CUDA
+# graphs, "torch-cuda-eager" without (fp32, so greedy output is still transformers' token for token). "tensorrt" runs
+# engines built from the standard graphs (needs TensorRT: not yet run in this project's own testing).
+BACKENDS = ("torch", "torch-static", "onnxruntime-standard", "onnxruntime-fused", _on_gpu("torch-cuda"),
+            _on_gpu("torch-cuda-eager"), _on_gpu("tensorrt", needs="tensorrt"))
 TREES = {
     "chain": TreeConfig(tokens=5, depth=4, top_k=1),
     "wide": TreeConfig(tokens=12, depth=2, top_k=8),
@@ -52,17 +65,22 @@ def on_cuda(fusable_targets, fusable_drafts):
 
 
 @pytest.fixture
-def open_pair(fusable_targets, fusable_drafts, fused_artifacts, on_cuda):
+def open_pair(fusable_targets, fusable_drafts, fused_artifacts, trt_artifacts, on_cuda):
     """open_pair(backend, arch, with_draft, max_len, tree) -> (target backend, draft backend or None)."""
 
     def opened(backend: str, arch: str, with_draft: bool = True, max_len: int = MAX_LEN,
                tree: TreeConfig = TreeConfig()):
         target, draft = fusable_targets[arch], fusable_drafts[arch] if with_draft else None
-        if backend == "torch":
-            return open_backends("torch", target, draft, max_len, tree.draft_rows)
-        if backend == "torch-cuda":
+        if backend in ("torch", "torch-static"):
+            return open_backends("torch", target, draft, max_len, tree.draft_rows,
+                                 torch_steps="static" if backend == "torch-static" else "eager")
+        if backend.startswith("torch-cuda"):
             target, cuda_draft = on_cuda[arch]
-            return open_backends("torch", target, cuda_draft if with_draft else None, max_len, tree.draft_rows)
+            return open_backends("torch", target, cuda_draft if with_draft else None, max_len, tree.draft_rows,
+                                 torch_steps="eager" if backend.endswith("eager") else "graphs")
+        if backend == "tensorrt":
+            return open_backends("tensorrt", target, draft, max_len, tree.draft_rows, trt_artifacts[arch],
+                                 device="cuda")
         if backend.startswith("onnxruntime"):
             pytest.importorskip("onnxruntime")
             return open_backends("onnxruntime", target, draft, max_len, tree.draft_rows, fused_artifacts[arch],
@@ -158,8 +176,8 @@ def test_kv_buffers_hold_exactly_the_committed_context(backend, open_pair, fusab
     decoder = SpeculativeDecoder(checked, OracleDraft(target, ids[0], MAX_LEN + tree.draft_rows, noise=0.3))
     result = decoder.generate(ids, greedy(tree, max_new_tokens=70, eos=()), on_tokens=committed.extend)
     assert checked.checks == result.rounds and any(a > 0 for a in result.accept_lengths)
-    # Standard graphs bind a view that grew past 64 rows; the others bind (or slice) the whole buffer.
-    assert target_backend.kv.rows == (128 if backend == "onnxruntime-standard" else MAX_LEN)
+    # Standard graphs (ONNX Runtime's, TensorRT's) bind a view that grew past 64 rows; the others the whole buffer.
+    assert target_backend.kv.rows == (128 if backend in ("onnxruntime-standard", "tensorrt") else MAX_LEN)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])  # a sliding window; q/k norms
@@ -197,7 +215,7 @@ def test_step_checks_the_call(backend, open_pair):
         draft_backend.step(torch.zeros(1, 3, 64, device=on), ids, positions, 0, None, top_k=2)
     with pytest.raises(ConfigError, match="top-k"):
         draft_backend.step(torch.zeros(1, 4, 64, device=on), ids, positions, 0, None, top_k=0)
-    if backend.startswith("onnxruntime"):  # an export fixes the tree budget (64) and the draft's top-k (16)
+    if not backend.startswith("torch"):  # an export fixes the tree budget (64) and the draft's top-k (16)
         big = torch.zeros(1, 65, dtype=torch.long)
         with pytest.raises(ConfigError, match="tree budget"):
             open_pair(backend, "llama")[0].step(big, big, 0, torch.ones(1, 65, 65, dtype=torch.bool))
