@@ -53,3 +53,42 @@ class TrtExports(LazyExports):
         build_engines(out, manifest).write(out)
         self[arch] = out
         return out
+
+
+class OrtEngine:
+    """Stands in for `runtime.backends.tensorrt._Engine` on a CPU: the same `run(profile, inputs, outputs)`, computed
+    by ONNX Runtime on the standard graph TensorRT would build its plan from. It checks every dynamic input against
+    the optimisation profile the backend chose (what TensorRT would refuse), so that everything around the TensorRT
+    calls (profile choice, padding, staging, outputs, KV writes) runs in the contract suite here."""
+
+    def __init__(self, artifacts: Path, graph: str):
+        import onnxruntime as ort
+        import torch
+
+        from hass_deploy.export.tensorrt import profile_shapes, profiles
+        from hass_deploy.manifest import read_manifest
+
+        manifest = read_manifest(artifacts)
+        self.artifacts, self.graph, self.device = artifacts, graph, torch.device("cpu")
+        spec = manifest.graphs[graph]
+        self.session = ort.InferenceSession(str(artifacts / spec.file), providers=["CPUExecutionProvider"])
+        self.names = [output.name for output in self.session.get_outputs()]
+        self.profiles = [profile_shapes(spec, profile) for profile in profiles(manifest)]
+        self.runs = 0
+
+    def fork(self) -> "OrtEngine":
+        return OrtEngine(self.artifacts, self.graph)
+
+    def run(self, profile, inputs, outputs):
+        import torch
+
+        for name, (low, _, high) in self.profiles[profile].items():
+            shape = tuple(inputs[name].shape)
+            assert all(lo <= d <= hi for lo, d, hi in zip(low, shape, high)), (name, shape, profile, low, high)
+        results = self.session.run(self.names, {name: value.numpy() for name, value in inputs.items()})
+        self.runs += 1
+        views = {}
+        for name, value in zip(self.names, results):
+            views[name] = outputs.view(name, value.shape)
+            views[name].copy_(torch.from_numpy(value))
+        return views

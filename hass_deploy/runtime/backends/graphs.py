@@ -18,6 +18,8 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from hass_deploy.errors import HassDeployError
+
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # padded step sizes: decode, tree verification, the draft's levels
 KV_BLOCK = 256  # KV rows a captured step reads are a multiple of this: at most 255 masked rows of extra attention
 
@@ -63,8 +65,9 @@ def pad_tree_mask(tree_mask: torch.Tensor | None, steps: int, rows: int, device:
 class StepGraphs:
     """One backend's static steps: input buffers per shape key, and with `capture` their CUDA graphs.
 
-    All graphs of a backend share one memory pool: they replay one at a time on one stream, and every output is
-    copied out (`run` returns clones) before the next replay can reuse the pool's intermediate memory.
+    A captured step's outputs are the graph's own tensors: the next replay of that graph overwrites them, and since
+    all graphs of a backend share one memory pool (they replay one at a time, on one stream), so may the next step's.
+    Callers copy out what they keep before the next step.
     """
 
     def __init__(self, device: torch.device, capture: bool):
@@ -75,27 +78,26 @@ class StepGraphs:
         self.warm: set[Hashable] = set()
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
-    def run(self, key: Hashable, feeds: dict[str, torch.Tensor], rows: int,
+    def run(self, key: Hashable, feeds: dict[str, torch.Tensor],
             compute: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Copy `feeds` (tensors of one static shape per key) into the key's buffers and run `compute` on them;
-        returns its outputs [1, T_b, ...] cut to their first `rows` rows, as tensors of the caller's own."""
+        """Copy `feeds` (tensors of one static shape per key) into the key's buffers and run `compute` on them."""
         static = self.inputs.get(key)
         if static is None:
             static = self.inputs[key] = {name: torch.empty_like(value) for name, value in feeds.items()}
         for name, value in feeds.items():
             static[name].copy_(value)
         if not self.capture or key in self.uncaptured:
-            return {name: value[:, :rows] for name, value in compute(static).items()}
+            return compute(static)
         if key not in self.graphs:
             if key not in self.warm:  # the real step, run once uncaptured: it initialises what capture cannot
                 self.warm.add(key)
-                return {name: value[:, :rows] for name, value in self._warm_up(static, compute).items()}
+                return self._warm_up(static, compute)
             self._capture(key, static, compute)
             if key in self.uncaptured:
-                return {name: value[:, :rows] for name, value in compute(static).items()}
+                return compute(static)
         graph, outputs = self.graphs[key]
         graph.replay()  # the captured kernels, reading the buffers just filled, writing `outputs`
-        return {name: value[:, :rows].clone() for name, value in outputs.items()}
+        return outputs
 
     def _warm_up(self, static: dict[str, torch.Tensor], compute: Callable) -> dict[str, torch.Tensor]:
         # On a side stream, as torch.cuda.graphs asks: lazy initialisation (cuBLAS workspaces) happens outside capture.
@@ -111,7 +113,8 @@ class StepGraphs:
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 outputs = compute(static)  # recorded, not run: the replay that follows runs it
-        except RuntimeError as error:  # e.g. an op that synchronises; the step stays correct, only uncaptured
+        except (RuntimeError, HassDeployError) as error:  # an op that synchronises, an engine that cannot be captured
+            # (TensorRT's enqueue returns False): the step stays correct, only uncaptured.
             warnings.warn(f"CUDA graph capture failed for step shape {key}, running it eagerly: {error}", stacklevel=3)
             self.uncaptured.add(key)
             return

@@ -10,9 +10,14 @@ aligned staging buffers the same way. Steps of one row run in profile 0 (decode)
 verification, prefill chunks), each profile with an execution context of its own sharing one scratch allocation,
 on a non-default stream ordered after and before torch's.
 
-Every TensorRT call is in `_Engine` (trt-notes §2); the planning around it (profiles, buffer layout, the manifest
-check) is tested on the CPU. Not yet run on a GPU in this project's own testing (docs/RESULTS.md §8). Not yet:
-CUDA graphs per (profile, T bucket).
+Steps are padded to row buckets and captured as CUDA graphs per (profile, input shapes, bound KV rows)
+(`graphs.py`, trt-notes §4): between two growths of the bound view a step's shapes and addresses are fixed, and
+its position (`cache_len`) is data. A capture that fails leaves that shape eager.
+
+Every TensorRT call is in `_Engine` (trt-notes §2). Everything around it (profiles, padding, buffer layout, staging,
+the KV writes, the manifest check) is tested on the CPU, with an engine that runs the same ONNX graphs in ONNX
+Runtime (tests/ort_artifacts.py) in the backend contract suite. The TensorRT calls themselves have not run in this
+project's own testing yet (docs/RESULTS.md §8).
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import torch
 
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 from hass_deploy.manifest import GraphSpec, Manifest
-from hass_deploy.models.target import causal_tree_mask
+from hass_deploy.runtime.backends import graphs
 from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput, TargetBackend, TargetOutput, run_chunked
-from hass_deploy.runtime.kv import KVBuffers
+from hass_deploy.runtime.kv import MIN_BOUND_ROWS, KVBuffers
 
 ALIGN_BYTES = 256
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STEP_MODES = ("graphs", "static", "eager")  # static: padded steps without capture (the CPU tests' engine)
+_PADDED = ("input_ids", "position_ids", "features")  # the per-row inputs a padded step extends with zeros
 _FIXED = {"input_ids": torch.int64, "position_ids": torch.int64, "cache_len": torch.int64, "tree_mask": torch.bool,
           "logits_index": torch.int64, "top_tokens": torch.int64, "top_logprobs": torch.float32}
 
@@ -124,41 +131,68 @@ class _Engine:
 
 
 class _Steps:
-    """What the target and draft backends share: the engine, KV buffers, aligned inputs and outputs."""
+    """What the target and draft backends share: the engine, KV buffers, aligned inputs and outputs, graphs."""
 
-    def __init__(self, engine: _Engine, spec: GraphSpec, manifest: Manifest, max_len: int, extra_inputs=()):
-        self.engine, self.spec = engine, spec
+    def __init__(self, engine: _Engine, spec: GraphSpec, manifest: Manifest, max_len: int, mode: str):
+        if mode not in STEP_MODES:
+            raise ConfigError(f"unknown step mode {mode!r}; choose one of {', '.join(STEP_MODES)}")
+        self.engine, self.spec, self.mode = engine, spec, mode
         self.dtype, device = _DTYPES[manifest.dtype], engine.device
         self.chunk = manifest.prefill_chunk
-        largest = max(manifest.max_tree_tokens, manifest.prefill_chunk, 2)
-        self.kv = KVBuffers(spec.num_layers, spec.num_kv_heads, spec.head_dim, max_len, self.dtype, device, full=False)
-        block = spec.num_kv_heads * max_len * spec.head_dim * torch.empty((), dtype=self.dtype).element_size()
-        if block % ALIGN_BYTES:  # each layer's K and V must start at a 256-byte boundary
-            raise HassDeployError(f"KV buffers of {max_len} rows do not align to {ALIGN_BYTES} bytes; use a "
-                                  "--max-seq-len that is a multiple of 64")
+        self.largest = max(manifest.max_tree_tokens, manifest.prefill_chunk, 2)  # profile 1's most rows
+        # Rows allocated in whole 64-row blocks, so that every layer's K and V slot starts at a 256-byte boundary
+        # (`setTensorAddress`' rule) whatever --max-seq-len is; the contract's capacity stays max_len.
+        allocated = -(-max_len // MIN_BOUND_ROWS) * MIN_BOUND_ROWS
+        self.kv = KVBuffers(spec.num_layers, spec.num_kv_heads, spec.head_dim, allocated, self.dtype, device, full=False)
+        block = spec.num_kv_heads * allocated * spec.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        if block % ALIGN_BYTES:
+            raise HassDeployError(f"KV slots of {allocated} rows do not align to {ALIGN_BYTES} bytes (head_dim "
+                                  f"{spec.head_dim}, {spec.num_kv_heads} KV heads)")
         # A draft tree level's mask covers the rows of every level so far: at most the context and the step.
-        self.inputs = AlignedBuffers(buffer_sizes(spec.inputs, largest, largest + max_len, self.dtype), device)
-        self.outputs = AlignedBuffers(buffer_sizes(spec.outputs, largest, largest + max_len, self.dtype), device)
+        self.inputs = AlignedBuffers(buffer_sizes(spec.inputs, self.largest, self.largest + allocated, self.dtype),
+                                     device)
+        self.outputs = AlignedBuffers(buffer_sizes(spec.outputs, self.largest, self.largest + allocated, self.dtype),
+                                      device)
+        self.graphs = None if mode == "eager" else graphs.StepGraphs(device, capture=mode == "graphs")
 
-    def run(self, feeds: dict[str, torch.Tensor], cache_len: int, rows: int) -> dict[str, torch.Tensor]:
+    def padded_rows(self, rows: int) -> int:
+        """The rows a step of `rows` runs as: its bucket, within profile 1's range (else unpadded)."""
+        bucket = graphs.row_bucket(rows) if self.graphs is not None else None
+        return rows if bucket is None or bucket > self.largest else bucket
+
+    def run(self, feeds: dict[str, torch.Tensor], cache_len: int, rows: int, padded: int) -> dict[str, torch.Tensor]:
+        """Run a step of `rows` rows as `padded` rows (feeds' per-row inputs have `rows`; tree_mask [1, rows, M] or
+        None for causal) and write its real rows' K/V at cache_len..; returns the engine's outputs (padded rows
+        included), valid until the next step."""
+        feeds = dict(feeds, tree_mask=graphs.pad_tree_mask(feeds["tree_mask"], rows, padded, self.engine.device))
+        if padded != rows:
+            feeds.update({name: graphs.pad_rows(feeds[name], padded) for name in _PADDED if name in feeds})
         self.kv.reserve(cache_len + rows)
         inputs = {}
         for name, value in feeds.items():  # aligned, contiguous copies of this step's small inputs
             inputs[name] = self.inputs.view(name, tuple(value.shape))
             inputs[name].copy_(value)
         view = self.kv.view()  # [L, 2, 1, H_kv, S_b, D]
+        profile = profile_for(padded)
+        # Shapes and addresses a graph freezes: the inputs' shapes (their addresses are their buffers') and the bound
+        # KV view, whose address is fixed and whose rows change only when it grows.
+        key = (profile, self.kv.rows, tuple((name, tuple(value.shape)) for name, value in inputs.items()))
         for layer in range(self.spec.num_layers):
             inputs[f"past_key_{layer}"], inputs[f"past_value_{layer}"] = view[layer, 0], view[layer, 1]
-        out = self.engine.run(profile_for(rows), inputs, self.outputs)
-        for layer in range(self.spec.num_layers):  # the step's rows into the buffers, on the device
-            view[layer, 0, :, :, cache_len:cache_len + rows] = out[f"new_key_{layer}"]
-            view[layer, 1, :, :, cache_len:cache_len + rows] = out[f"new_value_{layer}"]
+
+        def compute(_: dict) -> dict[str, torch.Tensor]:
+            return self.engine.run(profile, inputs, self.outputs)
+
+        out = compute({}) if self.graphs is None else self.graphs.run(key, {}, compute)
+        for layer in range(self.spec.num_layers):  # the step's real rows into the buffers, on the device
+            view[layer, 0, :, :, cache_len:cache_len + rows] = out[f"new_key_{layer}"][:, :, :rows]
+            view[layer, 1, :, :, cache_len:cache_len + rows] = out[f"new_value_{layer}"][:, :, :rows]
         return out
 
 
 class TrtTarget(TargetBackend):
-    def __init__(self, engine: _Engine, manifest: Manifest, max_len: int):
-        self.manifest, self.steps = manifest, _Steps(engine, manifest.graphs["target"], manifest, max_len)
+    def __init__(self, engine: _Engine, manifest: Manifest, max_len: int, steps: str = "graphs"):
+        self.manifest, self.steps = manifest, _Steps(engine, manifest.graphs["target"], manifest, max_len, steps)
         self.device, self.max_len, self.max_tree_tokens = engine.device, max_len, manifest.max_tree_tokens
         self.vocab_size = manifest.target["vocab_size"]
 
@@ -172,14 +206,17 @@ class TrtTarget(TargetBackend):
 
         def run(start: int, stop: int) -> dict:
             rows = stop - start
-            wanted = 1 if last_only else rows
-            mask = tree_mask if tree_mask is not None else causal_tree_mask(rows, self.device)
+            padded = self.steps.padded_rows(rows)
+            # Logits of the last row (a prefill), else of every row the step runs (padding rows' are dropped).
+            index = torch.arange(rows - 1, rows) if last_only else torch.arange(padded)
             feeds = {"input_ids": input_ids[:, start:stop], "position_ids": position_ids[:, start:stop],
-                     "cache_len": torch.tensor([cache_len + start], device=self.device), "tree_mask": mask,
-                     "logits_index": torch.arange(rows - wanted, rows, device=self.device)}
-            out = self.steps.run(feeds, cache_len + start, rows)
-            return {"hidden": out["hidden"].clone(),
-                    "logits": out["logits"].clone() if not last_only or stop == steps else None}
+                     "cache_len": torch.tensor([cache_len + start]), "tree_mask": tree_mask,
+                     "logits_index": index}
+            out = self.steps.run({name: value if value is None else value.to(self.device)
+                                  for name, value in feeds.items()}, cache_len + start, rows, padded)
+            return {"hidden": out["hidden"][:, :rows].clone(),
+                    "logits": out["logits"][:, :1 if last_only else rows].clone()
+                    if not last_only or stop == steps else None}
 
         out = run_chunked(steps, self.steps.chunk, tree_mask is None, run)
         return TargetOutput(logits=out["logits"], hidden=out["hidden"])
@@ -188,12 +225,12 @@ class TrtTarget(TargetBackend):
         self.steps.kv.compact(cache_len, keep)
 
     def fork(self) -> "TrtTarget":
-        return TrtTarget(self.steps.engine.fork(), self.manifest, self.max_len)
+        return TrtTarget(self.steps.engine.fork(), self.manifest, self.max_len, self.steps.mode)
 
 
 class TrtDraft(DraftBackend):
-    def __init__(self, engine: _Engine, manifest: Manifest, max_len: int):
-        self.manifest, self.steps = manifest, _Steps(engine, manifest.graphs["draft"], manifest, max_len)
+    def __init__(self, engine: _Engine, manifest: Manifest, max_len: int, steps: str = "graphs"):
+        self.manifest, self.steps = manifest, _Steps(engine, manifest.graphs["draft"], manifest, max_len, steps)
         self.device, self.max_len, self.max_top_k = engine.device, max_len, manifest.max_top_k
 
     @property
@@ -206,17 +243,16 @@ class TrtDraft(DraftBackend):
             rows = stop - start
             feeds = {"features": features[:, start:stop], "input_ids": input_ids[:, start:stop],
                      "position_ids": position_ids[:, start:stop],
-                     "cache_len": torch.tensor([cache_len + start], device=self.device),
-                     "tree_mask": tree_mask if tree_mask is not None else causal_tree_mask(rows, self.device)}
-            out = self.steps.run(feeds, cache_len + start, rows)
-            return {"hidden": out["hidden"].clone(), "logprobs": out["top_logprobs"][..., :top_k].clone(),
-                    "tokens": out["top_tokens"][..., :top_k].clone()}
+                     "cache_len": torch.tensor([cache_len + start], device=self.device), "tree_mask": tree_mask}
+            out = self.steps.run(feeds, cache_len + start, rows, self.steps.padded_rows(rows))
+            return {"hidden": out["hidden"][:, :rows].clone(), "logprobs": out["top_logprobs"][:, :rows, :top_k].clone(),
+                    "tokens": out["top_tokens"][:, :rows, :top_k].clone()}
 
         out = run_chunked(input_ids.shape[1], self.steps.chunk, tree_mask is None, run)
         return DraftOutput(hidden=out["hidden"], logprobs=out["logprobs"], tokens=out["tokens"])
 
     def fork(self) -> "TrtDraft":
-        return TrtDraft(self.steps.engine.fork(), self.manifest, self.max_len)
+        return TrtDraft(self.steps.engine.fork(), self.manifest, self.max_len, self.steps.mode)
 
 
 def check_plans(manifest: Manifest, with_draft: bool) -> dict:

@@ -46,6 +46,13 @@ def _static_shape(steps: int, cache_len: int, max_len: int) -> tuple[int, int] |
     return rows, graphs.kv_rows(cache_len + rows, max_len)
 
 
+def _rows(outputs: dict[str, torch.Tensor], steps: int) -> dict[str, torch.Tensor]:
+    """A static step's outputs [1, T_b, ...] cut to the step's T rows, as copies: a captured graph's outputs are
+    overwritten by later replays (a draft level can share a context pass's shape key), and the decoder keeps some
+    across steps."""
+    return {name: value[:, :steps].clone() for name, value in outputs.items()}
+
+
 class TorchTarget(TargetBackend):
     def __init__(self, module: Transformer, max_len: int, steps: str = "auto"):
         self.module = module
@@ -73,7 +80,7 @@ class TorchTarget(TargetBackend):
                                  static["cache_len"], kv_len)  # [1, T_b, H]
             return {"hidden": hidden, "logits": self.module.logits(hidden)}
 
-        out = self.graphs.run(("target", rows, kv_len), feeds, steps, compute)
+        out = _rows(self.graphs.run(("target", rows, kv_len), feeds, compute), steps)
         return TargetOutput(logits=out["logits"], hidden=out["hidden"])
 
     def compact(self, cache_len: int, keep: torch.Tensor) -> None:
@@ -119,7 +126,7 @@ class TorchDraft(DraftBackend):
             top = self._rank(hidden, top_k)
             return {"hidden": hidden, "logprobs": top.values, "tokens": top.indices}
 
-        out = self.graphs.run(("draft", rows, mask.shape[2], kv_len, top_k), feeds, steps, compute)
+        out = _rows(self.graphs.run(("draft", rows, mask.shape[2], kv_len, top_k), feeds, compute), steps)
         return DraftOutput(hidden=out["hidden"], logprobs=out["logprobs"], tokens=out["tokens"])
 
     def fork(self) -> "TorchDraft":

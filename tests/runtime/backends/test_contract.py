@@ -21,7 +21,9 @@ from conftest import ARCHITECTURES, OracleDraft, make_decoder
 from runtime.test_decoder import greedy, hf_greedy, prompt
 from hass_deploy.config import TreeConfig
 from hass_deploy.errors import CacheCapacityError, ConfigError
+from hass_deploy.manifest import read_manifest
 from hass_deploy.runtime.backends import open_backends
+from hass_deploy.runtime.backends.tensorrt import TrtDraft, TrtTarget
 from hass_deploy.runtime.backends.torch import TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
 
@@ -39,8 +41,10 @@ def _on_gpu(name: str, needs: str | None = None):
 # graphs would replay them, on the CPU. "torch-cuda" is the torch backend on a GPU with its steps captured as CUDA
 # graphs, "torch-cuda-eager" without (fp32, so greedy output is still transformers' token for token). "tensorrt" runs
 # engines built from the standard graphs (needs TensorRT: not yet run in this project's own testing).
-BACKENDS = ("torch", "torch-static", "onnxruntime-standard", "onnxruntime-fused", _on_gpu("torch-cuda"),
-            _on_gpu("torch-cuda-eager"), _on_gpu("tensorrt", needs="tensorrt"))
+# "tensorrt-ort" is the TensorRT backend with ONNX Runtime standing in for its engine (`ort_artifacts.OrtEngine`):
+# everything but the TensorRT calls, padded steps included, on the CPU.
+BACKENDS = ("torch", "torch-static", "onnxruntime-standard", "onnxruntime-fused", "tensorrt-ort",
+            _on_gpu("torch-cuda"), _on_gpu("torch-cuda-eager"), _on_gpu("tensorrt", needs="tensorrt"))
 TREES = {
     "chain": TreeConfig(tokens=5, depth=4, top_k=1),
     "wide": TreeConfig(tokens=12, depth=2, top_k=8),
@@ -81,6 +85,16 @@ def open_pair(fusable_targets, fusable_drafts, fused_artifacts, trt_artifacts, o
         if backend == "tensorrt":
             return open_backends("tensorrt", target, draft, max_len, tree.draft_rows, trt_artifacts[arch],
                                  device="cuda")
+        if backend == "tensorrt-ort":
+            from ort_artifacts import OrtEngine  # imports onnxruntime (or skips)
+
+            artifacts = fused_artifacts[arch]
+            manifest = read_manifest(artifacts)
+            target_backend = TrtTarget(OrtEngine(artifacts, "target"), manifest, max_len, "static")
+            if not with_draft:
+                return target_backend, None
+            return target_backend, TrtDraft(OrtEngine(artifacts, "draft"), manifest, max_len + tree.draft_rows,
+                                            "static")
         if backend.startswith("onnxruntime"):
             pytest.importorskip("onnxruntime")
             return open_backends("onnxruntime", target, draft, max_len, tree.draft_rows, fused_artifacts[arch],
@@ -177,7 +191,7 @@ def test_kv_buffers_hold_exactly_the_committed_context(backend, open_pair, fusab
     result = decoder.generate(ids, greedy(tree, max_new_tokens=70, eos=()), on_tokens=committed.extend)
     assert checked.checks == result.rounds and any(a > 0 for a in result.accept_lengths)
     # Standard graphs (ONNX Runtime's, TensorRT's) bind a view that grew past 64 rows; the others the whole buffer.
-    assert target_backend.kv.rows == (128 if backend in ("onnxruntime-standard", "tensorrt") else MAX_LEN)
+    assert target_backend.kv.rows == (128 if backend.startswith(("onnxruntime-standard", "tensorrt")) else MAX_LEN)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])  # a sliding window; q/k norms

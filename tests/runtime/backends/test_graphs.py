@@ -122,8 +122,8 @@ def test_captured_steps_replay_and_a_failed_capture_stays_eager():
 
     for call in range(4):
         x = torch.randn(1, 4, 8, device=device)
-        out = steps.run("k", {"x": x}, 3, compute)
-        torch.testing.assert_close(out["out"], (x @ weight)[:, :3])
+        out = steps.run("k", {"x": x}, compute)
+        torch.testing.assert_close(out["out"], x @ weight)
         assert ("k" in steps.graphs) == (call >= 1)
 
     def syncing(static):
@@ -132,5 +132,5 @@ def test_captured_steps_replay_and_a_failed_capture_stays_eager():
     with pytest.warns(UserWarning, match="capture failed"):
         for _ in range(3):
             x = torch.randn(1, 2, 8, device=device)
-            torch.testing.assert_close(steps.run("s", {"x": x}, 2, syncing)["out"], x * x.sum().item())
+            torch.testing.assert_close(steps.run("s", {"x": x}, syncing)["out"], x * x.sum().item())
     assert "s" in steps.uncaptured
