@@ -12,16 +12,19 @@ stage is skipped when the time budget cannot cover it):
 3. quickstart: the demo target and both drafts trained from scratch on the GPU, data extracted there
    (`hass-deploy quickstart --device cuda`: the training path of the training issue too); export, validation and
    the benchmark run on ONNX Runtime's CPU provider, as everywhere.
-4. identity: greedy speculative against plain decoding on the GPU with the torch backend, token for token in fp32;
-   in bf16 the share of identical outputs is reported (a T-row verify and a 1-row step may round differently).
+4. identity: greedy speculative against plain decoding on the GPU with the torch backend, token for token in fp32,
+   with its steps captured as CUDA graphs (the default) and eager (`--no-cuda-graphs`), which must also agree with
+   each other; tokens/s of both (the demo target is small enough to be bound by kernel launches). In bf16 the share
+   of identical outputs is reported (a T-row verify and a 1-row step may round differently).
 5. training: the command-line training path on the GPU, short: `hass-deploy data --device cuda` over part of the
    quickstart's draft text (the target in bf16, `--compute-dtype auto`), two epochs of `hass-deploy train --recipe
    hass --device cuda --precision bf16` (bf16 autocast over fp32 weights), then the new draft against plain
    decoding as in `identity` (fp32, token for token).
 6. widen: the quickstart's target and drafts widened to a 7 B-class shape (`hass-deploy widen --dtype bf16`).
-7. bench-wide: plain vs EAGLE-2 vs HASS (and prompt lookup) on the widened target, torch CUDA backend, bf16,
-   the paper's tree (60 nodes, depth 6, top-k 10): tokens/s, tau, speedup. The goal is >= 2.5x for HASS.
-8. tensorrt: whether TensorRT imports; its export and backend are not part of this project yet.
+7. bench-wide: plain vs EAGLE-2 vs HASS (and prompt lookup) on the widened target, torch CUDA backend (CUDA graphs),
+   bf16, the paper's tree (60 nodes, depth 6, top-k 10): tokens/s, tau, speedup. The goal is >= 2.5x for HASS.
+8. tensorrt: where TensorRT imports, `hass-deploy export --engine trt` of the quickstart's target and HASS draft and
+   a `bench --backend tensorrt` of them (plain vs HASS, lossless check); skipped, saying so, where it does not.
 
 OUT/gpu_check.json and OUT/gpu_check.md hold the results; OUT/logs/ each stage's output. `--device cpu` with a
 small preset and shape runs the same script on a CPU (what the project's own test of this script does).
@@ -40,6 +43,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+class Skipped(Exception):
+    """A stage that cannot run on this machine (not a failure)."""
 
 
 class Check:
@@ -62,6 +69,8 @@ class Check:
             begin = time.monotonic()
             try:
                 record.update(status="ok", **work())
+            except Skipped as why:
+                record.update(status="skipped", reason=str(why))
             except Exception as err:  # recorded, and the next stage still runs
                 record.update(status="failed", error=f"{type(err).__name__}: {err}"[-2000:])
             record["seconds"] = round(time.monotonic() - begin, 1)
@@ -116,9 +125,14 @@ def env_stage(device: str) -> dict:
     return info
 
 
+# (label, dtype, CUDA graphs): fp32 with and without graphs must give one output; bf16 is reported.
+VARIANTS = (("fp32", "fp32", True), ("fp32-eager", "fp32", False), ("bf16", "bf16", True))
+
+
 def identity_stage(workdir: Path, device: str, prompts: int, new_tokens: int, draft: str | None = None,
-                   dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict:
-    """Speculative vs plain greedy decoding with the torch backend on `device`: fp32 must be identical.
+                   variants: tuple[tuple[str, str, bool], ...] = VARIANTS) -> dict:
+    """Speculative vs plain greedy decoding with the torch backend on `device`: fp32 must be identical, with and
+    without CUDA graphs, and the two must agree.
 
     The quickstart's target, prompts and tree; its HASS draft unless `draft` names another one.
     """
@@ -132,11 +146,11 @@ def identity_stage(workdir: Path, device: str, prompts: int, new_tokens: int, dr
     summary = json.loads((workdir / "summary.json").read_text())
     paths, tree = summary["artifacts"], summary["bench"]["tree"]
     texts = [p.text for s in load_prompt_sets([paths["prompts"][0]], prompts) for p in s.prompts]
-    result = {}
-    for dtype in dtypes:
+    result, outputs_by = {}, {}
+    for label, dtype, cuda_graphs in variants:
         config = GenerationConfig(max_new_tokens=new_tokens, tree=TreeConfig(**tree))  # the quickstart's own tree
-        pipe = Pipeline.load(paths["target"], draft or paths["draft_hass"], RuntimeConfig(device=device, dtype=dtype),
-                             config)
+        runtime = RuntimeConfig(device=device, dtype=dtype, cuda_graphs=cuda_graphs)
+        pipe = Pipeline.load(paths["target"], draft or paths["draft_hass"], runtime, config)
         plain = SpeculativeDecoder(pipe.decoder.target, None)
         same, spent, tokens, taus = 0, {"plain": 0.0, "hass": 0.0}, 0, []
         for text in texts:
@@ -153,13 +167,17 @@ def identity_stage(workdir: Path, device: str, prompts: int, new_tokens: int, dr
             same += outputs["plain"].output_ids == outputs["hass"].output_ids
             tokens += len(outputs["plain"].output_ids)
             taus.append(outputs["hass"].tau)
-        result[dtype] = {"identical": f"{same}/{len(texts)}", "tau": round(sum(taus) / len(taus), 3),
+            outputs_by.setdefault(label, []).append(outputs["plain"].output_ids)
+        result[label] = {"identical": f"{same}/{len(texts)}", "tau": round(sum(taus) / len(taus), 3),
                          "plain_tok_s": round(tokens / spent["plain"], 1), "hass_tok_s": round(tokens / spent["hass"], 1)}
         del pipe, plain
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    if not result["fp32"]["identical"].startswith(f"{len(texts)}/"):
-        raise RuntimeError(f"fp32 speculative decoding differs from plain decoding: {result}")
+    for label in ("fp32", "fp32-eager"):
+        if label in result and not result[label]["identical"].startswith(f"{len(texts)}/"):
+            raise RuntimeError(f"{label}: speculative decoding differs from plain decoding: {result}")
+    if "fp32-eager" in outputs_by and outputs_by["fp32-eager"] != outputs_by["fp32"]:
+        raise RuntimeError(f"fp32 output with CUDA graphs differs from eager steps: {result}")
     return result
 
 
@@ -178,7 +196,7 @@ def training_stage(check: Check, workdir: Path, out: Path, device: str, records:
     metrics = json.loads((draft / "metrics.jsonl").read_text().splitlines()[-1])
     return {"compute_dtype": manifest["settings"]["compute_dtype"], "tokens": manifest["totals"]["train"]["tokens"],
             "eval_tau": round(metrics["eval_expected_tau"], 3),
-            "identity": identity_stage(workdir, device, prompts, new_tokens, str(draft), ("fp32",))["fp32"]}
+            "identity": identity_stage(workdir, device, prompts, new_tokens, str(draft), VARIANTS[:1])["fp32"]}
 
 
 def bench_summary(out: Path) -> dict:
@@ -262,8 +280,22 @@ def main() -> None:
         return bench_summary(bench_out)
 
     check.stage("bench-wide", 90, bench_wide if widened["status"] == "ok" else (lambda: _needs("widen")))
-    check.stage("tensorrt", 0, lambda: {"tensorrt": environment.get("tensorrt"), "note": (
-        "hass-deploy export --engine trt and the TensorRT backend are not built yet (issue 12): nothing to run")})
+
+    def tensorrt() -> dict:
+        if not environment.get("tensorrt"):
+            raise Skipped("TensorRT is not installed on this machine: its export and backend did not run")
+        paths = json.loads((workdir / "summary.json").read_text())["artifacts"]
+        engines, bench_out = out / "trt", out / "bench-trt"
+        check.run("tensorrt", cli("export", "--engine", "trt", "--target", paths["target"], "--draft",
+                                  paths["draft_hass"], "--out", str(engines), "--force"))
+        check.run("tensorrt", cli(
+            "bench", "--target", paths["target"], "--draft", paths["draft_hass"], "--prompts", paths["prompts"][0],
+            "--max-prompts", str(args.prompts), "--max-new-tokens", str(args.new_tokens), "--backend", "tensorrt",
+            "--artifacts", str(engines), "--device", args.device, "--no-lookup", "--warmup", "1", "--out",
+            str(bench_out)))
+        return {"tensorrt": environment["tensorrt"], **bench_summary(bench_out)}
+
+    check.stage("tensorrt", 60, tensorrt if ready else (lambda: _needs("quickstart")))
     write_summary(out, check.stages, args)
 
 

@@ -52,6 +52,10 @@ _HYBRID_DRAFT_COST = typer.Option(_HYBRID.draft_cost, help="Hybrid: the draft he
                                   "measures it).")
 _HYBRID_ROW_COST = typer.Option(_HYBRID.row_cost, help="Hybrid: a row of the draft's context pass (catching up on "
                                 "rounds it skipped) in verify steps (bench --tree auto measures it).")
+_CUDA_GRAPHS = typer.Option(_RUNTIME.cuda_graphs, "--cuda-graphs/--no-cuda-graphs", help="On a GPU, run decode and "
+                            "tree steps as captured CUDA graphs (torch and tensorrt backends).")
+_ORT_PROVIDER = typer.Option(_RUNTIME.ort_provider, help="ONNX Runtime on a GPU: auto (its CUDA provider) or tensorrt "
+                             "(its TensorRT provider; engines cached in the artifacts).")
 
 
 def _lookup_config(tokens: int, depth: int, max_ngram: int, min_ngram: int, branches: int) -> LookupConfig:
@@ -147,6 +151,8 @@ def generate(
     hybrid_tokens: int = _HYBRID_TOKENS,
     hybrid_draft_cost: float = _HYBRID_DRAFT_COST,
     hybrid_row_cost: float = _HYBRID_ROW_COST,
+    cuda_graphs: bool = _CUDA_GRAPHS,
+    ort_provider: str = _ORT_PROVIDER,
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
     device: str = typer.Option(_RUNTIME.device, help="cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", help="torch, onnxruntime, tensorrt (plans from export --engine trt), or auto: onnxruntime when --artifacts is given."),
@@ -181,7 +187,7 @@ def generate(
     from hass_deploy.runtime.backends import choose_backend
 
     runtime = RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype, device=device,
-                            max_seq_len=max_seq_len)
+                            max_seq_len=max_seq_len, cuda_graphs=cuda_graphs, ort_provider=ort_provider)
     if prompt_ids is not None:
         items = [Prompt(text=None, ids=parse_prompt_ids(prompt_ids))]
     elif prompt is not None:
@@ -404,6 +410,8 @@ def bench(
     hybrid_tokens: int = _HYBRID_TOKENS,
     hybrid_draft_cost: float = _HYBRID_DRAFT_COST,
     hybrid_row_cost: float = _HYBRID_ROW_COST,
+    cuda_graphs: bool = _CUDA_GRAPHS,
+    ort_provider: str = _ORT_PROVIDER,
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
     device: str = typer.Option(_RUNTIME.device, help="cpu, cuda or cuda:N."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache rows (default: min(max_position_embeddings, 4096))."),
@@ -436,7 +444,8 @@ def bench(
                          hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost) if hybrid else None,
                          max_prompts=max_prompts, warmup=warmup, seed=seed,
                          chat=chat, runtime=RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype,
-                                                          device=device, max_seq_len=max_seq_len))
+                                                          device=device, max_seq_len=max_seq_len,
+                                                          cuda_graphs=cuda_graphs, ort_provider=ort_provider))
     report = run_bench(target, draft, prompts, config, baseline_draft, artifacts, baseline_artifacts, out,
                        log=lambda line: typer.echo(line, err=True))
     typer.echo((out / "bench.md").read_text())
@@ -524,6 +533,8 @@ def serve(
     hybrid_tokens: int = _HYBRID_TOKENS,
     hybrid_draft_cost: float = _HYBRID_DRAFT_COST,
     hybrid_row_cost: float = _HYBRID_ROW_COST,
+    cuda_graphs: bool = _CUDA_GRAPHS,
+    ort_provider: str = _ORT_PROVIDER,
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16 (torch backend)."),
     device: str = typer.Option(_RUNTIME.device, help="cpu or cuda (torch backend)."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV rows per slot: prompt + completion (default: the "
@@ -550,7 +561,7 @@ def serve(
                                                 lookup_branches),
                           hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost))
     runtime = RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype, device=device,
-                            max_seq_len=max_seq_len)
+                            max_seq_len=max_seq_len, cuda_graphs=cuda_graphs, ort_provider=ort_provider)
     name = served_model_name or target.resolve().name
 
     def load(metrics):

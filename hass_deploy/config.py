@@ -139,8 +139,16 @@ class RuntimeConfig:
     dtype: str = "fp32"  # the precision in which greedy output is checked token for token against transformers
     device: str = "cpu"  # cpu, cuda or cuda:N
     max_seq_len: int | None = None  # KV rows; None = min(the target's max_position_embeddings, 4096)
+    # On a GPU, decode and tree steps run as captured CUDA graphs (torch and tensorrt backends; `backends/graphs.py`).
+    cuda_graphs: bool = True
+    # ONNX Runtime's execution provider on a GPU: "auto" (CUDA) or "tensorrt" (its TensorRT EP, CUDA for the rest).
+    ort_provider: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.ort_provider not in ("auto", "tensorrt"):
+            raise ConfigError(f"--ort-provider must be auto or tensorrt, got {self.ort_provider!r}")
+        if self.ort_provider == "tensorrt" and not self.device.startswith("cuda"):
+            raise ConfigError("--ort-provider tensorrt runs on an NVIDIA GPU: add --device cuda")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of fp32, bf16, fp16")
         kind, _, index = self.device.partition(":")

@@ -22,7 +22,7 @@ from hass_deploy.errors import HassDeployError
 from hass_deploy.models.checkpoint import DraftMetadata, load_draft
 from hass_deploy.models.loading import TargetHead, TargetModel, load_target, load_target_head
 from hass_deploy.prompts import Prompt, encode
-from hass_deploy.runtime.backends import open_backends
+from hass_deploy.runtime.backends import backend_options, open_backends
 from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
 from hass_deploy.runtime.lookup import NgramCache, check_tree_budget
 
@@ -89,7 +89,7 @@ class Pipeline:
         head, metadata = (None, None) if draft_dir is None else load_draft(draft_dir, target)
         target_backend, draft_backend = open_backends(runtime.backend, target, head, max_seq_len,
                                                       generation.tree.draft_rows, artifacts, runtime.device,
-                                                      manifest=manifest)
+                                                      manifest=manifest, **backend_options(runtime))
         return cls(target, SpeculativeDecoder(target_backend, draft_backend, corpus), metadata, runtime, max_seq_len)
 
     def encode(self, prompt: str | Prompt, chat: bool | None = None) -> list[int]:

@@ -62,16 +62,17 @@ class OrtEngine:
     calls (profile choice, padding, staging, outputs, KV writes) runs in the contract suite here."""
 
     def __init__(self, artifacts: Path, graph: str):
-        import onnxruntime as ort
         import torch
 
         from hass_deploy.export.tensorrt import profile_shapes, profiles
         from hass_deploy.manifest import read_manifest
+        from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_session
 
         manifest = read_manifest(artifacts)
         self.artifacts, self.graph, self.device = artifacts, graph, torch.device("cpu")
         spec = manifest.graphs[graph]
-        self.session = ort.InferenceSession(str(artifacts / spec.file), providers=["CPUExecutionProvider"])
+        # The backend's own session settings (ORT's one process-wide thread pool, which other tests have made).
+        self.session = open_session(artifacts / spec.file, self.device, OrtConfig(cache_optimized=False))
         self.names = [output.name for output in self.session.get_outputs()]
         self.profiles = [profile_shapes(spec, profile) for profile in profiles(manifest)]
         self.runs = 0

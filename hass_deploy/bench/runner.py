@@ -175,19 +175,20 @@ def _check_inputs(draft, baseline_draft, runtime, artifacts, baseline_artifacts)
     for path, what in ((draft, "draft"), (baseline_draft, "baseline draft")):
         if path is not None and not Path(path).is_dir():
             raise ModelLoadError(f"{path}: no such {what} directory")
-    onnx = runtime.backend == "onnxruntime"
-    if baseline_artifacts is not None and (baseline_draft is None or not onnx):
-        raise ConfigError("--baseline-artifacts is the baseline draft's export, for --backend onnxruntime "
-                          "with --baseline-draft")
-    if onnx and baseline_draft is not None and baseline_artifacts is None:
-        raise ConfigError("with --backend onnxruntime the baseline draft needs its own export: --baseline-artifacts DIR")
+    exported = runtime.backend in ("onnxruntime", "tensorrt")
+    if baseline_artifacts is not None and (baseline_draft is None or not exported):
+        raise ConfigError("--baseline-artifacts is the baseline draft's export, for --backend onnxruntime or "
+                          "tensorrt with --baseline-draft")
+    if exported and baseline_draft is not None and baseline_artifacts is None:
+        raise ConfigError(f"with --backend {runtime.backend} the baseline draft needs its own export: "
+                          "--baseline-artifacts DIR")
 
 
 def _envelope(config: BenchConfig, artifacts) -> TreeConfig:
     """The tree the KV buffers are sized for: the fixed tree, or one covering every --tree auto candidate."""
     if not config.auto_tree:
         return config.tree
-    onnx = config.runtime.backend == "onnxruntime" and artifacts is not None
+    onnx = config.runtime.backend in ("onnxruntime", "tensorrt") and artifacts is not None
     grid = candidate_grid(config.search, *(_export_limits(artifacts) if onnx else (None, None)))
     if not grid:
         raise ConfigError("--tree auto: no candidate tree fits the export's tree budget and top-k")
@@ -200,7 +201,7 @@ def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig,
     (hybrid drafting is added once its draft cost is known: `run_bench`)."""
     from hass_deploy.generation import Pipeline
     from hass_deploy.models.checkpoint import load_draft
-    from hass_deploy.runtime.backends import open_backends
+    from hass_deploy.runtime.backends import backend_options, open_backends
     from hass_deploy.runtime.decoder import SpeculativeDecoder
 
     # `lookup` and `hybrid` in the load config: an export's tree budget is checked against their trees too, up
@@ -215,11 +216,12 @@ def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig,
     if baseline_draft is not None:
         head, metadata = load_draft(baseline_draft, pipe.target)
         rows = envelope.draft_rows
-        if runtime.backend == "onnxruntime":  # its own export, so its own sessions
+        options = backend_options(runtime)
+        if runtime.backend in ("onnxruntime", "tensorrt"):  # its own export, so its own sessions or engines
             decoders["baseline"] = SpeculativeDecoder(*open_backends(runtime.backend, pipe.target, head, pipe.max_seq_len,
-                                                                     rows, baseline_artifacts, runtime.device))
+                                                                     rows, baseline_artifacts, runtime.device, **options))
         else:  # share the target backend: one KV cache, the same weights
-            _, baseline_backend = open_backends(runtime.backend, pipe.target, head, pipe.max_seq_len, rows)
+            _, baseline_backend = open_backends(runtime.backend, pipe.target, head, pipe.max_seq_len, rows, **options)
             decoders["baseline"] = SpeculativeDecoder(pipe.decoder.target, baseline_backend)
         methods.append(Method("baseline", _label(metadata, Path(baseline_draft)), str(baseline_draft)))
     if lookup is not None:

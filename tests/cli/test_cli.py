@@ -496,6 +496,8 @@ def test_two_or_no_prompt_sources(target, sources):
     ("--max-seq-len", "0", r"max[-_]seq[-_]len must be >= 1.*got 0$"),
     ("--dtype", "fp8", r"unsupported dtype 'fp8'; choose one of fp32, bf16, fp16"),
     ("--backend", "tensorrt-llm", r"unknown backend 'tensorrt-llm'"),
+    ("--ort-provider", "cuda-graph", r"--ort-provider must be auto or tensorrt, got 'cuda-graph'$"),
+    ("--ort-provider", "tensorrt", r"--ort-provider tensorrt runs on an NVIDIA GPU: add --device cuda$"),
 ])
 def test_bad_option_values(target, draft, option, value, pattern):
     line = user_error(_gen(target, "--draft", draft, "--prompt-ids", "1,2", option, value))

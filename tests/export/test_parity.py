@@ -78,6 +78,21 @@ def test_bf16_is_reported_as_not_validated_on_cpu(targets, random_drafts, hf_dir
     assert "no bf16 MatMul kernel" in report.render() and "NOT VALIDATED" in report.render()
 
 
+def test_argmax_agreement_counts_ties_within_the_tolerance():
+    """ONNX Runtime's top-1 agrees when PyTorch ranks it best; in half precision also when its reference value is
+    within the tolerance of the best (an exact fp16 tie that the other engine breaks the other way)."""
+    from hass_deploy.export.parity import _top1_agreement
+
+    reference = np.array([[[0.0, 2.0, 1.99, 2.0, -1.0]]], dtype=np.float32)  # tokens 1 and 3 tie exactly
+    steps = {"onnxruntime": [{"logits": reference + np.eye(5, dtype=np.float32)[i] * 5} for i in (1, 3, 2, 4)],
+             "torch": [{"logits": reference}] * 4}
+    assert _top1_agreement(steps, "target", 0.0) == 2  # ORT picks 1, 3 (a tie): agree; 2 (0.01 lower): not
+    assert _top1_agreement(steps, "target", 3e-2) == 3  # within fp16's tolerance; token 4 never
+    draft = {"torch": [{"top_tokens": np.array([[[7, 9, 4]]]), "top_logprobs": np.array([[[-0.5, -0.5, -3.0]]])}] * 3,
+             "onnxruntime": [{"top_tokens": np.array([[[t, 0, 0]]])} for t in (9, 4, 8)]}
+    assert _top1_agreement(dict(reversed(draft.items())), "draft", 3e-2) == 1  # 9 ties 7; 4 is far; 8 is not ranked
+
+
 def test_a_tampered_graph_fails_validation(targets, random_drafts, hf_dirs, draft_dirs, tmp_path_factory, tmp_path):
     source = artifacts_for("llama", targets, random_drafts, tmp_path_factory)
     tampered = tmp_path / "tampered"

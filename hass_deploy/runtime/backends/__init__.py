@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hass_deploy.config import RuntimeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.loading import TargetHead, TargetModel
@@ -28,10 +29,15 @@ def choose_backend(name: str, artifacts: str | Path | None) -> str:
     return "onnxruntime" if artifacts is not None else "torch"
 
 
+def backend_options(runtime: RuntimeConfig) -> dict[str, str]:
+    """`open_backends`' step and provider options from a runtime configuration."""
+    return {"steps": "auto" if runtime.cuda_graphs else "eager", "ort_provider": runtime.ort_provider}
+
+
 def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead | None, max_len: int,
                   draft_extra_rows: int, artifacts: str | Path | None = None,
                   device: str = "cpu", ort_graphs: str = "auto", manifest: "Manifest | None" = None,
-                  torch_steps: str = "auto") -> tuple[TargetBackend, DraftBackend | None]:
+                  steps: str = "auto", ort_provider: str = "auto") -> tuple[TargetBackend, DraftBackend | None]:
     """Build the step backends, allocating KV buffers of `max_len` rows (plus the draft's tree rows).
 
     Args:
@@ -43,8 +49,9 @@ def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead 
         device: where the onnxruntime backend runs ("cpu", "cuda[:N]"); torch runs where the models are.
         ort_graphs: which exported graphs onnxruntime runs: auto (fused when exported), standard or fused.
         manifest: the artifacts' manifest when the caller has read it already (it is read once).
-        torch_steps: how the torch backend runs steps (`backends/torch.py`): auto (CUDA graphs on a GPU), eager,
-            static, graphs.
+        steps: how the torch and tensorrt backends run decode and tree steps (`backends/graphs.py`): auto (CUDA
+            graphs on a GPU), eager, static (padded, uncaptured: what the CPU tests check), graphs.
+        ort_provider: onnxruntime on a GPU: auto (its CUDA provider) or tensorrt (its TensorRT provider).
     """
     if name == "torch":
         if artifacts is not None:
@@ -53,9 +60,9 @@ def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead 
             raise HassDeployError("the torch backend runs the target's layers: load it with load_target, not its head")
         from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
 
-        target_backend = TorchTarget(target.module, max_len, torch_steps)
+        target_backend = TorchTarget(target.module, max_len, steps)
         draft_backend = None if draft is None else TorchDraft(draft, target.module.lm_head, max_len + draft_extra_rows,
-                                                              torch_steps)
+                                                              steps)
         return target_backend, draft_backend
     if name in ("onnxruntime", "tensorrt"):
         from hass_deploy.manifest import check_capacity, check_draft, check_target, draft_identity, read_manifest
@@ -70,9 +77,10 @@ def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead 
         if name == "tensorrt":
             from hass_deploy.runtime.backends.tensorrt import open_trt_backends
 
-            return open_trt_backends(Path(artifacts), manifest, draft is not None, max_len, draft_extra_rows, device)
+            return open_trt_backends(Path(artifacts), manifest, draft is not None, max_len, draft_extra_rows, device,
+                                     steps)
         from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends
 
         return open_ort_backends(Path(artifacts), manifest, draft is not None, max_len, draft_extra_rows,
-                                 OrtConfig(device=device, graphs=ort_graphs))
+                                 OrtConfig(device=device, graphs=ort_graphs, provider=ort_provider))
     raise HassDeployError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

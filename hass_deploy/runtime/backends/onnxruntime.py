@@ -68,8 +68,15 @@ class OrtConfig:
     # "auto": the fused graphs (`export/fused.py`) when the export has them, else the standard ones; "standard" or
     # "fused" to insist (benchmarks compare the two).
     graphs: str = "auto"
+    # On a GPU: "auto" runs the graphs with ORT's CUDA provider; "tensorrt" with its TensorRT provider (engines built
+    # by ORT on first use and cached beside the artifacts; the CUDA provider takes any node TensorRT does not).
+    provider: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.provider not in ("auto", "tensorrt"):
+            raise ConfigError(f"the ORT provider must be auto or tensorrt, got {self.provider!r}")
+        if self.provider == "tensorrt" and self.device == "cpu":
+            raise ConfigError("ONNX Runtime's TensorRT provider runs on an NVIDIA GPU: use --device cuda")
         if self.graphs not in ("auto", "standard", "fused"):
             raise ConfigError(f"ORT graphs must be auto, standard or fused, got {self.graphs!r}")
         if self.optimization not in ("basic", "extended", "all"):
@@ -78,15 +85,43 @@ class OrtConfig:
             raise ConfigError(f"the onnxruntime backend runs on cpu or cuda[:N], not {self.device!r}")
 
 
-def _providers(ort, device: torch.device) -> list:
+def _providers(ort, device: torch.device, tensorrt: dict[str, str] | None = None) -> list:
+    """The session's providers; `tensorrt`: options of ORT's TensorRT provider to put first (`tensorrt_options`)."""
     if device.type == "cpu":
         return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
         raise HassDeployError("this ONNX Runtime has no CUDA execution provider: pip install onnxruntime-gpu")
     index = device.index or 0
     # ORT enqueues on torch's current stream, so the bound torch tensors need no extra synchronisation.
-    stream = torch.cuda.current_stream(index).cuda_stream
-    return [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)}), "CPUExecutionProvider"]
+    stream = str(torch.cuda.current_stream(index).cuda_stream)
+    providers = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": stream}), "CPUExecutionProvider"]
+    if tensorrt is None:
+        return providers
+    if "TensorrtExecutionProvider" not in available:
+        raise HassDeployError("this ONNX Runtime has no TensorRT execution provider: install onnxruntime-gpu with "
+                              "TensorRT 10 (libnvinfer on the library path), or drop --ort-provider tensorrt")
+    options = {"device_id": str(index), "has_user_compute_stream": "1", "user_compute_stream": stream, **tensorrt}
+    return [("TensorrtExecutionProvider", options), *providers]
+
+
+def tensorrt_options(spec, profile_shapes: list[dict[str, tuple[tuple[int, ...], ...]]],
+                     cache: Path) -> dict[str, str]:
+    """ORT TensorRT provider options for one graph: engines and timing cached in `cache`, and an explicit shape range
+    for every dynamic input (else ORT rebuilds the engine whenever a step's shape leaves the range it has seen).
+
+    `profile_shapes`: (min, opt, max) per dynamic input of each of the export's profiles, decode first
+    (`export.tensorrt.profile_shapes`); ORT gets one range spanning them, from decode's minimum to the largest
+    step's maximum, tuned for the tree step.
+    """
+    def shapes(which: int, profile: dict) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, profile[name][which]))}" for name in sorted(profile))
+
+    return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache / f"trt-{Path(spec.file).stem}"),
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache),
+            "trt_profile_min_shapes": shapes(0, profile_shapes[0]),
+            "trt_profile_opt_shapes": shapes(1, profile_shapes[-1]),
+            "trt_profile_max_shapes": shapes(2, profile_shapes[-1])}
 
 
 def _cache_path(graph: Path, provider: str, config: OrtConfig, ort) -> Path:
@@ -98,8 +133,9 @@ def _cache_path(graph: Path, provider: str, config: OrtConfig, ort) -> Path:
     return graph.parent / "cache" / f"{graph.stem}.{provider.lower()}.{digest}.onnx"
 
 
-def open_session(graph: Path, device: torch.device, config: OrtConfig):
-    """An InferenceSession for `graph`, reusing (or writing) its optimised form in the artifacts' cache."""
+def open_session(graph: Path, device: torch.device, config: OrtConfig, tensorrt: dict[str, str] | None = None):
+    """An InferenceSession for `graph`, reusing (or writing) its optimised form in the artifacts' cache (not with
+    ORT's TensorRT provider, `tensorrt`: a graph with compiled nodes cannot be saved; TensorRT caches its engines)."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -120,8 +156,8 @@ def open_session(graph: Path, device: torch.device, config: OrtConfig):
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     options.log_severity_level = 3  # errors only: ORT's warnings (e.g. on saving an optimised graph) are not actionable
-    providers = _providers(ort, device)
-    cached = _cache_path(graph, device.type, config, ort) if config.cache_optimized else None
+    providers = _providers(ort, device, tensorrt)
+    cached = _cache_path(graph, device.type, config, ort) if config.cache_optimized and tensorrt is None else None
     if cached is not None and cached.exists():
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimised already
         try:
@@ -395,11 +431,19 @@ def open_ort_backends(artifacts: Path, manifest: Manifest, with_draft: bool, max
     device = torch.device(config.device)
     if device.type == "cpu" and config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # process-wide, deliberately: see OrtConfig.torch_threads
+
+    def session(graph: str):
+        spec, tensorrt = manifest.graphs[graph], None
+        if config.provider == "tensorrt":
+            from hass_deploy.export.tensorrt import profile_shapes, profiles
+
+            tensorrt = tensorrt_options(spec, [profile_shapes(spec, p) for p in profiles(manifest)], artifacts / "cache")
+        return open_session(artifacts / spec.file, device, config, tensorrt)
+
     target_graph = runtime_graph(manifest, "target", config.graphs)
-    target = OrtTarget(open_session(artifacts / manifest.graphs[target_graph].file, device, config), manifest, device,
-                       max_len, target_graph)
+    target = OrtTarget(session(target_graph), manifest, device, max_len, target_graph)
     if not with_draft:
         return target, None
     draft_graph = runtime_graph(manifest, "draft", config.graphs)
-    draft_session = open_session(artifacts / manifest.graphs[draft_graph].file, device, config)
+    draft_session = session(draft_graph)
     return target, OrtDraft(draft_session, manifest, device, max_len + draft_extra_rows, draft_graph)

@@ -35,7 +35,7 @@ from hass_deploy.runtime.kv import MIN_BOUND_ROWS, KVBuffers
 
 ALIGN_BYTES = 256
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STEP_MODES = ("graphs", "static", "eager")  # static: padded steps without capture (the CPU tests' engine)
+STEP_MODES = ("auto", "graphs", "static", "eager")  # auto: graphs; static: padded, uncaptured (the CPU tests' engine)
 _PADDED = ("input_ids", "position_ids", "features")  # the per-row inputs a padded step extends with zeros
 _FIXED = {"input_ids": torch.int64, "position_ids": torch.int64, "cache_len": torch.int64, "tree_mask": torch.bool,
           "logits_index": torch.int64, "top_tokens": torch.int64, "top_logprobs": torch.float32}
@@ -153,7 +153,7 @@ class _Steps:
                                      device)
         self.outputs = AlignedBuffers(buffer_sizes(spec.outputs, self.largest, self.largest + allocated, self.dtype),
                                       device)
-        self.graphs = None if mode == "eager" else graphs.StepGraphs(device, capture=mode == "graphs")
+        self.graphs = None if mode == "eager" else graphs.StepGraphs(device, capture=mode in ("auto", "graphs"))
 
     def padded_rows(self, rows: int) -> int:
         """The rows a step of `rows` runs as: its bucket, within profile 1's range (else unpadded)."""
@@ -191,7 +191,7 @@ class _Steps:
 
 
 class TrtTarget(TargetBackend):
-    def __init__(self, engine: _Engine, manifest: Manifest, max_len: int, steps: str = "graphs"):
+    def __init__(self, engine: _Engine, manifest: Manifest, max_len: int, steps: str = "auto"):
         self.manifest, self.steps = manifest, _Steps(engine, manifest.graphs["target"], manifest, max_len, steps)
         self.device, self.max_len, self.max_tree_tokens = engine.device, max_len, manifest.max_tree_tokens
         self.vocab_size = manifest.target["vocab_size"]
@@ -229,7 +229,7 @@ class TrtTarget(TargetBackend):
 
 
 class TrtDraft(DraftBackend):
-    def __init__(self, engine: _Engine, manifest: Manifest, max_len: int, steps: str = "graphs"):
+    def __init__(self, engine: _Engine, manifest: Manifest, max_len: int, steps: str = "auto"):
         self.manifest, self.steps = manifest, _Steps(engine, manifest.graphs["draft"], manifest, max_len, steps)
         self.device, self.max_len, self.max_top_k = engine.device, max_len, manifest.max_top_k
 
@@ -266,14 +266,15 @@ def check_plans(manifest: Manifest, with_draft: bool) -> dict:
 
 
 def open_trt_backends(artifacts: Path, manifest: Manifest, with_draft: bool, max_len: int, draft_extra_rows: int,
-                      device: str = "cuda") -> tuple[TrtTarget, TrtDraft | None]:
+                      device: str = "cuda", steps: str = "auto") -> tuple[TrtTarget, TrtDraft | None]:
     """Engines for an artifacts directory whose manifest was checked against the models."""
     record = check_plans(manifest, with_draft)
     if not device.startswith("cuda") or not torch.cuda.is_available():
         raise HassDeployError("--backend tensorrt runs on an NVIDIA GPU: pass --device cuda on a machine with one")
     cuda = torch.device(device)
-    target = TrtTarget(_Engine(artifacts / record["plans"]["target"]["file"], cuda), manifest, max_len)
+    target = TrtTarget(_Engine(artifacts / record["plans"]["target"]["file"], cuda), manifest, max_len, steps)
     if not with_draft:
         return target, None
-    draft = TrtDraft(_Engine(artifacts / record["plans"]["draft"]["file"], cuda), manifest, max_len + draft_extra_rows)
+    draft = TrtDraft(_Engine(artifacts / record["plans"]["draft"]["file"], cuda), manifest, max_len + draft_extra_rows,
+                     steps)
     return target, draft

@@ -77,11 +77,11 @@ def open_pair(fusable_targets, fusable_drafts, fused_artifacts, trt_artifacts, o
         target, draft = fusable_targets[arch], fusable_drafts[arch] if with_draft else None
         if backend in ("torch", "torch-static"):
             return open_backends("torch", target, draft, max_len, tree.draft_rows,
-                                 torch_steps="static" if backend == "torch-static" else "eager")
+                                 steps="static" if backend == "torch-static" else "eager")
         if backend.startswith("torch-cuda"):
             target, cuda_draft = on_cuda[arch]
             return open_backends("torch", target, cuda_draft if with_draft else None, max_len, tree.draft_rows,
-                                 torch_steps="eager" if backend.endswith("eager") else "graphs")
+                                 steps="eager" if backend.endswith("eager") else "graphs")
         if backend == "tensorrt":
             return open_backends("tensorrt", target, draft, max_len, tree.draft_rows, trt_artifacts[arch],
                                  device="cuda")

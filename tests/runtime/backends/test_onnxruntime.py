@@ -1,7 +1,7 @@
 """What is particular to the ONNX Runtime backend (the step contract it shares with every backend is
 `test_contract.py`'s): prompt-lookup trees through it and the export's tree budget, staging buffers that follow
-the largest step, one-line errors for artifacts that do not fit the models or the request, the CUDA provider
-(skipped without a GPU), and the missing-extra message."""
+the largest step, one-line errors for artifacts that do not fit the models or the request, the CUDA and TensorRT providers
+(skipped without a GPU) and the TensorRT provider's shape ranges, and the missing-extra message."""
 
 from __future__ import annotations
 
@@ -105,22 +105,51 @@ def test_bad_requests_are_one_line_errors(targets, random_drafts, artifacts, hf_
 
 
 @pytest.mark.gpu
-def test_cuda_execution_provider_binds_torch_cuda_tensors(targets, random_drafts, artifacts):
-    """IO binding of torch CUDA tensors by pointer; runs only where a GPU and onnxruntime-gpu exist."""
+@pytest.mark.parametrize("provider", ["auto", "tensorrt"])
+def test_cuda_providers_decode_like_torch(provider, targets, random_drafts, artifacts):
+    """IO binding of torch CUDA tensors by pointer, with ORT's CUDA provider or its TensorRT provider first (engines
+    for the export's shape range); runs only where a GPU and onnxruntime-gpu (with TensorRT) exist."""
     import onnxruntime
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        pytest.skip("this onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu)")
+    wanted = "TensorrtExecutionProvider" if provider == "tensorrt" else "CUDAExecutionProvider"
+    if wanted not in onnxruntime.get_available_providers():
+        pytest.skip(f"this onnxruntime has no {wanted} (pip install onnxruntime-gpu; TensorRT for its provider)")
     target, tree = targets["llama"], TreeConfig(tokens=8, depth=3, top_k=2)
     ort_target, ort_draft = open_backends("onnxruntime", target, random_drafts["llama"], 128, tree.draft_rows,
-                                          artifacts["llama"], device="cuda")
+                                          artifacts["llama"], device="cuda", ort_graphs="standard",
+                                          ort_provider=provider)
+    assert ort_target.stepper.session.get_providers()[0] == wanted
     ids = prompt(11, seed=4)
     config = greedy(tree, max_new_tokens=24, eos=())
     result = SpeculativeDecoder(ort_target, ort_draft).generate(ids, config)
     assert ort_target.stepper.kv.storage.is_cuda
     assert result.output_ids == make_decoder(target).generate(ids, config).output_ids
+
+
+def test_tensorrt_provider_options_span_the_exports_profiles(artifacts, tmp_path):
+    """One explicit shape range per graph, from a decode step to the largest step, for every dynamic input (ORT
+    rebuilds engines for shapes outside the range it was given), and the engines cached in the artifacts."""
+    from hass_deploy.export.tensorrt import profile_shapes, profiles
+    from hass_deploy.manifest import read_manifest
+    from hass_deploy.runtime.backends.onnxruntime import OrtConfig, tensorrt_options
+
+    manifest = read_manifest(artifacts["llama"])
+    spec = manifest.graphs["target"]
+    options = tensorrt_options(spec, [profile_shapes(spec, p) for p in profiles(manifest)], tmp_path)
+    ranges = {key: dict(item.split(":") for item in options[f"trt_profile_{key}_shapes"].split(","))
+              for key in ("min", "opt", "max")}
+    dynamic = {t.name for t in spec.inputs if any(isinstance(d, str) for d in t.shape)}
+    assert all(set(shapes) == dynamic for shapes in ranges.values())
+    largest = max(CONFIG.max_tree_tokens, CONFIG.prefill_chunk)
+    assert ranges["min"]["input_ids"] == "1x1" and ranges["max"]["input_ids"] == f"1x{largest}"
+    assert ranges["max"]["past_key_0"].split("x")[2] == str(CONFIG.max_seq_len)
+    assert options["trt_engine_cache_path"].startswith(str(tmp_path))
+    with pytest.raises(ConfigError, match="TensorRT provider runs on an NVIDIA GPU"):
+        OrtConfig(provider="tensorrt")  # on the CPU
+    with pytest.raises(ConfigError, match="--ort-provider tensorrt runs on an NVIDIA GPU"):
+        RuntimeConfig(backend="onnxruntime", ort_provider="tensorrt")
 
 
 def test_missing_onnxruntime_names_the_extra(targets, artifacts, monkeypatch):
