@@ -52,6 +52,9 @@ _HYBRID_DRAFT_COST = typer.Option(_HYBRID.draft_cost, help="Hybrid: the draft he
                                   "measures it).")
 _HYBRID_ROW_COST = typer.Option(_HYBRID.row_cost, help="Hybrid: a row of the draft's context pass (catching up on "
                                 "rounds it skipped) in verify steps (bench --tree auto measures it).")
+_HYBRID_TOKENS_PER_STEP = typer.Option(_HYBRID.tokens_per_step, help="Hybrid: the tokens a request is expected to "
+                                       "make per verify step; the draft runs when its extra tokens per step of its "
+                                       "cost beat this, blended with the request's own rate.")
 _CUDA_GRAPHS = typer.Option(_RUNTIME.cuda_graphs, "--cuda-graphs/--no-cuda-graphs", help="On a GPU, run decode and "
                             "tree steps as captured CUDA graphs (torch and tensorrt backends).")
 _ORT_PROVIDER = typer.Option(_RUNTIME.ort_provider, help="ONNX Runtime on a GPU: auto (its CUDA provider) or tensorrt "
@@ -151,6 +154,7 @@ def generate(
     hybrid_tokens: int = _HYBRID_TOKENS,
     hybrid_draft_cost: float = _HYBRID_DRAFT_COST,
     hybrid_row_cost: float = _HYBRID_ROW_COST,
+    hybrid_tokens_per_step: float = _HYBRID_TOKENS_PER_STEP,
     cuda_graphs: bool = _CUDA_GRAPHS,
     ort_provider: str = _ORT_PROVIDER,
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
@@ -179,7 +183,8 @@ def generate(
         tree=TreeConfig(tokens=tree_tokens, depth=tree_depth, top_k=tree_top_k),
         lookup=_lookup_config(lookup_tokens, lookup_depth, lookup_max_ngram, lookup_min_ngram, lookup_branches)
         if lookup else None,
-        hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost),
+        hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost,
+                            tokens_per_step=hybrid_tokens_per_step),
         seed=seed,
     )
     if lookup_corpus is not None and not lookup:
@@ -410,6 +415,7 @@ def bench(
     hybrid_tokens: int = _HYBRID_TOKENS,
     hybrid_draft_cost: float = _HYBRID_DRAFT_COST,
     hybrid_row_cost: float = _HYBRID_ROW_COST,
+    hybrid_tokens_per_step: float = _HYBRID_TOKENS_PER_STEP,
     cuda_graphs: bool = _CUDA_GRAPHS,
     ort_provider: str = _ORT_PROVIDER,
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16."),
@@ -441,7 +447,8 @@ def bench(
     lookup_config = _lookup_config(lookup_tokens, lookup_depth, lookup_max_ngram, lookup_min_ngram, lookup_branches)
     config = BenchConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), tree=fixed,
                          lookup=lookup_config if lookup else None,
-                         hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost) if hybrid else None,
+                         hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost,
+                            tokens_per_step=hybrid_tokens_per_step) if hybrid else None,
                          max_prompts=max_prompts, warmup=warmup, seed=seed,
                          chat=chat, runtime=RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype,
                                                           device=device, max_seq_len=max_seq_len,
@@ -533,6 +540,7 @@ def serve(
     hybrid_tokens: int = _HYBRID_TOKENS,
     hybrid_draft_cost: float = _HYBRID_DRAFT_COST,
     hybrid_row_cost: float = _HYBRID_ROW_COST,
+    hybrid_tokens_per_step: float = _HYBRID_TOKENS_PER_STEP,
     cuda_graphs: bool = _CUDA_GRAPHS,
     ort_provider: str = _ORT_PROVIDER,
     dtype: str = typer.Option(_RUNTIME.dtype, help="fp32, bf16 or fp16 (torch backend)."),
@@ -559,7 +567,8 @@ def serve(
                           request_timeout=request_timeout, tree=TreeConfig(tree_tokens, tree_depth, tree_top_k),
                           lookup=_lookup_config(lookup_tokens, lookup_depth, lookup_max_ngram, lookup_min_ngram,
                                                 lookup_branches),
-                          hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost))
+                          hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost,
+                            tokens_per_step=hybrid_tokens_per_step))
     runtime = RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype, device=device,
                             max_seq_len=max_seq_len, cuda_graphs=cuda_graphs, ort_provider=ort_provider)
     name = served_model_name or target.resolve().name

@@ -79,6 +79,9 @@ class HybridConfig:
     tokens: int = 8  # nodes verified per round from both drafters, the root included
     draft_cost: float = 0.7  # the draft head's tree growth, in verify steps of this tree
     row_cost: float = 0.01  # a row of the draft's context pass (catching up on rounds it skipped), in verify steps
+    # The tokens a request is expected to make per verify step, before its own rounds say otherwise: the bar the
+    # draft's extra tokens per step of its cost must clear.
+    tokens_per_step: float = 3.0
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
@@ -87,6 +90,8 @@ class HybridConfig:
             raise ConfigError(f"--hybrid-draft-cost must be >= 0, got {self.draft_cost}")
         if not self.row_cost >= 0:
             raise ConfigError(f"--hybrid-row-cost must be >= 0, got {self.row_cost}")
+        if not self.tokens_per_step > 0:
+            raise ConfigError(f"--hybrid-tokens-per-step must be > 0, got {self.tokens_per_step}")
 
 
 @dataclass(frozen=True)

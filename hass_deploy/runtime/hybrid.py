@@ -21,15 +21,24 @@ When the draft head runs. Its tree costs draft steps (`HybridConfig.draft_cost`,
 nothing. What the draft adds is mostly the tokens accepted where lookup's guess was wrong, so its expected gain in a
 round is (1 - p1) * rate: p1 the calibrated probability that one of lookup's first-level nodes is accepted, and
 rate the tokens the draft alone got accepted per unit of (1 - p1), over the rounds it ran (decayed, from an
-optimistic prior, so a new request tries it and a request whose text changes tries it again after a while). With
-E_n lookup's calibrated expected accepted tokens, a round with the draft gives about E_n + 1 + gain tokens for
-1 + cost verify steps, one without it E_n + 1 for one step: the draft runs when gain > cost * (E_n + 1).
+optimistic prior, so a new request tries it and a request whose text changes tries it again after a while).
+
+What counts is the request's tokens per second: a ratio, tokens over time. An action raises a ratio exactly when
+its own ratio beats it, so the draft runs when gain / cost > R, R being the request's own recent tokens per verify
+step (decayed, with the draft's costs in it): comparing the gain with this round's E_n + 1 instead (what lookup
+would give without the draft) ran the draft in every round where lookup had little, at 0.7 steps for 2 tokens,
+below the 3.5-5.5 tokens a step that lookup makes on average on those requests: hybrid was 0.87x lookup
+(docs/RESULTS.md §9). R is a blend of the request's recent rounds and a prior (`HybridConfig.tokens_per_step`),
+because the rate that counts is the whole request's, and its first rounds (new text, before it repeats anything
+lookup can use) understate it; a request whose rounds stay below the prior pulls R down and turns the draft on.
 
 Its cost is `draft_cost` plus a catch-up: while it does not run, the verified features it has not seen accumulate
 (`decoder.py`), and its next context pass takes them all at once (so its KV cache stays exactly what the target
 committed) at `row_cost` verify steps a row. In its first round that is the whole prompt. Rows beyond the last
-round's own are paid once for the rest of the request, so they are spread over the rounds left (the tokens left
-over E_n + 1): early in a long generation the draft is worth catching up, near its end it is not.
+round's own are paid once and serve the draft rounds that follow, so they are spread over the draft rounds expected
+in the rest of the request (the rounds left, the tokens left over E_n + 1, at the share of recent rounds in which
+the draft ran): early in a long generation a draft that keeps running is worth catching up, near its end or when
+it runs once in a while (and so catches up on most of the request each time) it is not.
 
 Exactness. Both drafters' proposals and this planner's state depend only on committed tokens and earlier rounds'
 outcomes, never on the current round's random draws, and merged siblings are distinct: rejection sampling stays
@@ -54,6 +63,10 @@ PRIOR_FACTOR = 0.5
 # The draft's marginal rate starts at PRIOR_RATE tokens per unit of lookup's miss probability (optimistic: a draft
 # accepting a couple of tokens where lookup misses is typical), with the weight of one such round.
 PRIOR_RATE = 2.0
+# R blends the request's recent rounds with `HybridConfig.tokens_per_step` weighted as this many rounds: what counts
+# is the rate the whole request will make, and its first rounds (new text, before any repetition lookup can use)
+# say little about it. With the decayed sums (about 10 rounds), a request's own evidence weighs as much as the prior.
+PRIOR_ROUNDS = 10.0
 # Per-round decay of every sum: about the last 10 rounds count, so a request whose text changes (prose, then code)
 # moves its budget within a few rounds, and a draft that stopped running is tried again once its evidence faded.
 DECAY = 0.9
@@ -68,6 +81,11 @@ class HybridPlanner:
         self.accepted = [0.0, 0.0]  # [source] decayed accepted tokens
         self.missed = 0.0  # decayed sum of (1 - p1) over the rounds the draft ran
         self.added = 0.0  # decayed tokens accepted that only the draft proposed, over those rounds
+        self.tokens = 0.0  # decayed tokens committed per round
+        self.steps = 0.0  # decayed verify steps they took, the draft's costs included
+        self.cost = 0.0  # the draft's cost in the round last decided, in verify steps
+        self.ran = 0.0  # decayed rounds in which the draft ran
+        self.rounds = 0.0  # decayed rounds
 
     def factor(self, source: int) -> float:
         """Realised over predicted accepted tokens of a source: its scores' calibration (1 = calibrated)."""
@@ -82,6 +100,12 @@ class HybridPlanner:
         """Tokens the draft alone adds per unit of lookup's miss probability."""
         return (self.added + PRIOR_RATE) / (self.missed + 1.0)
 
+    @property
+    def tokens_per_step(self) -> float:
+        """R: the request's recent tokens per verify step, what the draft's extra tokens per step must beat."""
+        prior = self.config.tokens_per_step
+        return (self.tokens + PRIOR_ROUNDS * prior) / (self.steps + PRIOR_ROUNDS)
+
     def lookup_outlook(self, found: Candidates) -> tuple[float, float]:
         """(E_n, p1) of lookup's candidates, calibrated: expected accepted tokens, and the probability that one of
         its first-level nodes is accepted (siblings exclude each other, so their probabilities add)."""
@@ -94,9 +118,13 @@ class HybridPlanner:
         """Whether the draft head's tree is expected to pay for its cost this round, given lookup's candidates, the
         rows its context pass would take beyond this round's own (`catch_up`), and the tokens the request has left."""
         expected, first = self.lookup_outlook(found)
-        rounds_left = max(1.0, tokens_left / (expected + 1.0))
-        cost = self.config.draft_cost + self.config.row_cost * catch_up / rounds_left
-        return (1.0 - first) * self.rate > cost * (expected + 1.0)
+        # The catch-up is shared by the draft rounds that follow before it falls behind again: the rounds left at
+        # the share of rounds in which it has been running (a draft that runs in one round of ten pays most of it).
+        share = (self.ran + 0.5) / (self.rounds + 1.0)
+        draft_rounds_left = max(1.0, share * tokens_left / (expected + 1.0))
+        cost = self.config.draft_cost + self.config.row_cost * catch_up / draft_rounds_left
+        self.cost = self.config.draft_cost + self.config.row_cost * catch_up  # what this round pays if it runs
+        return (1.0 - first) * self.rate > cost * self.tokens_per_step
 
     def record(self, merged: MergedTree, accepted_nodes: tuple[int, ...], found: Candidates,
                draft_ran: bool) -> None:
@@ -110,6 +138,10 @@ class HybridPlanner:
         else:
             self.missed *= DECAY
             self.added *= DECAY
+        self.ran = DECAY * self.ran + draft_ran
+        self.rounds = DECAY * self.rounds + 1.0
+        self.tokens = DECAY * self.tokens + len(accepted_nodes)  # the accepted path and the bonus token
+        self.steps = DECAY * self.steps + 1.0 + (self.cost if draft_ran else 0.0)
         for source in (DRAFT, LOOKUP):
             if source == DRAFT and not draft_ran:
                 continue  # the draft proposed nothing this round: nothing to learn about its scores

@@ -73,11 +73,13 @@ def test_cli_bench_prompt_lookup_options(cli_inputs, tmp_path):
     assert "prompt lookup" not in result.output and data["hybrid"] is None
     result = invoke(*cli_inputs["base"], "--lookup-tokens", 4, "--lookup-depth", 3, "--lookup-max-ngram", 2,
                     "--lookup-branches", 2, "--hybrid-tokens", 5, "--hybrid-draft-cost", 0.25, "--hybrid-row-cost", 0.01,
+                    "--hybrid-tokens-per-step", 2.5,
                     "--out", tmp_path / "small")
     assert result.exit_code == 0, (result.output, result.exception)
     data = json.loads((tmp_path / "small" / "bench.json").read_text())
     assert data["config"]["lookup"] == {"tokens": 4, "depth": 3, "max_ngram": 2, "min_ngram": 1, "branches": 2}
-    assert data["hybrid"] == data["config"]["hybrid"] == {"tokens": 5, "draft_cost": 0.25, "row_cost": 0.01}
+    assert data["hybrid"] == data["config"]["hybrid"] == {"tokens": 5, "draft_cost": 0.25, "row_cost": 0.01,
+                                                          "tokens_per_step": 2.5}
     assert "- prompt lookup: tokens 4, depth 3, n-grams 1..2" in result.output
     assert "- hybrid: the draft's and prompt lookup's candidates reranked into one tree of 5 nodes" in result.output
     result = invoke(*cli_inputs["base"], "--no-hybrid", "--out", tmp_path / "no-hybrid")

@@ -41,13 +41,22 @@ NOTHING = Candidates([0], [-1], [0.0])  # lookup found no match: the root alone
 
 
 def test_a_new_planner_trusts_both_sources_half_and_tries_the_draft_where_lookup_is_unsure():
-    planner = HybridPlanner(HybridConfig(draft_cost=0.5, row_cost=0.01))
+    planner = HybridPlanner(HybridConfig(draft_cost=0.5, row_cost=0.01, tokens_per_step=1.0))
     assert planner.factor(DRAFT) == planner.factor(LOOKUP) == hybrid.PRIOR_FACTOR
     assert planner.offsets() == pytest.approx([LOG(hybrid.PRIOR_FACTOR)] * 2)
     assert planner.rate == hybrid.PRIOR_RATE
+    assert planner.tokens_per_step == 1.0  # the configured prior until the request's rounds say otherwise
     assert planner.wants_draft(NOTHING, 0, 100)  # 2 tokens expected for half a step
     assert planner.lookup_outlook(chain([1.0] * 7)) == pytest.approx((3.5, 0.5))  # each node 1 x 0.5
-    # 0.5 * 2 = 1 token expected from the draft, against 0.5 * (3.5 + 1) = 2.25 tokens' worth of cost: skip it.
+    # 0.5 * 2 = 1 token expected from the draft for half a step: worth it at 1 token a step, not at 3.
+    assert planner.wants_draft(chain([1.0] * 7), 0, 100)
+    lookup = chain([1.0] * 4)
+    merged = merge_candidates([NOTHING, lookup], [0.0, 0.0], num_nodes=5)
+    for _ in range(80):  # lookup alone got its 4 tokens accepted every round, plus the bonus: 5 tokens a step
+        planner.record(merged, (0, 1, 2, 3, 4), lookup, draft_ran=False)
+    assert planner.tokens_per_step == pytest.approx((10 * 5 + hybrid.PRIOR_ROUNDS * 1.0) / (10 + hybrid.PRIOR_ROUNDS),
+                                                    rel=1e-3)
+    planner.expected, planner.accepted = [0.0, 0.0], [0.0, 0.0]  # the calibration back at its prior
     assert not planner.wants_draft(chain([1.0] * 7), 0, 100)
 
 
@@ -93,24 +102,52 @@ def test_rounds_without_the_draft_leave_its_calibration_alone_and_fade_its_evide
 
 @pytest.mark.parametrize("probability", [0.05, 0.2, 0.5, 1.0])
 @pytest.mark.parametrize("cost", [0.0, 0.5, 100.0])
-def test_the_draft_runs_when_its_expected_tokens_pay_for_its_cost(probability, cost):
+@pytest.mark.parametrize("tokens_a_round", [0, 1, 4])  # the request's history: 1, 2, 5 tokens a step
+def test_the_draft_runs_when_its_tokens_per_step_beat_the_requests(probability, cost, tokens_a_round):
+    """The draft's expected extra tokens over its cost against the request's own tokens per verify step: the rule
+    that raises a ratio (tokens over time), whatever lookup would give this round."""
     planner = HybridPlanner(HybridConfig(draft_cost=cost))
+    lookup = chain([1.0] * 5)
+    merged = merge_candidates([NOTHING, lookup], [0.0, 0.0], num_nodes=6)
+    for _ in range(200):
+        planner.record(merged, tuple(range(tokens_a_round + 1)), lookup, draft_ran=False)
+    planner.expected, planner.accepted = [0.0, 0.0], [0.0, 0.0]  # the calibration back at its prior
+    rate = planner.tokens_per_step  # decayed sums worth 10 rounds, and the prior's PRIOR_ROUNDS
+    prior = hybrid.PRIOR_ROUNDS * planner.config.tokens_per_step
+    assert rate == pytest.approx((10 * (tokens_a_round + 1) + prior) / (10 + hybrid.PRIOR_ROUNDS), rel=1e-6)
     found = chain([probability, 1.0])
     expected, first = planner.lookup_outlook(found)
     assert first == pytest.approx(hybrid.PRIOR_FACTOR * probability)
-    assert planner.wants_draft(found, 0, 100) == ((1 - first) * hybrid.PRIOR_RATE > cost * (expected + 1))
-    assert planner.wants_draft(NOTHING, 0, 100) == (cost < hybrid.PRIOR_RATE)
+    assert planner.wants_draft(found, 0, 100) == ((1 - first) * hybrid.PRIOR_RATE > cost * rate)
+    assert planner.wants_draft(NOTHING, 0, 100) == (hybrid.PRIOR_RATE > cost * rate)
 
 
-def test_catching_up_on_skipped_rows_is_spread_over_the_rounds_left():
-    """1.5 verify steps of catch-up (150 rows at 0.01) against 2 tokens expected where lookup has nothing: worth it
-    with 100 tokens left (1.5 / 100 rounds), not with 1 token left; with nothing to catch up, worth it either way."""
+def test_the_requests_tokens_per_step_include_what_the_draft_cost():
     planner = HybridPlanner(HybridConfig(draft_cost=0.5, row_cost=0.01))
+    merged = merge_candidates([chain([0.9]), NOTHING], [0.0, 0.0], num_nodes=2)
+    for _ in range(200):  # 2 tokens a round; each round the verify step, the draft and 100 rows: 2.5 steps
+        assert planner.wants_draft(NOTHING, 100, 10_000)
+        planner.record(merged, (0, 1), NOTHING, draft_ran=True)
+    prior = hybrid.PRIOR_ROUNDS * planner.config.tokens_per_step
+    assert planner.tokens_per_step == pytest.approx((10 * 2 + prior) / (10 * 2.5 + hybrid.PRIOR_ROUNDS), rel=1e-6)
+
+
+def test_catching_up_on_skipped_rows_is_spread_over_the_draft_rounds_left():
+    """1.5 verify steps of catch-up (150 rows at 0.01) against 2 tokens expected where lookup has nothing, for a
+    request at 1 token a step: worth it with 100 tokens left (1.5 over 50 draft rounds), not with 1 token left; with
+    nothing to catch up, worth it either way. A draft that has been running in one round of ten pays most of it."""
+    planner = HybridPlanner(HybridConfig(draft_cost=0.5, row_cost=0.01, tokens_per_step=1.0))
     assert planner.wants_draft(NOTHING, 150, 100) and not planner.wants_draft(NOTHING, 150, 1)
     assert planner.wants_draft(NOTHING, 0, 1)
-    # The bound exactly: 2 > 0.5 + 0.01 * rows / rounds_left, rounds_left = tokens left / (E_n + 1) = tokens left.
+    # The bound exactly: 2 > 0.5 + 0.01 * rows / draft rounds left; a new request's share is 1/2, so the draft
+    # rounds left are tokens left / (E_n + 1) / 2 = tokens left / 2, and at least one.
     assert planner.wants_draft(NOTHING, 149, 1) and not planner.wants_draft(NOTHING, 151, 1)
-    assert planner.wants_draft(NOTHING, 299, 2) and not planner.wants_draft(NOTHING, 301, 2)
+    assert planner.wants_draft(NOTHING, 299, 4) and not planner.wants_draft(NOTHING, 301, 4)
+    rare = HybridPlanner(HybridConfig(draft_cost=0.5, row_cost=0.01, tokens_per_step=1.0))
+    merged = merge_candidates([NOTHING, NOTHING], [0.0, 0.0], num_nodes=1)
+    for round_ in range(100):  # the draft ran in every tenth round
+        rare.record(merged, (0,), NOTHING, draft_ran=round_ % 10 == 9)
+    assert planner.wants_draft(NOTHING, 150, 10) and not rare.wants_draft(NOTHING, 150, 10)
 
 
 def test_calibration_stays_defined_over_very_long_requests():
@@ -126,11 +163,13 @@ def test_calibration_stays_defined_over_very_long_requests():
 # -------------------------------------------------------------------------------------------------------------
 # The decode loop.
 
+# A bar of 1 token a step (plain decoding's) so that the draft runs on these short, repetitive requests; with the
+# default bar of 3, lookup's chains on them keep it off (tested above, without a model).
 HYBRIDS = {
-    "default": HybridConfig(),
+    "low bar": HybridConfig(tokens_per_step=1.0),
     "free draft": HybridConfig(tokens=10, draft_cost=0.0),
     "costly draft": HybridConfig(tokens=6, draft_cost=100.0),
-    "two nodes": HybridConfig(tokens=2),
+    "two nodes": HybridConfig(tokens=2, tokens_per_step=1.0),
 }
 TREE = TreeConfig(tokens=8, depth=4, top_k=3)
 
@@ -192,7 +231,8 @@ def test_rounds_without_the_draft_keep_both_caches_exact(pattern, targets, rando
     emitted: list[int] = []
     backend = CheckedTarget(target.module, 128, ids, emitted)
     draft = CheckedDraft(random_drafts["llama"], target, 128 + TREE.draft_rows, ids, emitted)
-    config = GenerationConfig(max_new_tokens=96, tree=TREE, lookup=LookupConfig(), eos_token_ids=())
+    config = GenerationConfig(max_new_tokens=96, tree=TREE, lookup=LookupConfig(), eos_token_ids=(),
+                              hybrid=HYBRIDS["low bar"])
     result = SpeculativeDecoder(backend, draft).generate(ids, config, on_tokens=emitted.extend)
     assert backend.checks == result.rounds
     assert len(draft.passes) == result.draft_rounds
