@@ -24,7 +24,7 @@ from hass_deploy.config import GenerationConfig, TreeConfig
 from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError
 from hass_deploy.runtime import sampling, tree as trees
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
-from hass_deploy.runtime.hybrid import HybridPlanner
+from hass_deploy.runtime.hybrid import LOOKUP, HybridPlanner
 from hass_deploy.runtime.lookup import NgramCache, PromptLookup, check_tree_budget
 
 
@@ -136,8 +136,9 @@ class SpeculativeDecoder:
                 if planner.wants_draft(found, catch_up, config.max_new_tokens - len(result.output_ids)):
                     drafted = trees.pool_candidates(root, *self._grow(root, pending, draft_len, config.tree, budget))
                     draft_ran = True
-                merged = trees.merge_candidates([drafted or trees.Candidates([new[-1]], [-1], [0.0]), found],
-                                                planner.offsets(), budget)
+                # Without the draft's candidates the merge is lookup's own tree; its host work is a few % of a round.
+                merged = (trees.merge_candidates([drafted, found], planner.offsets(), budget) if draft_ran
+                          else trees.merged_alone(found, sources=2, source=LOOKUP))
                 tree = trees.tree_from_lists(merged.tokens, merged.parents, device)
             elif lookup is not None:
                 tree = lookup.propose(new[-1], min(config.lookup.tokens, room))

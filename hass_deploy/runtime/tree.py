@@ -269,6 +269,15 @@ def merge_candidates(sources: Sequence[Candidates], offsets: Sequence[float], nu
                       source_scores=[[scores[node] for node in kept] for scores in own])
 
 
+def merged_alone(found: Candidates, sources: int, source: int) -> MergedTree:
+    """`merge_candidates` when only source `source` of `sources` proposed anything beyond the root, and its
+    candidates fit the budget: its own tree, without the trie and the rerank (the tree is the same, node for node)."""
+    missing = [-math.inf] * len(found.tokens)
+    own = [-math.inf] + found.scores[1:]  # a merge records no source's score at the root
+    return MergedTree(tokens=found.tokens, parents=found.parents, sources=[0] + [1 << source] * (len(found.tokens) - 1),
+                      source_scores=[own if s == source else missing for s in range(sources)])
+
+
 def build_tree(
     root_token: torch.Tensor,
     pool_tokens: torch.Tensor,

@@ -13,6 +13,7 @@ from hass_deploy.runtime.tree import (
     build_tree,
     build_tree_on_device,
     merge_candidates,
+    merged_alone,
     pool_candidates,
     root_only,
     select_beam,
@@ -468,6 +469,16 @@ def test_merge_matches_a_brute_force_union(seed):
         proposed_by = [s for s, found in enumerate(sources) if path in paths_of(found)]
         assert merged.sources[node] == sum(1 << s for s in proposed_by)
     _assert_consistent(tree_from_lists(merged.tokens, merged.parents, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_one_source_alone_is_its_own_merge(seed):
+    """What a hybrid round without the draft uses: the same tree, sources and scores as the full merge."""
+    found = _random_candidates(random.Random(seed), root=3, vocab=6, size=random.Random(seed).randint(0, 12))
+    for source in (0, 1):
+        sources = [Candidates([3], [-1], [0.0])] * 2
+        sources[source] = found
+        assert merged_alone(found, 2, source) == merge_candidates(sources, [0.3, -0.2], len(found.tokens))
 
 
 def test_pool_candidates_renumber_the_pool_under_the_root():
