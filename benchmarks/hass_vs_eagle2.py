@@ -40,6 +40,11 @@ VARIANTS = {
     "hass-4ep-topk0.5": replace(BASE, recipe="hass", phases=(Phase(4, LR, 0.5),)),
     "eagle2-6ep": replace(BASE, recipe="eagle2", phases=(Phase(6, LR, 1.0),)),
     "hass-6ep": replace(BASE, recipe="hass", phases=(Phase(6, LR, 1.0),)),
+    # The aligned steps' weights: the later steps' features are the draft's own, noisier targets.
+    "hass-4ep-stepw": replace(BASE, recipe="hass", phases=(Phase(4, LR, 1.0),), step_weights=(1.0, 0.5, 0.25)),
+    # The reference schedule's shape: a second phase at a lower learning rate (a fresh optimizer and schedule).
+    "hass-4ep-anneal": replace(BASE, recipe="hass", phases=(Phase(3, LR, 1.0), Phase(1, LR / 4, 1.0))),
+    "eagle2-4ep-anneal": replace(BASE, recipe="eagle2", phases=(Phase(3, LR, 1.0), Phase(1, LR / 4, 1.0))),
 }
 TREES = (TreeConfig(11, 3, 2), TreeConfig(4, 3, 1))
 

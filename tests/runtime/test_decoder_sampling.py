@@ -17,7 +17,7 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import OracleDraft, make_decoder
-from hass_deploy.config import GenerationConfig, LookupConfig, SamplingConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig, SamplingConfig, TreeConfig
 from hass_deploy.models.checkpoint import init_draft
 from hass_deploy.models.loading import load_target
 from hass_deploy.models.random_target import random_hf_model
@@ -85,11 +85,12 @@ def chi_square_pvalue(samples: list[tuple[int, ...]], joint: dict) -> float:
 
 
 def draws(decoder, sampling: SamplingConfig, prompt: list[int] = PROMPT, lookup: LookupConfig | None = None,
-          accepted: list[int] | None = None) -> list[tuple[int, ...]]:
+          accepted: list[int] | None = None, hybrid: HybridConfig = HybridConfig()) -> list[tuple[int, ...]]:
     """SAMPLES generations of NEW_TOKENS tokens (seeds 0..); every round's accept length goes to `accepted`."""
     out = []
     for seed in range(SAMPLES):
-        config = GenerationConfig(max_new_tokens=NEW_TOKENS, sampling=sampling, tree=TREE, lookup=lookup, seed=seed)
+        config = GenerationConfig(max_new_tokens=NEW_TOKENS, sampling=sampling, tree=TREE, lookup=lookup, seed=seed,
+                                  hybrid=hybrid)
         result = decoder.generate(prompt, config)
         out.append(tuple(result.output_ids))
         if accepted is not None:
@@ -142,7 +143,9 @@ def test_hybrid_sampling_matches_exact_distribution(sampling, peaked_target, mon
 
     monkeypatch.setattr(trees, "merge_candidates", recording_merge)
     decoder = make_decoder(peaked_target, init_draft(peaked_target, seed=3), max_len=64)
-    samples = draws(decoder, sampling, LOOKUP_PROMPT, LOOKUP)
+    # A bar of 1 token a step, so that the draft runs on these 3-token generations (the default keeps it off where
+    # lookup's chains are long).
+    samples = draws(decoder, sampling, LOOKUP_PROMPT, LOOKUP, hybrid=HybridConfig(tokens_per_step=1.0))
     mixed = sum(any(m & 1 for m in t.sources) and any(m & 2 for m in t.sources) for t in merged_trees)
     assert mixed > SAMPLES // 4, "many trees should hold candidates of both drafters"
     assert chi_square_pvalue(samples, exact_joint(peaked_target, sampling, LOOKUP_PROMPT)) > 1e-3

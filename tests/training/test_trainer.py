@@ -3,6 +3,7 @@ data-parallel with the same result as one process, and its output is a draft tha
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -193,6 +194,11 @@ def _ddp_worker(rank: int, world: int, port: int, args: tuple, callers_group: bo
         total = torch.ones(1)
         dist.all_reduce(total)  # still usable after training
         assert total.item() == world
+        # The trainer's DDP wrapper (its reducer holds the group) goes first, then both ranks tear down together:
+        # otherwise a rank's exit could abort the other's gloo threads ("terminate called without an active
+        # exception", about one run in four).
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     else:
         assert not dist.is_initialized()

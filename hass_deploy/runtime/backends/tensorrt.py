@@ -41,6 +41,12 @@ _FIXED = {"input_ids": torch.int64, "position_ids": torch.int64, "cache_len": to
           "logits_index": torch.int64, "top_tokens": torch.int64, "top_logprobs": torch.float32}
 
 
+def _device_int(value: int, device: torch.device) -> torch.Tensor:
+    """[1] int64 on the device, written by a fill kernel: `torch.tensor([v], device=...)` would copy it from pageable
+    host memory, which synchronises the stream."""
+    return torch.full((1,), value, dtype=torch.int64, device=device)
+
+
 def profile_for(rows: int) -> int:
     """Profile 0 is decode (one row), 1 tree verification and prefill chunks (`export/tensorrt.py`)."""
     return 0 if rows == 1 else 1
@@ -208,12 +214,11 @@ class TrtTarget(TargetBackend):
             rows = stop - start
             padded = self.steps.padded_rows(rows)
             # Logits of the last row (a prefill), else of every row the step runs (padding rows' are dropped).
-            index = torch.arange(rows - 1, rows) if last_only else torch.arange(padded)
+            index = torch.arange(rows - 1 if last_only else 0, rows if last_only else padded, device=self.device)
             feeds = {"input_ids": input_ids[:, start:stop], "position_ids": position_ids[:, start:stop],
-                     "cache_len": torch.tensor([cache_len + start]), "tree_mask": tree_mask,
+                     "cache_len": _device_int(cache_len + start, self.device), "tree_mask": tree_mask,
                      "logits_index": index}
-            out = self.steps.run({name: value if value is None else value.to(self.device)
-                                  for name, value in feeds.items()}, cache_len + start, rows, padded)
+            out = self.steps.run(feeds, cache_len + start, rows, padded)
             return {"hidden": out["hidden"][:, :rows].clone(),
                     "logits": out["logits"][:, :1 if last_only else rows].clone()
                     if not last_only or stop == steps else None}
@@ -243,7 +248,7 @@ class TrtDraft(DraftBackend):
             rows = stop - start
             feeds = {"features": features[:, start:stop], "input_ids": input_ids[:, start:stop],
                      "position_ids": position_ids[:, start:stop],
-                     "cache_len": torch.tensor([cache_len + start], device=self.device), "tree_mask": tree_mask}
+                     "cache_len": _device_int(cache_len + start, self.device), "tree_mask": tree_mask}
             out = self.steps.run(feeds, cache_len + start, rows, self.steps.padded_rows(rows))
             return {"hidden": out["hidden"][:, :rows].clone(), "logprobs": out["top_logprobs"][:, :rows, :top_k].clone(),
                     "tokens": out["top_tokens"][:, :rows, :top_k].clone()}
