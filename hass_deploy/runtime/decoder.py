@@ -136,7 +136,7 @@ class SpeculativeDecoder:
                 if planner.wants_draft(found, catch_up, config.max_new_tokens - len(result.output_ids)):
                     drafted = trees.pool_candidates(root, *self._grow(root, pending, draft_len, config.tree, budget))
                     draft_ran = True
-                # Without the draft's candidates the merge is lookup's own tree; its host work is a few % of a round.
+                # Without the draft's candidates the merge is lookup's own tree: no trie, no rerank.
                 merged = (trees.merge_candidates([drafted, found], planner.offsets(), budget) if draft_ran
                           else trees.merged_alone(found, sources=2, source=LOOKUP))
                 tree = trees.tree_from_lists(merged.tokens, merged.parents, device)
