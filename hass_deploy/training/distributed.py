@@ -13,6 +13,8 @@ extraction use. Both follow the same three rules:
 
 from __future__ import annotations
 
+import gc
+
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -94,6 +96,10 @@ class Ranks:
     def close(self) -> None:
         """Destroy the process group if it was initialised here (a caller's group outlives this)."""
         if self.owns_group and dist.is_initialized():
+            # A DDP wrapper lives in reference cycles (its hooks), so it outlives the training call until the cyclic
+            # collector runs; its reducer must go before the group it holds, or gloo can abort the rank at exit
+            # ("terminate called without an active exception": the caller's-group test in test_trainer.py aborted so).
+            gc.collect()
             dist.destroy_process_group()
 
     @property

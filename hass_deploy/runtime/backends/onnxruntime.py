@@ -437,7 +437,8 @@ def open_ort_backends(artifacts: Path, manifest: Manifest, with_draft: bool, max
         if config.provider == "tensorrt":
             from hass_deploy.export.tensorrt import profile_shapes, profiles
 
-            tensorrt = tensorrt_options(spec, [profile_shapes(spec, p) for p in profiles(manifest)], artifacts / "cache")
+            shapes = [profile_shapes(spec, profile) for profile in profiles(manifest)]
+            tensorrt = tensorrt_options(spec, shapes, artifacts / "cache")
         return open_session(artifacts / spec.file, device, config, tensorrt)
 
     target_graph = runtime_graph(manifest, "target", config.graphs)

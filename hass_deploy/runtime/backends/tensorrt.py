@@ -149,7 +149,8 @@ class _Steps:
         # Rows allocated in whole 64-row blocks, so that every layer's K and V slot starts at a 256-byte boundary
         # (`setTensorAddress`' rule) whatever --max-seq-len is; the contract's capacity stays max_len.
         allocated = -(-max_len // MIN_BOUND_ROWS) * MIN_BOUND_ROWS
-        self.kv = KVBuffers(spec.num_layers, spec.num_kv_heads, spec.head_dim, allocated, self.dtype, device, full=False)
+        self.kv = KVBuffers(spec.num_layers, spec.num_kv_heads, spec.head_dim, allocated, self.dtype, device,
+                            full=False)
         block = spec.num_kv_heads * allocated * spec.head_dim * torch.empty((), dtype=self.dtype).element_size()
         if block % ALIGN_BYTES:
             raise HassDeployError(f"KV slots of {allocated} rows do not align to {ALIGN_BYTES} bytes (head_dim "
@@ -250,7 +251,8 @@ class TrtDraft(DraftBackend):
                      "position_ids": position_ids[:, start:stop],
                      "cache_len": _device_int(cache_len + start, self.device), "tree_mask": tree_mask}
             out = self.steps.run(feeds, cache_len + start, rows, self.steps.padded_rows(rows))
-            return {"hidden": out["hidden"][:, :rows].clone(), "logprobs": out["top_logprobs"][:, :rows, :top_k].clone(),
+            return {"hidden": out["hidden"][:, :rows].clone(),
+                    "logprobs": out["top_logprobs"][:, :rows, :top_k].clone(),
                     "tokens": out["top_tokens"][:, :rows, :top_k].clone()}
 
         out = run_chunked(input_ids.shape[1], self.steps.chunk, tree_mask is None, run)
