@@ -160,3 +160,41 @@ def check_capacity(manifest: Manifest, max_seq_len: int, tree_tokens: int | None
     if top_k is not None and top_k > manifest.max_top_k:
         raise ConfigError(f"--tree-top-k {top_k} is more than the draft graph's top-k ({manifest.max_top_k}); "
                           "export again with a larger --max-top-k")
+
+
+# The step shapes an export's engines accept: TensorRT plans are built for them (`export/tensorrt.py`), and ORT's
+# TensorRT provider gets the same ranges (`runtime/backends/onnxruntime.py`). Two optimisation profiles, as
+# TensorRT-LLM and Edge-LLM build them.
+@dataclass(frozen=True)
+class Profile:
+    """Row ranges of one optimisation profile: T new rows (min, opt, max) and S bound KV rows."""
+
+    name: str
+    rows: tuple[int, int, int]
+    kv_rows: tuple[int, int, int]
+
+
+def profiles(manifest: Manifest) -> list[Profile]:
+    """decode (T = 1) and tree/prefill (T = 2 .. the largest step the runtime makes)."""
+    largest = max(manifest.max_tree_tokens, manifest.prefill_chunk, 2)
+    kv = (1, min(1024, manifest.max_seq_len), manifest.max_seq_len)
+    return [Profile("decode", (1, 1, 1), kv),
+            Profile("tree_and_prefill", (2, min(manifest.max_tree_tokens, largest), largest), kv)]
+
+
+def profile_shapes(spec: GraphSpec, profile: Profile) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shapes of every dynamic input of `spec` under `profile`.
+
+    Named axes (manifest): T new rows; R rows that get logits (1 .. T); S bound KV rows; M the rows a draft tree
+    level's mask covers (T .. S + T).
+    """
+    def size(axis: str, which: int) -> int:
+        rows, kv = profile.rows[which], profile.kv_rows[which]
+        return {"T": rows, "R": rows if which else 1, "S": kv, "M": rows if which == 0 else rows + kv}[axis]
+
+    shapes = {}
+    for tensor in spec.inputs:
+        if any(isinstance(d, str) for d in tensor.shape):
+            shapes[tensor.name] = tuple(tuple(d if isinstance(d, int) else size(d, which) for d in tensor.shape)
+                                        for which in range(3))
+    return shapes

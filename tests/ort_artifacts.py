@@ -64,8 +64,7 @@ class OrtEngine:
     def __init__(self, artifacts: Path, graph: str):
         import torch
 
-        from hass_deploy.export.tensorrt import profile_shapes, profiles
-        from hass_deploy.manifest import read_manifest
+        from hass_deploy.manifest import profile_shapes, profiles, read_manifest
         from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_session
 
         manifest = read_manifest(artifacts)

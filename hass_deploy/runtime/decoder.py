@@ -163,7 +163,7 @@ class SpeculativeDecoder:
                 # [1, a+1, H] verified features of the committed nodes (a copy: the backend reuses its outputs)
                 pending.append((out.hidden[:, accepted.path], committed))
             if merged is not None:
-                planner.record(merged, accepted.nodes, found, draft_ran)
+                planner.record(merged, accepted.nodes, found, draft_ran, catch_up)
             cache_len += len(accepted.nodes)
             root = committed[-1]
             self._record(result, accepted, tree.num_nodes - 1, draft_ran)

@@ -83,7 +83,6 @@ class HybridPlanner:
         self.added = 0.0  # decayed tokens accepted that only the draft proposed, over those rounds
         self.tokens = 0.0  # decayed tokens committed per round
         self.steps = 0.0  # decayed verify steps they took, the draft's costs included
-        self.cost = 0.0  # the draft's cost in the round last decided, in verify steps
         self.ran = 0.0  # decayed rounds in which the draft ran
         self.rounds = 0.0  # decayed rounds
 
@@ -123,13 +122,13 @@ class HybridPlanner:
         share = (self.ran + 0.5) / (self.rounds + 1.0)
         draft_rounds_left = max(1.0, share * tokens_left / (expected + 1.0))
         cost = self.config.draft_cost + self.config.row_cost * catch_up / draft_rounds_left
-        self.cost = self.config.draft_cost + self.config.row_cost * catch_up  # what this round pays if it runs
         return (1.0 - first) * self.rate > cost * self.tokens_per_step
 
     def record(self, merged: MergedTree, accepted_nodes: tuple[int, ...], found: Candidates,
-               draft_ran: bool) -> None:
+               draft_ran: bool, catch_up: int = 0) -> None:
         """Update the calibration with a verified tree, the nodes accepted (root first) and lookup's candidates of
-        the round; and the draft's marginal rate when it ran."""
+        the round; the draft's marginal rate when it ran; and the request's tokens per step, with what the draft
+        cost when it ran (`catch_up` as given to `wants_draft`)."""
         if draft_ran:  # before this round's evidence moves lookup's calibration: p1 as it was when deciding
             _, first = self.lookup_outlook(found)
             only_draft = sum(merged.sources[node] == 1 << DRAFT for node in accepted_nodes[1:])
@@ -141,7 +140,8 @@ class HybridPlanner:
         self.ran = DECAY * self.ran + draft_ran
         self.rounds = DECAY * self.rounds + 1.0
         self.tokens = DECAY * self.tokens + len(accepted_nodes)  # the accepted path and the bonus token
-        self.steps = DECAY * self.steps + 1.0 + (self.cost if draft_ran else 0.0)
+        paid = self.config.draft_cost + self.config.row_cost * catch_up if draft_ran else 0.0
+        self.steps = DECAY * self.steps + 1.0 + paid
         for source in (DRAFT, LOOKUP):
             if source == DRAFT and not draft_ran:
                 continue  # the draft proposed nothing this round: nothing to learn about its scores

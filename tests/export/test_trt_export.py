@@ -15,7 +15,7 @@ from hass_deploy.cli import app
 from hass_deploy.errors import ConfigError
 from hass_deploy.export import tensorrt
 from hass_deploy.export.config import ExportConfig
-from hass_deploy.manifest import read_manifest
+from hass_deploy.manifest import profile_shapes, profiles, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +25,20 @@ def artifacts(targets, random_drafts, tmp_path_factory):
 
 def test_profiles_cover_decode_and_the_largest_step(artifacts):
     manifest = read_manifest(artifacts)
-    decode, verify = tensorrt.profiles(manifest)
+    decode, verify = profiles(manifest)
     assert decode.rows == (1, 1, 1) and verify.rows == (2, CONFIG.max_tree_tokens, CONFIG.max_tree_tokens)
     assert decode.kv_rows == verify.kv_rows == (1, min(1024, CONFIG.max_seq_len), CONFIG.max_seq_len)
     for name in ("target", "draft"):
         spec = manifest.graphs[name]
         dynamic = {t.name for t in spec.inputs if any(isinstance(d, str) for d in t.shape)}
         for profile in (decode, verify):
-            shapes = tensorrt.profile_shapes(spec, profile)
+            shapes = profile_shapes(spec, profile)
             assert set(shapes) == dynamic  # every dynamic input, and only those
             for low, opt, high in shapes.values():
                 assert all(a <= b <= c for a, b, c in zip(low, opt, high))
-        assert tensorrt.profile_shapes(spec, decode)["input_ids"] == ((1, 1), (1, 1), (1, 1))
-        assert tensorrt.profile_shapes(spec, verify)["past_key_0"][2][2] == CONFIG.max_seq_len
-    draft_mask = tensorrt.profile_shapes(manifest.graphs["draft"], verify)["tree_mask"]
+        assert profile_shapes(spec, decode)["input_ids"] == ((1, 1), (1, 1), (1, 1))
+        assert profile_shapes(spec, verify)["past_key_0"][2][2] == CONFIG.max_seq_len
+    draft_mask = profile_shapes(manifest.graphs["draft"], verify)["tree_mask"]
     assert draft_mask[2] == (1, CONFIG.max_tree_tokens, CONFIG.max_tree_tokens + CONFIG.max_seq_len)
 
 

@@ -127,7 +127,7 @@ def test_the_requests_tokens_per_step_include_what_the_draft_cost():
     merged = merge_candidates([chain([0.9]), NOTHING], [0.0, 0.0], num_nodes=2)
     for _ in range(200):  # 2 tokens a round; each round the verify step, the draft and 100 rows: 2.5 steps
         assert planner.wants_draft(NOTHING, 100, 10_000)
-        planner.record(merged, (0, 1), NOTHING, draft_ran=True)
+        planner.record(merged, (0, 1), NOTHING, draft_ran=True, catch_up=100)
     prior = hybrid.PRIOR_ROUNDS * planner.config.tokens_per_step
     assert planner.tokens_per_step == pytest.approx((10 * 2 + prior) / (10 * 2.5 + hybrid.PRIOR_ROUNDS), rel=1e-6)
 

@@ -18,10 +18,23 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from hass_deploy.errors import HassDeployError
+from hass_deploy.errors import ConfigError, HassDeployError
 
+STEP_MODES = ("auto", "eager", "static", "graphs")  # auto: graphs on a CUDA device, eager elsewhere
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # padded step sizes: decode, tree verification, the draft's levels
 KV_BLOCK = 256  # KV rows a captured step reads are a multiple of this: at most 255 masked rows of extra attention
+
+
+def step_graphs(mode: str, device: torch.device) -> "StepGraphs | None":
+    """A backend's static steps for a step mode (`STEP_MODES`): None for eager steps; "static" runs them uncaptured
+    (what the CPU tests check); "graphs" captures them, which needs a CUDA device."""
+    if mode not in STEP_MODES:
+        raise ConfigError(f"unknown step mode {mode!r}; choose one of {', '.join(STEP_MODES)}")
+    if mode == "auto":
+        mode = "graphs" if device.type == "cuda" else "eager"
+    if mode == "graphs" and device.type != "cuda":
+        raise ConfigError("CUDA graphs need the model on a CUDA device (--device cuda)")
+    return None if mode == "eager" else StepGraphs(device, capture=mode == "graphs")
 
 
 def row_bucket(rows: int) -> int | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
-from hass_deploy.manifest import GraphSpec, Manifest, runtime_graph
+from hass_deploy.manifest import GraphSpec, Manifest, profile_shapes, profiles, runtime_graph
 from hass_deploy.models.target import causal_tree_mask
 from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput, TargetBackend, TargetOutput, run_chunked
 from hass_deploy.runtime.kv import KVBuffers
@@ -111,7 +111,7 @@ def tensorrt_options(spec, profile_shapes: list[dict[str, tuple[tuple[int, ...],
     for every dynamic input (else ORT rebuilds the engine whenever a step's shape leaves the range it has seen).
 
     `profile_shapes`: (min, opt, max) per dynamic input of each of the export's profiles, decode first
-    (`export.tensorrt.profile_shapes`); ORT gets one range spanning them, from decode's minimum to the largest
+    (`manifest.profile_shapes`); ORT gets one range spanning them, from decode's minimum to the largest
     step's maximum, tuned for the tree step.
     """
     def shapes(which: int, profile: dict) -> str:
@@ -435,8 +435,6 @@ def open_ort_backends(artifacts: Path, manifest: Manifest, with_draft: bool, max
     def session(graph: str):
         spec, tensorrt = manifest.graphs[graph], None
         if config.provider == "tensorrt":
-            from hass_deploy.export.tensorrt import profile_shapes, profiles
-
             shapes = [profile_shapes(spec, profile) for profile in profiles(manifest)]
             tensorrt = tensorrt_options(spec, shapes, artifacts / "cache")
         return open_session(artifacts / spec.file, device, config, tensorrt)

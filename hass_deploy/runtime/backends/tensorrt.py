@@ -35,7 +35,6 @@ from hass_deploy.runtime.kv import MIN_BOUND_ROWS, KVBuffers
 
 ALIGN_BYTES = 256
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STEP_MODES = ("auto", "graphs", "static", "eager")  # auto: graphs; static: padded, uncaptured (the CPU tests' engine)
 _PADDED = ("input_ids", "position_ids", "features")  # the per-row inputs a padded step extends with zeros
 _FIXED = {"input_ids": torch.int64, "position_ids": torch.int64, "cache_len": torch.int64, "tree_mask": torch.bool,
           "logits_index": torch.int64, "top_tokens": torch.int64, "top_logprobs": torch.float32}
@@ -140,8 +139,6 @@ class _Steps:
     """What the target and draft backends share: the engine, KV buffers, aligned inputs and outputs, graphs."""
 
     def __init__(self, engine: _Engine, spec: GraphSpec, manifest: Manifest, max_len: int, mode: str):
-        if mode not in STEP_MODES:
-            raise ConfigError(f"unknown step mode {mode!r}; choose one of {', '.join(STEP_MODES)}")
         self.engine, self.spec, self.mode = engine, spec, mode
         self.dtype, device = _DTYPES[manifest.dtype], engine.device
         self.chunk = manifest.prefill_chunk
@@ -160,7 +157,7 @@ class _Steps:
                                      device)
         self.outputs = AlignedBuffers(buffer_sizes(spec.outputs, self.largest, self.largest + allocated, self.dtype),
                                       device)
-        self.graphs = None if mode == "eager" else graphs.StepGraphs(device, capture=mode in ("auto", "graphs"))
+        self.graphs = graphs.step_graphs(mode, device)  # static: padded, uncaptured (the CPU tests' stand-in engine)
 
     def padded_rows(self, rows: int) -> int:
         """The rows a step of `rows` runs as: its bucket, within profile 1's range (else unpadded)."""
@@ -171,7 +168,8 @@ class _Steps:
         """Run a step of `rows` rows as `padded` rows (feeds' per-row inputs have `rows`; tree_mask [1, rows, M] or
         None for causal) and write its real rows' K/V at cache_len..; returns the engine's outputs (padded rows
         included), valid until the next step."""
-        feeds = dict(feeds, tree_mask=graphs.pad_tree_mask(feeds["tree_mask"], rows, padded, self.engine.device))
+        if padded != rows or feeds["tree_mask"] is None:  # the padded mask (or a causal one)
+            feeds = dict(feeds, tree_mask=graphs.pad_tree_mask(feeds["tree_mask"], rows, padded, self.engine.device))
         if padded != rows:
             feeds.update({name: graphs.pad_rows(feeds[name], padded) for name in _PADDED if name in feeds})
         self.kv.reserve(cache_len + rows)

@@ -1,9 +1,10 @@
 """The PyTorch backend: our own modules over static KV buffers, on any torch device.
 
-Steps run in one of three modes (`steps`): "eager" runs each step as its shapes come; "graphs" runs tree and decode
-steps as static steps captured as CUDA graphs (`graphs.py`), so a GPU replays a step's ~500 kernels as one launch;
-"static" runs the same static steps without capture (what the CPU tests check). "auto" is graphs on a CUDA device
-and eager elsewhere: on a CPU nothing is launch-bound, and a static step's padding and KV block are pure cost.
+Steps run in one of `graphs.STEP_MODES` (`steps`): "eager" runs each step as its shapes come; "graphs" runs tree
+and decode steps as static steps captured as CUDA graphs (`graphs.py`), so a GPU replays a step's ~500 kernels as
+one launch; "static" runs the same static steps without capture (what the CPU tests check). "auto" is graphs on a
+CUDA device and eager elsewhere: on a CPU nothing is launch-bound, and a static step's padding and KV block are
+pure cost.
 Prefill, and steps too large for a row bucket or too close to the end of the buffers, always run eagerly.
 """
 
@@ -11,30 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from hass_deploy.errors import ConfigError
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.target import Transformer
 from hass_deploy.runtime.backends import graphs
 from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput, TargetBackend, TargetOutput
 from hass_deploy.runtime.kv import KVBuffers
 
-STEP_MODES = ("auto", "eager", "static", "graphs")
-
-
 def _kv_for(module: torch.nn.Module, num_layers: int, max_len: int) -> KVBuffers:
     config = module.config
     weight = module.embed_tokens.weight
     return KVBuffers(num_layers, config.num_kv_heads, config.head_dim, max_len, weight.dtype, weight.device)
-
-
-def _step_graphs(mode: str, device: torch.device) -> graphs.StepGraphs | None:
-    if mode not in STEP_MODES:
-        raise ConfigError(f"unknown step mode {mode!r}; choose one of {', '.join(STEP_MODES)}")
-    if mode == "auto":
-        mode = "graphs" if device.type == "cuda" else "eager"
-    if mode == "graphs" and device.type != "cuda":
-        raise ConfigError("CUDA graphs need the model on a CUDA device (--device cuda)")
-    return None if mode == "eager" else graphs.StepGraphs(device, capture=mode == "graphs")
 
 
 def _static_shape(steps: int, cache_len: int, max_len: int) -> tuple[int, int] | None:
@@ -60,7 +47,7 @@ class TorchTarget(TargetBackend):
         self.vocab_size = module.config.vocab_size
         self.max_len, self.mode = max_len, steps
         self.kv = _kv_for(module, module.config.num_layers, max_len)
-        self.graphs = _step_graphs(steps, self.device)
+        self.graphs = graphs.step_graphs(steps, self.device)
 
     @torch.no_grad()
     def _step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False) -> TargetOutput:
@@ -99,7 +86,7 @@ class TorchDraft(DraftBackend):
         self.device = head.fc.weight.device
         self.max_len, self.mode = max_len, steps
         self.kv = _kv_for(head, 1, max_len)
-        self.graphs = _step_graphs(steps, self.device)
+        self.graphs = graphs.step_graphs(steps, self.device)
 
     def _rank(self, hidden: torch.Tensor, top_k: int) -> torch.return_types.topk:
         logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1, T, V]

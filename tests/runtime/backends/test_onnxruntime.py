@@ -131,8 +131,7 @@ def test_cuda_providers_decode_like_torch(provider, targets, random_drafts, arti
 def test_tensorrt_provider_options_span_the_exports_profiles(artifacts, tmp_path):
     """One explicit shape range per graph, from a decode step to the largest step, for every dynamic input (ORT
     rebuilds engines for shapes outside the range it was given), and the engines cached in the artifacts."""
-    from hass_deploy.export.tensorrt import profile_shapes, profiles
-    from hass_deploy.manifest import read_manifest
+    from hass_deploy.manifest import profile_shapes, profiles, read_manifest
     from hass_deploy.runtime.backends.onnxruntime import OrtConfig, tensorrt_options
 
     manifest = read_manifest(artifacts["llama"])
