@@ -1,11 +1,12 @@
 """HASS vs EAGLE-2 at equal budget, and which part of HASS does what: an ablation on one data directory.
 
-    python benchmarks/hass_vs_eagle2.py --target DIR --data DIR --prompts FILE --out DIR [--variants ...]
+    python benchmarks/hass_vs_eagle2.py --target DIR --data DIR --prompts FILE [--prompts FILE ...] --out DIR \
+        [--variants ...] [--seed N]
 
 Trains each variant (`VARIANTS`, all from the quickstart's `default` training settings) into OUT/<variant>
-(resumable: a rerun skips finished ones), then measures decoding τ by generating greedily from the target on the
-prompts with each draft (torch backend; τ depends on neither the backend nor the machine's load) for a tree and
-a chain. Prints a Markdown table with the training-time evaluation beside it. On the quickstart's work dir:
+(resumable: a rerun skips finished ones), then measures decoding τ by generating greedily from the target on
+each prompt file with each draft (torch backend; τ depends on neither the backend nor the machine's load) for a
+tree and a chain. Prints a Markdown table with the training-time evaluation beside it. On the quickstart's work dir:
 
     python benchmarks/hass_vs_eagle2.py --target ~/.cache/hass-deploy/targets/default-* \\
         --data hass-deploy-quickstart/default/data \\
@@ -32,12 +33,16 @@ VARIANTS = {
     "eagle2": replace(BASE, recipe="eagle2"),
     "hass": replace(BASE, recipe="hass"),
     "hass-topk0": replace(BASE, recipe="hass", phases=(Phase(2, LR, 0.0),)),
+    "hass-topk0.25": replace(BASE, recipe="hass", phases=(Phase(2, LR, 0.25),)),
     "hass-stepw": replace(BASE, recipe="hass", step_weights=(1.0, 0.5, 0.25)),
     "eagle2-4ep": replace(BASE, recipe="eagle2", phases=(Phase(4, LR, 1.0),)),
     "hass-4ep": replace(BASE, recipe="hass", phases=(Phase(4, LR, 1.0),)),
     # The reference's order: alignment alone first, Top-K distillation only in the second phase.
     "hass-4ep-topk-late": replace(BASE, recipe="hass", phases=(Phase(2, LR, 0.0), Phase(2, LR, 1.0))),
     "hass-4ep-topk0.5": replace(BASE, recipe="hass", phases=(Phase(4, LR, 0.5),)),
+    # 3 epochs: with twice the quickstart's data, the budget that fits its 17-minute bound.
+    "eagle2-3ep": replace(BASE, recipe="eagle2", phases=(Phase(3, LR, 1.0),)),
+    "hass-3ep": replace(BASE, recipe="hass", phases=(Phase(3, LR, 1.0),)),
     "eagle2-6ep": replace(BASE, recipe="eagle2", phases=(Phase(6, LR, 1.0),)),
     "hass-6ep": replace(BASE, recipe="hass", phases=(Phase(6, LR, 1.0),)),
     # The aligned steps' weights: the later steps' features are the draft's own, noisier targets.
@@ -62,27 +67,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--prompts", type=Path, required=True)
+    parser.add_argument("--prompts", type=Path, required=True, action="append",
+                        help="prompt file (repeatable: each is a row per draft, e.g. the shared prompt sets)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, noise, batch order): "
+                        "rerun with another to see how much of a difference is the seed's; OUT/<variant>-s<seed>")
     parser.add_argument("--max-prompts", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
-    prompts = read_prompt_file(args.prompts)[: args.max_prompts]
+    prompt_sets = {path.stem: read_prompt_file(path)[: args.max_prompts] for path in args.prompts}
     rows = []
-    for name in args.variants.split(","):
-        config = VARIANTS[name]
+    for variant in args.variants.split(","):
+        config = replace(VARIANTS[variant], seed=args.seed)
+        name = variant if args.seed == 0 else f"{variant}-s{args.seed}"
         metrics = train(args.target, args.data, args.out / name, config, resume=True, progress=True)
         epochs = sum(p.epochs for p in config.phases)
-        taus = decoding_tau(args.target, args.out / name, prompts, args.new_tokens)
-        rows.append(f"| {name} | {epochs} | {metrics['eval_expected_tau']:.3f} | "
-                    + " | ".join(f"{t:.3f}" for t in taus) + " |")
-        (args.out / name / "decoding_tau.json").write_text(json.dumps(
-            {f"{t.tokens}/{t.depth}/{t.top_k}": tau for t, tau in zip(TREES, taus)}) + "\n")
-    print(f"\n{len(prompts)} prompts x {args.new_tokens} greedy tokens\n")
-    print("| draft | epochs | expected τ (chain of 5) | " + " | ".join(
+        record = {}
+        for set_name, prompts in prompt_sets.items():
+            taus = decoding_tau(args.target, args.out / name, prompts, args.new_tokens)
+            rows.append(f"| {name} | {set_name} | {epochs} | {metrics['eval_expected_tau']:.3f} | "
+                        + " | ".join(f"{t:.3f}" for t in taus) + " |")
+            record[set_name] = {f"{t.tokens}/{t.depth}/{t.top_k}": tau for t, tau in zip(TREES, taus)}
+        (args.out / name / "decoding_tau.json").write_text(json.dumps(record) + "\n")
+    print(f"\nup to {args.max_prompts} prompts per set x {args.new_tokens} greedy tokens\n")
+    print("| draft | prompts | epochs | expected τ (chain of 5) | " + " | ".join(
         f"decoding τ {t.tokens}/{t.depth}/{t.top_k}" for t in TREES) + " |")
-    print("|---|---:|---:|" + "---:|" * len(TREES))
+    print("|---|---|---:|---:|" + "---:|" * len(TREES))
     print("\n".join(rows))
 
 

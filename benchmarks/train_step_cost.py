@@ -43,6 +43,21 @@ def random_batch(batch: int, seq: int, hidden: int, vocab: int, generator: torch
                  features[:, 1:] * valid[..., None], loss_mask, valid)
 
 
+def macs_per_position(config: ModelConfig, seq: int, steps: int) -> float:
+    """Multiply-accumulates of one trained position in a step of `steps` aligned passes, with these losses.
+
+    The floor any implementation of the same losses and gradients meets. Shared by all passes: the target's
+    distribution (one V x H projection, no gradient). Per pass: the layer (fc over [embedding, feature], q/k/v/o,
+    the MLP, causal attention over on average N/2 keys) forward, and backward at twice that (inputs and weights);
+    the draft's V x H projection forward, and backward to its input only (the lm_head is the target's, frozen).
+    """
+    h, d = config.hidden_size, config.head_dim
+    layer = (2 * h * h + h * d * (config.num_heads + 2 * config.num_kv_heads) + config.num_heads * d * h
+             + 3 * h * config.intermediate_size + config.num_heads * d * seq)
+    vocabulary = config.vocab_size * h
+    return vocabulary + steps * (3 * layer + 2 * vocabulary)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -100,6 +115,8 @@ def main() -> None:
         median_ratio = statistics.median(times["hass", clock]) / statistics.median(times["eagle2", clock])
         print(f"  {clock:4s} HASS/EAGLE-2 epoch cost: {median_ratio:.2f} "
               f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})")
+    floor = macs_per_position(config, args.seq, recipes["hass"].steps) / macs_per_position(config, args.seq, 1)
+    print(f"  work ratio of the same losses (multiply-accumulates per position, the floor): {floor:.2f}")
 
 
 if __name__ == "__main__":
