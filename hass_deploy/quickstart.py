@@ -52,7 +52,7 @@ class QuickstartPreset:
     data: DataConfig = field(default_factory=lambda: DataConfig(format="text", max_length=640, eval_fraction=0.05))
     # Equal budget for both recipes: the same data, epochs and schedule (the paper's comparison). 2 epochs over twice
     # the text rather than 4 over it once: the same training compute and the same HASS τ, but HASS then leads
-    # EAGLE-2 on chains at two seeds (1.06-1.10x) where 4 epochs left them level (docs/RESULTS.md §3).
+    # EAGLE-2 on chains at two seeds (1.06-1.10x) where 4 epochs left it level or behind (docs/RESULTS.md §3).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         phases=(Phase(epochs=2, lr=2e-3, topk_weight=1.0),), batch_size=8, max_length=640))
     prompts: int = 24  # held-out benchmark prompts
