@@ -34,6 +34,9 @@ VARIANTS = {
     "hass": replace(BASE, recipe="hass"),
     "hass-topk0": replace(BASE, recipe="hass", phases=(Phase(2, LR, 0.0),)),
     "hass-topk0.25": replace(BASE, recipe="hass", phases=(Phase(2, LR, 0.25),)),
+    # K of the Top-K loss (the paper's 10): K = 1 weights the target's greedy token, what a chain must match.
+    "hass-k3": replace(BASE, recipe="hass", topk=3),
+    "hass-k1": replace(BASE, recipe="hass", topk=1),
     "hass-stepw": replace(BASE, recipe="hass", step_weights=(1.0, 0.5, 0.25)),
     "eagle2-4ep": replace(BASE, recipe="eagle2", phases=(Phase(4, LR, 1.0),)),
     "hass-4ep": replace(BASE, recipe="hass", phases=(Phase(4, LR, 1.0),)),
