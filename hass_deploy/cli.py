@@ -448,7 +448,7 @@ def bench(
     config = BenchConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), tree=fixed,
                          lookup=lookup_config if lookup else None,
                          hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost,
-                            tokens_per_step=hybrid_tokens_per_step) if hybrid else None,
+                                             tokens_per_step=hybrid_tokens_per_step) if hybrid else None,
                          max_prompts=max_prompts, warmup=warmup, seed=seed,
                          chat=chat, runtime=RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype,
                                                           device=device, max_seq_len=max_seq_len,
@@ -568,7 +568,7 @@ def serve(
                           lookup=_lookup_config(lookup_tokens, lookup_depth, lookup_max_ngram, lookup_min_ngram,
                                                 lookup_branches),
                           hybrid=HybridConfig(tokens=hybrid_tokens, draft_cost=hybrid_draft_cost, row_cost=hybrid_row_cost,
-                            tokens_per_step=hybrid_tokens_per_step))
+                                              tokens_per_step=hybrid_tokens_per_step))
     runtime = RuntimeConfig(backend=choose_backend(backend, artifacts), dtype=dtype, device=device,
                             max_seq_len=max_seq_len, cuda_graphs=cuda_graphs, ort_provider=ort_provider)
     name = served_model_name or target.resolve().name
