@@ -47,7 +47,7 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     return _write_models(tmp_path_factory)
 
 
-# ONNX Runtime's GroupQueryAttention (the fused graphs, export/fused.py) needs head_dim % 8 == 0; TINY's is 12
+# ONNX Runtime's GroupQueryAttention (the fused graphs, export/fused.py) needs head_dim % 16 == 0; TINY's is 12
 # (Qwen3's 32), so the fused-graph tests use these: the same models with hidden 64, head_dim 16.
 FUSABLE = dict(hidden_size=64)
 

@@ -45,11 +45,23 @@ ACCURACY_LEVEL = 4
 
 
 def unsupported_reason(config: ModelConfig) -> str | None:
-    """Why a target cannot have fused graphs (None if it can), from what ORT's GroupQueryAttention supports."""
+    """Why a target cannot have fused graphs (None if it can).
+
+    The conditions are ONNX Runtime's own, from `group_query_attention_helper.h` (CheckInputs), for the way these
+    graphs call GroupQueryAttention: packed q|k|v, RoPE inside the operator (`do_rotary`) over the whole head, cos/sin
+    caches of [positions, D/2] covering S_max. ORT checks them only when a step runs, so a graph that breaks one
+    would export cleanly and then fail on every prompt.
+    """
     if config.rope_parameters.get("rope_type", "default") == "dynamic":
         return "dynamic NTK RoPE changes its frequencies with the context length"
-    if config.head_dim % 8:
-        return f"GroupQueryAttention needs a head dimension that is a multiple of 8, not {config.head_dim}"
+    if config.num_heads % config.num_kv_heads:
+        return (f"GroupQueryAttention needs num_heads ({config.num_heads}) to be a multiple of num_kv_heads "
+                f"({config.num_kv_heads})")
+    # "head_size shall be a multiple of 16" once cos/sin caches are given (the packed-q|k|v check asks for 8), and
+    # the caches' D/2 columns must be a multiple of 8 and at most (D / 16) * 8: all three come to D % 16 == 0.
+    if config.head_dim % 16:
+        return (f"GroupQueryAttention with rotary embeddings needs a head dimension that is a multiple of 16, "
+                f"not {config.head_dim}")
     return None
 
 

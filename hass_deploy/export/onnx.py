@@ -17,6 +17,7 @@ import copy
 import logging
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,12 +77,34 @@ def _save_graph(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, inp
                 output_names: list[str], path: Path, config: ExportConfig, kv_shape: tuple[int, int, int]) -> GraphSpec:
     """torch.onnx.export (dynamo) one step module, save it, check it, and describe it."""
     external = config.external_data if config.external_data is not None else _weight_bytes(module) > EXTERNAL_DATA_BYTES
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not actionable here
+    with warnings.catch_warnings(), _quiet_registration(), torch.no_grad():
+        # The exporter's own notes, not actionable by a user: torch's pytree deprecation, raised inside torch, and
+        # that the dim names we give shared dimensions (T, S) are merged. Every other warning still shows.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=config.opset, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False)
     program.save(str(path), external_data=external)
     return _describe(path, kv_shape, external)
+
+
+class _OptionalOpsFilter(logging.Filter):
+    """Drops the exporter's note that it skips torchvision's operators (four lines per export when torchvision is
+    not installed, which our graphs never use); every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+@contextmanager
+def _quiet_registration():
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    quiet = _OptionalOpsFilter()
+    registration.addFilter(quiet)
+    try:
+        yield
+    finally:
+        registration.removeFilter(quiet)
 
 
 def _describe(path: Path, kv_shape: tuple[int, int, int], external: bool, **fields) -> GraphSpec:

@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -390,7 +391,6 @@ def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir:
     from hass_deploy.manifest import check_draft, check_target, draft_identity
     from hass_deploy.models.checkpoint import load_draft, target_identity
     from hass_deploy.models.loading import load_target
-    from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_session
 
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
@@ -417,29 +417,53 @@ def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir:
     modules = {"target": steps.TargetStep(reference.module).eval()}
     if reference_head is not None:
         modules["draft"] = steps.DraftStep(reference_head, reference.module.lm_head, manifest.max_top_k).eval()
-    for graph, module in list(modules.items()):
-        fused = f"{graph}_ort"
-        if fused in manifest.graphs:
-            checks = compare_fused(fused, artifacts, manifest, module, samples[graph], tolerance, max_len)
-            quantization = manifest.graphs[fused].quantization
-            if quantization is not None:
-                # Quantised weights are meant to differ from PyTorch fp32; the end-to-end checks below still require
-                # speculative decoding to equal plain decoding of the same (quantised) graphs, token for token.
-                checks = [Check(f"{c.name} [{quantization} weights]", None, c.detail) for c in checks]
-            report.checks.extend(checks)
-    for graph, module in modules.items():
-        spec = manifest.graphs[graph]
-        session = open_session(artifacts / spec.file, torch.device("cpu"), OrtConfig())
-        checks = compare_graph(graph, session, module, spec, samples[graph], tolerance)
-        quantized = spec.quantization or (manifest.draft_quantization if "draft_ort" not in manifest.graphs else None)
-        if graph == "draft" and quantized is not None:
-            # A quantised draft is meant to differ from PyTorch; what it proposes can only change acceptance, and
-            # the end-to-end checks below still require every output to be the target's own, token for token.
-            checks = [Check(f"{c.name} [{quantized} draft]", None, c.detail) for c in checks]
-        report.checks.extend(checks)
-    report.checks.extend(end_to_end(artifacts, manifest, target, head, reference.module, prompts, config,
-                                    tolerance, max_len))
-    if "target_ort" in manifest.graphs:
-        report.checks.extend(end_to_end(artifacts, manifest, target, head, reference.module, prompts, config,
-                                        tolerance, max_len, graphs="fused"))
+    # Every graph the export wrote is run, whatever its kind: a graph ORT refuses at run time (an operator's shape
+    # condition that it checks only then) fails here, in its own line, instead of on a user's first prompt.
+    for graph, spec in manifest.graphs.items():
+        module = modules.get(graph.removesuffix("_ort"))
+        if module is None:
+            report.checks.append(Check(f"{graph} graph", False, "not validated: no module of ours computes it"))
+            continue
+        compare = _fused if spec.kv_update == "in_graph" else _standard
+        report.checks.extend(_running(graph, compare, graph, artifacts, manifest, module, samples, tolerance, max_len))
+    for graphs in ("standard", "fused") if "target_ort" in manifest.graphs else ("standard",):
+        report.checks.extend(_running(f"{graphs} graphs end to end", end_to_end, artifacts, manifest, target, head,
+                                      reference.module, prompts, config, tolerance, max_len, graphs))
     return report
+
+
+def _running(name: str, checks: Callable[..., list[Check]], *args) -> list[Check]:
+    """`checks(*args)`, or one failed check with ONNX Runtime's own message when a graph does not run at all."""
+    try:
+        return checks(*args)
+    except RuntimeError as err:  # onnxruntime's run-time failures (its Fail/RuntimeException are RuntimeErrors)
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return [Check(f"{name} runs on ONNX Runtime", False, message)]
+
+
+def _fused(graph: str, artifacts: Path, manifest: Manifest, module, samples, tolerance: Tolerance,
+           max_len: int) -> list[Check]:
+    """A fused graph through the backend that runs it (`compare_fused`). Quantised weights are meant to differ from
+    PyTorch fp32: their parity is reported, not required (the end-to-end checks still require speculative decoding
+    to equal plain decoding of the same graphs, token for token)."""
+    checks = compare_fused(graph, artifacts, manifest, module, samples[graph.removesuffix("_ort")], tolerance, max_len)
+    quantization = manifest.graphs[graph].quantization
+    if quantization is None:
+        return checks
+    return [Check(f"{c.name} [{quantization} weights]", None, c.detail) for c in checks]
+
+
+def _standard(graph: str, artifacts: Path, manifest: Manifest, module, samples, tolerance: Tolerance,
+              max_len: int) -> list[Check]:
+    """A standard graph against our step module through polygraphy (`compare_graph`)."""
+    from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_session
+
+    spec = manifest.graphs[graph]
+    session = open_session(artifacts / spec.file, torch.device("cpu"), OrtConfig())
+    checks = compare_graph(graph, session, module, spec, samples[graph], tolerance)
+    quantized = spec.quantization or (manifest.draft_quantization if "draft_ort" not in manifest.graphs else None)
+    if graph == "draft" and quantized is not None:
+        # A quantised draft is meant to differ from PyTorch; what it proposes can only change acceptance, and
+        # the end-to-end checks still require every output to be the target's own, token for token.
+        checks = [Check(f"{c.name} [{quantized} draft]", None, c.detail) for c in checks]
+    return checks

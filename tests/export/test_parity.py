@@ -109,6 +109,24 @@ def test_a_tampered_graph_fails_validation(targets, random_drafts, hf_dirs, draf
     assert not any(name.startswith("draft") for name in failed)
 
 
+def test_a_fused_graph_ort_refuses_at_run_time_fails_validation(targets, random_drafts, hf_dirs, draft_dirs,
+                                                                monkeypatch, tmp_path):
+    """validate runs every graph an export wrote: fused graphs forced onto a head dimension (12) that
+    GroupQueryAttention refuses only when a step runs fail in one line each, with ORT's reason, not a traceback."""
+    from hass_deploy.export import fused
+
+    monkeypatch.setattr(fused, "unsupported_reason", lambda config: None)
+    config = ExportConfig(max_seq_len=256, max_tree_tokens=64, max_top_k=16, prefill_chunk=8)
+    exported(tmp_path, "forced", targets["llama"], random_drafts["llama"], config)
+    report = validate_artifacts(tmp_path / "forced", hf_dirs["llama"], draft_dirs["llama"], max_new_tokens=8)
+    assert not report.passed
+    failed = {check.name: check.detail for check in report.checks if check.passed is False}
+    assert set(failed) == {"target_ort runs on ONNX Runtime", "draft_ort runs on ONNX Runtime",
+                           "fused graphs end to end runs on ONNX Runtime"}
+    assert all("GroupQueryAttention" in detail and "\n" not in detail for detail in failed.values())
+    assert any(check.name == "target values (atol 0.0001, rtol 0.001)" and check.passed for check in report.checks)
+
+
 def test_artifacts_of_another_target_are_refused(targets, random_drafts, hf_dirs, draft_dirs, tmp_path_factory):
     artifacts = artifacts_for("llama", targets, random_drafts, tmp_path_factory)
     with pytest.raises(DraftMismatchError, match="another target"):

@@ -38,7 +38,7 @@ def test_fused_graphs_are_written_where_ort_can_run_them(targets, fusable_target
     # head_dim 12 cannot run GroupQueryAttention: the standard graphs only, and the runtime runs those.
     export_onnx(targets["llama"], None, tmp_path / "narrow", CONFIG)
     assert set(read_manifest(tmp_path / "narrow").graphs) == {"target"}
-    with pytest.raises(ConfigError, match="multiple of 8"):
+    with pytest.raises(ConfigError, match="multiple of 16"):
         export_onnx(targets["llama"], None, tmp_path / "asked", ExportConfig(**{**CONFIG.__dict__, "ort_graphs": True}))
     with pytest.raises(ConfigError, match="graphs are fp32"):
         ExportConfig(dtype="fp16", ort_graphs=True)
