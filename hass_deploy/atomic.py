@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hass_deploy.errors import HassDeployError
+
 
 @contextmanager
 def replacing_directory(out: str | Path) -> Iterator[Path]:
@@ -58,3 +60,17 @@ def write_text(path: str | Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_output_dir(out: str | Path, force: bool | None = None,
+                     hint: str = "use --force to overwrite") -> Path:
+    """Refuse an output that is a file, or (when `force` is given and False) a directory with something in it.
+
+    Every command that writes a directory asks this before it loads anything, so a wrong path fails in a second.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HassDeployError(f"{out} exists and is not a directory")
+    if force is False and out.exists() and any(out.iterdir()):
+        raise HassDeployError(f"{out} exists and is not empty ({hint})")
+    return out

@@ -1,11 +1,25 @@
-"""User-facing configuration: frozen dataclasses, each default defined once (the CLI reads them from here)."""
+"""User-facing configuration: frozen dataclasses, each default and its help defined once.
+
+The CLI turns fields declared with `option(default, help)` into its options (`hass_deploy/options.py`): the
+default and the help text live here and nowhere else. Nothing here imports torch, so `hass-deploy --help` is fast.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from hass_deploy.errors import ConfigError
+
+DTYPES = ("fp32", "bf16", "fp16")  # the precisions a user names; torch's types for them: `models.loading.parse_dtype`
+
+
+def option(default: Any, help: str, flag: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option: its default (`...`: required), its help, and its flag
+    when that is not the field's name (`options.py` derives `--tree-tokens` from group `tree` and field `tokens`)."""
+    metadata = {"help": help, "flag": flag}
+    return field(metadata=metadata) if default is ... else field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -16,9 +30,9 @@ class TreeConfig:
     verifying 16+ tokens costs 2-2.5x a single step there, so small trees of about 8 nodes win.
     """
 
-    tokens: int = 8  # nodes verified per round, the root included (EAGLE's total_token)
-    depth: int = 4  # draft levels: the most draft tokens one round can accept (EAGLE's depth + 1)
-    top_k: int = 4  # children expanded per node and beam width per level
+    tokens: int = option(8, "Tree nodes verified per round, root included.")  # EAGLE's total_token
+    depth: int = option(4, "Draft levels per round.")  # the most draft tokens a round can accept: EAGLE's depth + 1
+    top_k: int = option(4, "Children per node and beam width.")
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
@@ -46,11 +60,13 @@ class LookupConfig:
     and 2 branches per node gave the same tau as 4 within 8 nodes (4 leaves room for larger budgets).
     """
 
-    tokens: int = 8  # nodes verified per round, the root included (TreeConfig's default budget too)
-    depth: int = 10  # deepest path; larger than the default budget, so that the budget is what limits chains
-    max_ngram: int = 4  # longest trailing n-gram matched first
-    min_ngram: int = 1  # down to the root token alone, so something is proposed whenever it occurred before
-    branches: int = 4  # most continuations expanded per node
+    tokens: int = option(8, "Prompt lookup: tree nodes verified per round, root included.")  # TreeConfig's too
+    # Deeper than the default budget, so that the budget is what limits chains.
+    depth: int = option(10, "Prompt lookup: deepest path of its tree.")
+    max_ngram: int = option(4, "Prompt lookup: longest n-gram matched (first).")
+    # Down to the root token alone, so something is proposed whenever it occurred before.
+    min_ngram: int = option(1, "Prompt lookup: shortest n-gram matched (last).")
+    branches: int = option(4, "Prompt lookup: most continuations expanded per node.")
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
@@ -76,12 +92,15 @@ class HybridConfig:
     8 nodes).
     """
 
-    tokens: int = 8  # nodes verified per round from both drafters, the root included
-    draft_cost: float = 0.7  # the draft head's tree growth, in verify steps of this tree
-    row_cost: float = 0.01  # a row of the draft's context pass (catching up on rounds it skipped), in verify steps
-    # The tokens a request is expected to make per verify step, before its own rounds say otherwise: the bar the
-    # draft's extra tokens per step of its cost must clear.
-    tokens_per_step: float = 3.0
+    tokens: int = option(8, "Hybrid (draft + lookup): tree nodes verified per round, root included.")
+    draft_cost: float = option(0.7, "Hybrid: the draft head's tree growth in verify steps; it runs only when its "
+                               "expected extra tokens pay for that (bench --tree auto measures it).")
+    row_cost: float = option(0.01, "Hybrid: a row of the draft's context pass (catching up on rounds it skipped) in "
+                             "verify steps (bench --tree auto measures it).")
+    # Before a request's own rounds say otherwise: the bar the draft's extra tokens per step of its cost must clear.
+    tokens_per_step: float = option(3.0, "Hybrid: the tokens a request is expected to make per verify step; the "
+                                    "draft runs when its extra tokens per step of its cost beat this, blended with "
+                                    "the request's own rate.")
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
@@ -105,9 +124,9 @@ class SamplingConfig:
         top_k: keep the k most likely tokens; 0 disables.
     """
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = option(0.0, "0 = greedy.")
+    top_p: float = option(1.0, "Nucleus mass kept (1 = off).")
+    top_k: int = option(0, "Keep the k most likely tokens (0 = off).")
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -125,12 +144,12 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 128  # enough to see several rounds of drafting on every prompt
+    max_new_tokens: int = option(128, "Tokens generated per prompt at most.")  # several rounds of drafting
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     lookup: LookupConfig | None = None  # prompt lookup's settings: alone without a draft head, else hybrid
     hybrid: HybridConfig = field(default_factory=HybridConfig)  # when both a draft head and lookup propose
-    seed: int = 0  # sampling is reproducible by default
+    seed: int = option(0, "Sampling seed.")  # sampling is reproducible by default
     eos_token_ids: tuple[int, ...] = ()  # filled from the target's generation_config.json by the caller
 
     def __post_init__(self) -> None:
@@ -140,22 +159,27 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    backend: str = "torch"
-    dtype: str = "fp32"  # the precision in which greedy output is checked token for token against transformers
-    device: str = "cpu"  # cpu, cuda or cuda:N
-    max_seq_len: int | None = None  # KV rows; None = min(the target's max_position_embeddings, 4096)
-    # On a GPU, decode and tree steps run as captured CUDA graphs (torch and tensorrt backends; `backends/graphs.py`).
-    cuda_graphs: bool = True
-    # ONNX Runtime's execution provider on a GPU: "auto" (CUDA) or "tensorrt" (its TensorRT EP, CUDA for the rest).
-    ort_provider: str = "auto"
+    backend: str = "torch"  # the CLI's --backend also takes auto: onnxruntime with --artifacts, else torch
+    # The precision in which greedy output is checked token for token against transformers.
+    dtype: str = option("fp32", "fp32, bf16 or fp16.")
+    device: str = option("cpu", "cpu, cuda or cuda:N.")
+    max_seq_len: int | None = option(None, "KV cache rows: prompt + completion (default: the export's, or "
+                                     "min(max_position_embeddings, 4096)).")
+    # backends/graphs.py
+    cuda_graphs: bool = option(True, "On a GPU, run decode and tree steps as captured CUDA graphs (torch and "
+                               "tensorrt backends).")
+    ort_provider: str = option("auto", "ONNX Runtime on a GPU: auto (its CUDA provider) or tensorrt (its TensorRT "
+                               "provider; engines cached in the artifacts).")
 
     def __post_init__(self) -> None:
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ConfigError(f"--max-seq-len must be >= 1, got {self.max_seq_len}")
         if self.ort_provider not in ("auto", "tensorrt"):
             raise ConfigError(f"--ort-provider must be auto or tensorrt, got {self.ort_provider!r}")
         if self.ort_provider == "tensorrt" and not self.device.startswith("cuda"):
             raise ConfigError("--ort-provider tensorrt runs on an NVIDIA GPU: add --device cuda")
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of fp32, bf16, fp16")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         kind, _, index = self.device.partition(":")
         if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
@@ -177,25 +201,26 @@ REFERENCE_SCHEDULE = (Phase(epochs=41, lr=3e-5, topk_weight=0.0), Phase(epochs=1
 
 @dataclass(frozen=True)
 class TrainConfig:
-    recipe: str = "hass"  # "hass", or "eagle2": one step and no Top-K loss, everything else shared (the baseline)
-    align_steps: int = 3  # HASS forward passes per batch; the paper's 3 (EAGLE-2 uses 1)
-    topk: int = 10  # K of the Top-K distillation loss, the paper's value
+    # eagle2: one step and no Top-K loss, everything else shared.
+    recipe: str = option("hass", "hass, or eagle2 (the baseline: one step, no Top-K loss).")
+    align_steps: int = option(3, "HASS harmonized forward passes per batch.")  # the paper's 3 (EAGLE-2 uses 1)
+    topk: int = option(10, "K of the Top-K distillation loss.")  # the paper's value
     # CPU-scale default: a few epochs at a learning rate small datasets need; REFERENCE_SCHEDULE for GPU scale
     phases: tuple[Phase, ...] = (Phase(epochs=4, lr=1e-3, topk_weight=1.0),)
     feature_weight: float = 1.0  # SmoothL1 on the next feature (reference v_w)
     ce_weight: float = 0.1  # soft cross-entropy against the target distribution (reference p_w)
     step_weights: tuple[float, ...] = ()  # per-step loss weights; () = 1.0 for every step, the reference's sum
-    batch_size: int = 8  # global batch in samples; split across data-parallel ranks
-    max_length: int = 512  # samples are truncated to this many tokens
+    batch_size: int = option(8, "Global batch in samples (split across torchrun ranks).")
+    max_length: int = option(512, "Samples are truncated to this many tokens.")
     loss_chunk: int = 1024  # positions projected onto the vocabulary at once: losses hold O(chunk * V), not O(B * N * V)
     warmup_fraction: float = 0.05  # linear warm-up, then linear decay to 0 (reference: 1%, over far more steps)
     weight_decay: float = 0.01  # AdamW's torch default, as in the reference
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 0.5  # element-wise value clipping, as the reference
     feature_noise: float = 0.1  # uniform noise amplitude on input features (train split only): reference at N=512
-    precision: str = "bf16"  # autocast dtype on CPU and GPU; "fp32" disables autocast
+    precision: str = option("bf16", "bf16 (autocast, on CPU and GPU) or fp32.")
     eval_depth: int = 5  # draft depths measured on the held-out split each epoch (the reference's getkacc: 5)
-    seed: int = 0
+    seed: int = option(0, "Initialisation and shuffle seed.")
 
     def __post_init__(self) -> None:
         if self.recipe not in ("hass", "eagle2"):
@@ -223,3 +248,29 @@ class TrainConfig:
 
     def step_weight(self, step: int) -> float:
         return self.step_weights[step] if self.step_weights else 1.0
+
+
+@dataclass(frozen=True)
+class Widening:
+    """The larger shape and how its new weights are drawn. No size may be below the original's."""
+
+    hidden_size: int = option(..., "New hidden size (>= the target's; head_dim and GQA group are kept).")
+    intermediate_size: int = option(..., "New MLP width (>= the target's).")
+    num_layers: int = option(..., "New number of layers (>= the target's; new ones are appended).")
+    # Each tensor draws from its own generator, seeded by (seed, its name).
+    seed: int = option(0, "Seed of the new (random) weights.")
+    init_std: float = 0.02  # small: new units' activations stay O(1), so nothing overflows (0 * inf would be NaN)
+    # How the widened target is stored. fp32 keeps every logit equal to the source's (to ~2e-7); bf16 halves what a
+    # 7 B-class model writes and loads (a GPU benchmark runs it in bf16 anyway), and rounds the weights.
+    dtype: str = option("fp32", "Storage of the widened target: fp32 (logits equal the source's) or bf16/fp16 "
+                        "(half the bytes; weights rounded).")
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--hidden-size", self.hidden_size), ("--intermediate-size", self.intermediate_size),
+                            ("--num-layers", self.num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ConfigError(f"init_std must be a positive number, got {self.init_std}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")

@@ -56,6 +56,24 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     return prompts
 
 
+def given_prompts(text: str | None, ids: str | None, file: str | Path | None) -> list[Prompt]:
+    """The prompts of exactly one of --prompt TEXT, --prompt-ids 1,2,3 and --prompts FILE."""
+    if sum(x is not None for x in (text, ids, file)) != 1:
+        raise HassDeployError("give exactly one of --prompt, --prompt-ids or --prompts")
+    if ids is not None:
+        return [Prompt(text=None, ids=parse_prompt_ids(ids))]
+    return [Prompt(text=text)] if text is not None else read_prompt_file(file)
+
+
+def encode_file(path: str | Path, target_dir: str | Path, chat: bool | None = None) -> list[list[int]]:
+    """Every prompt of a prompt file, encoded by the target's own tokenizer."""
+    from hass_deploy.models.loading import load_tokenizer  # transformers: only when there is text to encode
+
+    items = read_prompt_file(path)
+    tokenizer = load_tokenizer(target_dir)
+    return [encode(item, tokenizer, chat) for item in items]
+
+
 def encode(prompt: Prompt, tokenizer: Any | None, chat: bool | None) -> list[int]:
     """Token ids of a prompt. `chat=None` applies the tokenizer's chat template when it has one."""
     if prompt.ids is not None:

@@ -28,13 +28,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from hass_deploy.atomic import write_text
+# The stages' modules are imported whole and their functions looked up when a stage runs (the tests replace them).
+from hass_deploy import demo
+from hass_deploy.atomic import check_output_dir, write_text
+from hass_deploy.bench import runner
 from hass_deploy.bench.config import BenchConfig
+from hass_deploy.bench.results import OVERALL
 from hass_deploy.config import Phase, RuntimeConfig, TrainConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
+from hass_deploy.export import onnx as onnx_export, parity
 from hass_deploy.export.config import ExportConfig
+from hass_deploy.manifest import read_manifest
+from hass_deploy.prompts import read_prompt_file
+from hass_deploy.training import extract, trainer
+from hass_deploy.training.config import DataConfig
 from hass_deploy.training.data import file_sha256
-from hass_deploy.training.extract import DataConfig
 
 STATE_FILE = "quickstart.json"
 SUMMARY_FILE = "summary.json"
@@ -157,17 +165,16 @@ def write_corpus(target_report: dict, preset: QuickstartPreset, layout: Layout) 
     Deterministic given the target: rewriting them on a rerun leaves the bytes, and so the data stage's
     resumability, unchanged.
     """
-    from hass_deploy.demo import read_texts
-
     draft_files = [Path(p) for p in target_report["draft_files"]]
     eval_files = [Path(p) for p in target_report["eval_files"]]
     missing = [str(p) for p in (*draft_files, *eval_files) if not p.is_file()]
     if missing:
         raise HassDeployError(f"the demo target's held-out files are gone ({missing[0]}, ...): it was built on "
                               "another Python installation; delete its cache entry to rebuild it here")
-    records = [c for text in read_texts(draft_files, preset.draft_chars) for c in _line_chunks(text, preset.record_chars)]
+    records = [c for text in demo.read_texts(draft_files, preset.draft_chars)
+               for c in _line_chunks(text, preset.record_chars)]
     # Prompts: a window of whole lines from the middle of each evaluation file, cycling over the files.
-    windows = [c for text in read_texts(eval_files, 10**9) for c in _line_chunks(text, preset.prompt_chars)[1:-1]]
+    windows = [c for text in demo.read_texts(eval_files, 10**9) for c in _line_chunks(text, preset.prompt_chars)[1:-1]]
     random.Random(0).shuffle(windows)
     prompts = windows[: preset.prompts]
     if len(records) < 4 or len(prompts) < 1:
@@ -189,8 +196,6 @@ def _draft_fingerprint(directory: Path) -> str:
 
 
 def _artifacts_intact(directory: Path) -> bool:
-    from hass_deploy.manifest import read_manifest
-
     try:
         read_manifest(directory)  # a readable manifest whose graph files are all there
     except HassDeployError:
@@ -200,8 +205,6 @@ def _artifacts_intact(directory: Path) -> bool:
 
 def _summary_record(report) -> dict:
     """The bench numbers the summary shows, from a `BenchReport`."""
-    from hass_deploy.bench.results import OVERALL
-
     overall = report.summaries[OVERALL]
     by_set = {name: {key: s.tau for key, s in methods.items() if s.tau is not None}
               for name, methods in report.summaries.items() if name != OVERALL}
@@ -273,9 +276,8 @@ def _data_key(job: Job) -> str:
 
 
 def _make_data(job: Job) -> dict:
-    from hass_deploy.training.extract import generate_data
-
-    manifest = generate_data(job.target, job.layout.corpus, job.layout.data, job.data_config, progress=job.progress)
+    manifest = extract.generate_data(job.target, job.layout.corpus, job.layout.data, job.data_config,
+                                     progress=job.progress)
     return {"totals": manifest.totals}
 
 
@@ -283,10 +285,8 @@ def _train_stage(draft: str) -> Stage:
     """The draft's training: its key is its data's key and its settings."""
 
     def work(job: Job) -> dict:
-        from hass_deploy.training.trainer import train
-
-        metrics = train(job.target, job.layout.data, job.layout.draft(draft), job.train_config(draft), resume=True,
-                        progress=job.progress, device=job.device)
+        metrics = trainer.train(job.target, job.layout.data, job.layout.draft(draft), job.train_config(draft),
+                                resume=True, progress=job.progress, device=job.device)
         return {"eval": {k: metrics.get(f"eval_{k}") for k in ("expected_tau", "acceptance")}}
 
     return Stage(f"train {draft}", lambda job: _key(_data_key(job), asdict(job.train_config(draft))), work,
@@ -300,10 +300,9 @@ def _export_key(job: Job, draft: str) -> str:
 
 def _export_stage(draft: str) -> Stage:
     def work(job: Job) -> dict:
-        from hass_deploy.export.onnx import export_artifacts
-
         out = job.layout.artifacts(draft)
-        export_artifacts(job.target, job.layout.draft(draft), out, job.preset.export, force=True, log=job.log)
+        onnx_export.export_artifacts(job.target, job.layout.draft(draft), out, job.preset.export, force=True,
+                                     log=job.log)
         return {"path": str(out)}
 
     return Stage(f"export {draft}", lambda job: _export_key(job, draft), work,
@@ -315,10 +314,8 @@ def _validate_stage(draft: str) -> Stage:
     """Each export against PyTorch: redone with its export (the same key)."""
 
     def work(job: Job) -> dict:
-        from hass_deploy.export.parity import validate_artifacts
-
         out = job.layout.artifacts(draft)
-        report = validate_artifacts(out, job.target, job.layout.draft(draft))
+        report = parity.validate_artifacts(out, job.target, job.layout.draft(draft))
         (out / "validation.txt").write_text(report.render() + "\n")
         if not report.passed:
             raise HassDeployError(f"validation of the {draft} export FAILED; see {out / 'validation.txt'}")
@@ -334,10 +331,8 @@ def _bench_key(job: Job) -> str:
 
 
 def _bench(job: Job) -> dict:
-    from hass_deploy.bench.runner import run_bench
-
     layout = job.layout
-    report = run_bench(job.target, layout.draft("hass"), job.prompt_files, job.bench_config,
+    report = runner.run_bench(job.target, layout.draft("hass"), job.prompt_files, job.bench_config,
                        baseline_draft=layout.draft("eagle2"), artifacts=layout.artifacts("hass"),
                        baseline_artifacts=layout.artifacts("eagle2"), out=layout.bench, log=job.log)
     if report.lossless is False:
@@ -401,11 +396,11 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
 
     Raises HassDeployError when a stage fails, including the lossless check (after the bench report is written).
     """
-    from hass_deploy.demo import RECIPE_FILE, cached_target
-    from hass_deploy.prompts import read_prompt_file
-
     if preset not in PRESETS:
         raise HassDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise HassDeployError(f"--device must be cpu or cuda[:N], got {device!r}")
+    check_output_dir(workdir)
     for file in extra_prompts:
         read_prompt_file(file)  # a missing or malformed file fails now, not after ten minutes of training
     config = PRESETS[preset]
@@ -418,9 +413,9 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
     # The target: cached outside the work directory (every quickstart shares it) and verified there.
     log(f"[1/{len(STEPS)}] target: demo preset {config.target!r} (built once, then cached)")
     begin = time.perf_counter()
-    target = cached_target(config.target, progress=progress, device=device)
+    target = demo.cached_target(config.target, progress=progress, device=device)
     seconds["target"] = time.perf_counter() - begin
-    job = Job(config, layout, target, json.loads((target / RECIPE_FILE).read_text()),
+    job = Job(config, layout, target, json.loads((target / demo.RECIPE_FILE).read_text()),
               (layout.prompts, *extra_prompts), device, progress, log)
     records = _run_stages(job, state, seconds)
 

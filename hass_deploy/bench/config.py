@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig, RuntimeConfig, SamplingConfig, TreeConfig
+from hass_deploy.config import (GenerationConfig, HybridConfig, LookupConfig, RuntimeConfig, SamplingConfig, TreeConfig,
+                                option)
 from hass_deploy.errors import ConfigError
 
 
@@ -48,15 +49,17 @@ class BenchConfig:
             when `lookup` is set; None leaves it out. With `--tree auto` its draft cost is the measured one.
     """
 
-    max_new_tokens: int = GenerationConfig().max_new_tokens
+    max_new_tokens: int = option(GenerationConfig().max_new_tokens, "Tokens generated per prompt at most.")
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # greedy: the lossless check applies
     tree: TreeConfig | None = field(default_factory=TreeConfig)
     lookup: LookupConfig | None = field(default_factory=LookupConfig)
     hybrid: HybridConfig | None = field(default_factory=HybridConfig)
-    max_prompts: int | None = None  # first N prompts of each file; None = all (the paper uses all 80)
-    warmup: int = 3  # untimed runs per method on the first prompt: the paper's 3 warm-up runs
-    seed: int = 0  # prompt i samples with seed + i, the same for every method (the paper seeds per question)
-    chat: bool | None = None  # apply the tokenizer's chat template; None = if it has one
+    # The paper uses all 80 MT-bench questions.
+    max_prompts: int | None = option(None, "First N prompts of each file (default: all).")
+    warmup: int = option(3, "Untimed runs per method on the first prompt.")  # the paper's 3 warm-up runs
+    # The same for every method (the paper seeds per question).
+    seed: int = option(0, "Prompt i samples with seed + i.")
+    chat: bool | None = option(None, "Apply the chat template (default: if the tokenizer has one).")
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     search: TreeSearchConfig = field(default_factory=TreeSearchConfig)
 

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from hass_deploy.bench.results import HYBRID, OVERALL, PLAIN, BenchReport, MethodSummary
-from hass_deploy.errors import HassDeployError
+from hass_deploy.atomic import check_output_dir
 
 
 def _version(package: str) -> str | None:
@@ -224,9 +224,7 @@ def render_png(report: BenchReport, path: Path) -> None:
 
 def write_report(report: BenchReport, out: str | Path) -> dict[str, Path]:
     """Write bench.json, bench.md and bench.png into `out` (created if needed)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HassDeployError(f"{out} exists and is not a directory")
+    out = check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "bench.json", "markdown": out / "bench.md", "png": out / "bench.png"}
     paths["json"].write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")

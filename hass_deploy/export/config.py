@@ -1,9 +1,10 @@
-"""What an export produces, as one frozen dataclass; the CLI reads its defaults from here."""
+"""What an export produces, as one frozen dataclass; each default and its help defined once (the CLI reads them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hass_deploy.config import option
 from hass_deploy.errors import ConfigError
 
 ENGINES = ("onnx", "trt")
@@ -21,28 +22,36 @@ class ExportConfig:
     envelope the runtime checks requests against and the ranges a TensorRT profile will be built for.
     """
 
-    engine: str = "onnx"
-    dtype: str = "fp32"  # the precision greedy output is checked token for token in
-    max_seq_len: int | None = None  # KV rows S_max; None = min(the target's max_position_embeddings, 4096)
-    max_tree_tokens: int = 64  # the most nodes one verification step takes: the tree budget (cpu-notes: 4-16 pay)
-    max_top_k: int = 16  # K of the draft graph's in-graph top-k; a tree's top_k must not exceed it
-    prefill_chunk: int = 128  # a longer causal step (a prompt) runs as chunks of this many rows
-    opset: int = 23  # the opset the dynamo exporter was measured to work at on this stack (cpu-notes §4)
+    engine: str = option("onnx", "onnx, or trt: the ONNX graphs, then TensorRT plans built from them (needs "
+                         "TensorRT and an NVIDIA GPU).")
+    # The precision greedy output is checked token for token in.
+    dtype: str = option("fp32", "Weights and KV precision: fp32, fp16 or bf16.")
+    max_seq_len: int | None = option(None, "KV rows S_max (default: min(max_position_embeddings, 4096)).")
+    # cpu-notes: trees of 4-16 nodes pay on a CPU.
+    max_tree_tokens: int = option(64, "Tree budget: most nodes one verify step takes.")
+    max_top_k: int = option(16, "K of the draft graph's in-graph top-k (a tree's top-k may not exceed it).")
+    prefill_chunk: int = option(128, "Longer prompts run as chunks of this many rows.")
+    # The opset the dynamo exporter was measured to work at on this stack (cpu-notes §4).
+    opset: int = option(23, "ONNX opset.")
     external_data: bool | None = None  # None: weights go to a side file only above the protobuf-safe size
     # "int8": the draft graph's MatMul weights quantised (ORT dynamic quantisation), for CPU. Lossless all the same:
     # the draft only proposes and the fp32 target decides, so only acceptance can change (docs/ONNX.md).
-    draft_quantization: str | None = None
+    draft_quantization: str | None = option(None, "int8: quantise the draft graph's weights for ONNX Runtime CPU "
+                                            "(output unchanged; not for TensorRT).")
     # Besides the standard graphs (the reference and the TensorRT source), write the fused ONNX Runtime graphs
     # (`export/fused.py`): about a quarter of the operators, KV rows written in place; the ORT backend runs them.
     # None: with fp32 exports (they run fp32 on the CPU).
-    ort_graphs: bool | None = None
+    ort_graphs: bool | None = option(None, "Also write the fused ONNX Runtime graphs the runtime runs (default: with "
+                                     "fp32).")
     # "int8": the fused target graph's weights are int8 blocks (weight-only, as CPU users run a target). Lossless
     # then means identical to plain decoding of the quantised target; the standard graphs stay fp32.
-    target_quantization: str | None = None
+    target_quantization: str | None = option(None, "int8: the fused ONNX Runtime target graph with int8 weights "
+                                             "(lossless w.r.t. the quantised target).")
     # "onnx": the standard graphs keep opset 23's RMSNormalization and RotaryEmbedding (TensorRT >= 10.15 imports
     # them). "decomposed": those expanded into their defining plain operators (`decompose.py`), for TensorRT before
     # 10.15 and wherever a fused kernel is not found. The same computation: both are validated token for token.
-    attention: str = "onnx"
+    attention: str = option("onnx", "onnx (RMSNormalization/RotaryEmbedding: TensorRT >= 10.15) or decomposed "
+                            "(plain operators: any TensorRT 10).")
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

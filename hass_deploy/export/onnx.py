@@ -23,14 +23,17 @@ from pathlib import Path
 
 import torch
 
-from hass_deploy.atomic import replacing_directory
+from hass_deploy.atomic import check_output_dir, replacing_directory
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 from hass_deploy.export import fused, steps, tensorrt_ops
 from hass_deploy.export.config import ExportConfig
 from hass_deploy.export.decompose import decompose
+from hass_deploy.export.tensorrt import build_engines
+from hass_deploy.generation import default_max_seq_len
 from hass_deploy.manifest import GraphSpec, Manifest, TensorSpec, draft_identity
+from hass_deploy.models.checkpoint import load_draft, target_identity
 from hass_deploy.models.draft import DraftHead
-from hass_deploy.models.loading import TargetModel, parse_dtype
+from hass_deploy.models.loading import TargetModel, load_target, parse_dtype
 from hass_deploy.models.target import Rotary
 
 # Above this many bytes of weights a graph keeps them in a side file: a single protobuf cannot exceed 2 GiB.
@@ -44,13 +47,6 @@ def _require_onnx():
         import onnxscript  # noqa: F401  (the dynamo exporter's backend)
     except ImportError:
         raise HassDeployError("ONNX export needs the onnx extra: pip install 'hass-deploy[onnx]'") from None
-
-
-def _check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise HassDeployError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise HassDeployError(f"{out} exists and is not empty (use --force to overwrite)")
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -271,12 +267,9 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
     Returns:
         The manifest written to `out/manifest.json`.
     """
-    from hass_deploy.generation import default_max_seq_len
-    from hass_deploy.models.checkpoint import target_identity
-
     _require_onnx()
     out = Path(out)
-    _check_out_dir(out, force)
+    check_output_dir(out, force)
     max_seq_len = config.max_seq_len or default_max_seq_len(target)
     if config.max_tree_tokens >= max_seq_len:
         raise ConfigError(f"a tree budget of {config.max_tree_tokens} tokens does not fit S_max = {max_seq_len} "
@@ -334,14 +327,16 @@ def export_artifacts(target_dir: str | Path, draft_dir: str | Path | None, out: 
         draft_dir: the draft head's directory, or None for a target-only export.
         out, config, force, log: as for `export_onnx`.
     """
-    from hass_deploy.models.checkpoint import load_draft
-    from hass_deploy.models.loading import load_target
-
     _require_onnx()
-    _check_out_dir(Path(out), force)
+    check_output_dir(Path(out), force)
     target = load_target(target_dir, "fp32", tokenizer=False)
     head = None if draft_dir is None else load_draft(draft_dir, target)[0]
     manifest = export_onnx(target, head, out, config, force, log)
+    # The fused graphs are ONNX Runtime's by design; only the standard graphs are meant for TensorRT.
+    unsupported = sorted({op for graph in manifest.graphs.values() if graph.kv_update == "runtime"
+                          for op in graph.tensorrt_unsupported})
+    if unsupported:
+        log(f"warning: TensorRT's ONNX parser would reject: {', '.join(unsupported)}")
     if config.engine == "trt":
         manifest = _engines(Path(out), manifest, log)
     return manifest
@@ -349,8 +344,6 @@ def export_artifacts(target_dir: str | Path, draft_dir: str | Path | None, out: 
 
 def _engines(out: Path, manifest: Manifest, log: Callable[[str], None]) -> Manifest:
     """TensorRT plans beside the (complete, already written) ONNX graphs; the manifest records them."""
-    from hass_deploy.export.tensorrt import build_engines
-
     try:
         manifest = build_engines(out, manifest, log)
     except HassDeployError as err:

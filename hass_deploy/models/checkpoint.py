@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hass_deploy.atomic import replacing_directory
+from hass_deploy.atomic import check_output_dir, replacing_directory
 from hass_deploy.errors import DraftMismatchError, HassDeployError, ModelLoadError
 from hass_deploy.models.draft import DraftHead
-from hass_deploy.models.loading import TargetHead, TargetModel, config_from_hf, target_fingerprint, read_json, read_state_dict
+from hass_deploy.models.loading import (TargetHead, TargetModel, config_from_hf, load_target_head, read_json,
+                                        read_state_dict, target_fingerprint)
 from hass_deploy.models.target import ModelConfig
 
 FORMAT_VERSION = 1
@@ -66,6 +67,14 @@ def init_draft(target: TargetModel | TargetHead, seed: int = 0, fc_bias: bool = 
     with torch.no_grad():
         head.embed_tokens.weight.copy_(target.embedding.float())
     return head
+
+
+def write_random_draft(target_dir: str | Path, out: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """`init_draft` for the target in `target_dir`, saved to `out` (random weights: smoke tests before training)."""
+    out = check_output_dir(out, force)
+    target = load_target_head(target_dir)  # the embedding and config are all a fresh draft takes from its target
+    return save_draft(init_draft(target, seed=seed), out, DraftMetadata(FORMAT_VERSION, "random-init",
+                                                                        target_identity(target)))
 
 
 def _hf_draft_config(head: DraftHead) -> dict:

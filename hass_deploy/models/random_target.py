@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from hass_deploy.atomic import check_output_dir
 from hass_deploy.errors import HassDeployError
 
 SIZES = {
@@ -50,8 +51,6 @@ def random_hf_model(architecture: str, size: str = "tiny", seed: int = 0, **over
 
 def write_random_target(out: str | Path, architecture: str = "llama", size: str = "tiny", seed: int = 0,
                         force: bool = False, **overrides) -> Path:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise HassDeployError(f"{out} exists and is not empty (use --force to overwrite)")
+    out = check_output_dir(out, force)
     random_hf_model(architecture, size, seed, **overrides).save_pretrained(out)
     return out

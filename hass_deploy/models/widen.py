@@ -46,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from hass_deploy.atomic import replacing_directory
+from hass_deploy.atomic import check_output_dir, replacing_directory
+from hass_deploy.config import Widening
 from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, load_draft, save_draft, target_identity
 from hass_deploy.models.draft import DraftHead
@@ -58,30 +59,6 @@ WIDEN_FILE = "hass_deploy_widen.json"  # in OUT/target: where it came from and t
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
                 "chat_template.json")
-
-
-@dataclass(frozen=True)
-class Widening:
-    """The larger shape and how its new weights are drawn. No size may be below the original's."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    seed: int = 0  # of the new weights; each tensor draws from its own generator, seeded by (seed, its name)
-    init_std: float = 0.02  # small: new units' activations stay O(1), so nothing overflows (0 * inf would be NaN)
-    # How the widened target is stored. fp32 keeps every logit equal to the source's (to ~2e-7); bf16 halves what a
-    # 7 B-class model writes and loads (a GPU benchmark runs it in bf16 anyway), and rounds the weights.
-    dtype: str = "fp32"
-
-    def __post_init__(self) -> None:
-        for flag, value in (("--hidden-size", self.hidden_size), ("--intermediate-size", self.intermediate_size),
-                            ("--num-layers", self.num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
-        if not (math.isfinite(self.init_std) and self.init_std > 0):
-            raise ConfigError(f"init_std must be a positive number, got {self.init_std}")
-        if self.dtype not in _STORAGE:
-            raise ConfigError(f"--dtype must be one of {', '.join(_STORAGE)}, got {self.dtype!r}")
 
 
 _STORAGE = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
@@ -369,10 +346,7 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
 
 def _check_paths(target: Path, out: Path, drafts: Sequence[Path], force: bool) -> list[str]:
     """Refuse an OUT that is a file, non-empty without force, or holds an input; two drafts of one name."""
-    if out.exists() and not out.is_dir():
-        raise HassDeployError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise HassDeployError(f"{out} exists and is not empty (use --force to overwrite)")
+    check_output_dir(out, force)
     for source in (target, *drafts):
         if source.resolve() == out.resolve() or out.resolve() in source.resolve().parents:
             raise HassDeployError(f"{source} is inside {out}, which would be replaced; choose another --out")

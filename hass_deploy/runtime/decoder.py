@@ -58,6 +58,13 @@ class GenerationResult:
         """Per-depth acceptance rate: P(accept at depth d | depths < d accepted and the tree reached d)."""
         return [a / n if n else 0.0 for a, n in zip(self.depth_accepts, self.depth_attempts)]
 
+    def to_record(self, text: str | None = None, question_id=None) -> dict:
+        """The JSON record of `generate --json`: ids, text, and what the decoding did and took."""
+        return {"question_id": question_id, "prompt_ids": self.prompt_ids, "output_ids": self.output_ids,
+                "text": text, "new_tokens": len(self.output_ids), "rounds": self.rounds,
+                "accept_lengths": self.accept_lengths, "tau": self.tau, "wall_s": self.wall_s,
+                "tokens_per_s": self.tokens_per_s, "stop_reason": self.stop_reason}
+
 
 class SpeculativeDecoder:
     """Draft-then-verify generation over a target backend and an optional draft backend.

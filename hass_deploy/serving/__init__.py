@@ -4,8 +4,17 @@
 (FastAPI, uvicorn, prometheus-client), imported only there.
 """
 
-from hass_deploy.serving.engine import (Completion, Delta, Engine, EngineClosedError, EngineConfig, Handle,
-                                        QueueFullError, RequestError, RequestOptions)
+import importlib
 
-__all__ = ["Completion", "Delta", "Engine", "EngineClosedError", "EngineConfig", "Handle", "QueueFullError",
-           "RequestError", "RequestOptions"]
+from hass_deploy.serving.config import EngineConfig
+
+_ENGINE = ("Completion", "Delta", "Engine", "EngineClosedError", "Handle", "QueueFullError", "RequestError",
+           "RequestOptions")
+__all__ = ["EngineConfig", *_ENGINE]
+
+
+def __getattr__(name: str):
+    # The engine imports torch: loaded on first use, so that the CLI can read EngineConfig's defaults cheaply.
+    if name in _ENGINE:
+        return getattr(importlib.import_module("hass_deploy.serving.engine"), name)
+    raise AttributeError(f"module 'hass_deploy.serving' has no attribute {name!r}")

@@ -28,15 +28,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig, RuntimeConfig, SamplingConfig, TreeConfig
+from hass_deploy.config import GenerationConfig, RuntimeConfig, SamplingConfig
 from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
 from hass_deploy.runtime.lookup import NgramCache, check_tree_budget
+from hass_deploy.serving.config import SPECULATION, EngineConfig
 from hass_deploy.serving.scheduler import QueueFullError, Scheduler
 from hass_deploy.serving.text import TextStream
 
@@ -48,7 +49,6 @@ __all__ = ["Completion", "Delta", "Engine", "EngineConfig", "EngineClosedError",
 
 log = logging.getLogger(__name__)
 
-SPECULATION = ("draft", "lookup", "hybrid", "off")
 NEEDS_DRAFT = ("draft", "hybrid")  # speculation modes that run the draft head
 
 
@@ -62,27 +62,6 @@ class RequestError(HassDeployError):
 
 class EngineClosedError(HassDeployError):
     """The engine is draining or stopped and takes no new requests (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    parallel: int = 1  # decoder slots: requests decoded concurrently, each with KV buffers of its own
-    max_queue: int = 64  # requests waiting for a slot beyond which submit() fails fast (QueueFullError)
-    speculation: str = "draft"  # per-request default: draft or hybrid (when a draft is loaded), lookup, or off
-    request_timeout: float | None = None  # seconds from arrival; None = no limit unless the request sets one
-    tree: TreeConfig = field(default_factory=TreeConfig)
-    lookup: LookupConfig = field(default_factory=LookupConfig)
-    hybrid: HybridConfig = field(default_factory=HybridConfig)
-
-    def __post_init__(self) -> None:
-        if self.parallel < 1:
-            raise ConfigError(f"--parallel must be >= 1, got {self.parallel}")
-        if self.max_queue < 0:
-            raise ConfigError(f"--max-queue must be >= 0, got {self.max_queue}")
-        if self.speculation not in SPECULATION:
-            raise ConfigError(f"--speculation must be one of {', '.join(SPECULATION)}, got {self.speculation!r}")
-        if self.request_timeout is not None and not self.request_timeout > 0:
-            raise ConfigError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}")
 
 
 @dataclass(frozen=True)

@@ -29,41 +29,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hass_deploy.atomic import check_output_dir, write_text
+from hass_deploy.bench.metrics import first_mismatch
+from hass_deploy.bench.runner import load_prompt_sets
+from hass_deploy.config import GenerationConfig, RuntimeConfig
 from hass_deploy.errors import ConfigError, HassDeployError
+from hass_deploy.generation import Pipeline
+from hass_deploy.runtime.backends import choose_backend
+from hass_deploy.serving.config import LoadTestConfig
 
-# httpx, numpy, prometheus_client and rich are imported where used: the CLI imports this module for its defaults.
-
-
-@dataclass(frozen=True)
-class LoadTestConfig:
-    """One load test; each default is defined here once (the CLI reads them)."""
-
-    url: str = "http://127.0.0.1:8000"
-    model: str | None = None  # None: the first id of GET /v1/models
-    num_requests: int = 32
-    concurrency: int = 4  # most requests in flight at once
-    request_rate: float = math.inf  # requests/s, Poisson arrivals; inf = all at once (bounded by concurrency)
-    max_tokens: int = 128
-    temperature: float = 0.0
-    chat: bool = False  # /v1/chat/completions instead of /v1/completions
-    metrics_prefix: str = "hass_deploy"  # vllm, llamacpp, ...
-    timeout: float = 600.0  # seconds per request, from sending to the end of its stream
-    seed: int = 0  # of the arrival times
-    max_prompts: int | None = None  # first N prompts of each file; None = all
-
-    def __post_init__(self) -> None:
-        for name, value, low in (("--num-requests", self.num_requests, 1), ("--concurrency", self.concurrency, 1),
-                                 ("--max-tokens", self.max_tokens, 1)):
-            if value < low:
-                raise ConfigError(f"{name} must be >= {low}, got {value}")
-        if not self.request_rate > 0:
-            raise ConfigError(f"--request-rate must be > 0 (inf: all at once), got {self.request_rate}")
-        if not self.temperature >= 0 or not self.timeout > 0:
-            raise ConfigError("--temperature must be >= 0 and --timeout > 0")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"--max-prompts must be >= 1, got {self.max_prompts}")
-        if not self.url.startswith(("http://", "https://")):
-            raise ConfigError(f"--url must start with http:// or https://, got {self.url!r}")
+# httpx and prometheus_client (the serve extra) are imported where used: the engine and the tests run without them.
 
 
 @dataclass
@@ -345,11 +320,6 @@ async def _run(config: LoadTestConfig, prompts: Sequence, progress: bool) -> dic
 def check_lossless(records: Sequence[RequestRecord], prompts: Sequence, target: Path, draft: Path | None,
                    artifacts: Path | None, max_tokens: int, chat: bool) -> dict:
     """Compare each completed response's token ids with offline greedy generation of the same prompt ids."""
-    from hass_deploy.bench.metrics import first_mismatch
-    from hass_deploy.config import GenerationConfig, RuntimeConfig
-    from hass_deploy.generation import Pipeline
-    from hass_deploy.runtime.backends import choose_backend
-
     generation = GenerationConfig(max_new_tokens=max_tokens)
     pipe = Pipeline.load(target, draft, RuntimeConfig(backend=choose_backend("auto", artifacts)), generation, artifacts)
     references: dict[tuple[int, ...], list[int]] = {}
@@ -417,11 +387,7 @@ def render_markdown(report: dict) -> str:
 
 def write_report(report: dict, out: str | Path) -> dict[str, Path]:
     """Write serve_bench.json and serve_bench.md into `out`, each in one rename."""
-    from hass_deploy.atomic import write_text
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HassDeployError(f"{out} exists and is not a directory")
+    out = check_output_dir(out)
     paths = {"json": out / "serve_bench.json", "markdown": out / "serve_bench.md"}
     write_text(paths["json"], json.dumps(report, indent=2, default=str) + "\n")
     write_text(paths["markdown"], render_markdown(report))
@@ -432,11 +398,14 @@ def run_load_test(config: LoadTestConfig, prompt_files: Sequence[str | Path], ou
                   check: bool = False, target: Path | None = None, draft: Path | None = None,
                   artifacts: Path | None = None, progress: bool = True) -> dict:
     """Run the load test (and with `check`, the lossless check against `target`); write `out` if given."""
-    from hass_deploy.bench.runner import load_prompt_sets
-
-    if check and (target is None or config.temperature != 0):
-        raise ConfigError("--check compares greedy responses with offline generation: it needs --target and "
-                          "--temperature 0")
+    if not check and any(v is not None for v in (target, draft, artifacts)):
+        raise ConfigError("--target, --draft and --artifacts are for --check")
+    if check and target is None:
+        raise ConfigError("--check needs --target (the model the server serves)")
+    if check and config.temperature != 0:
+        raise ConfigError("--check compares greedy responses: use --temperature 0")
+    if out is not None:
+        check_output_dir(out)  # before the run, not after it
     prompts = [p for s in load_prompt_sets(prompt_files, config.max_prompts) for p in s.prompts]
     run = asyncio.run(_run(config, [p.text if p.text is not None else p.ids for p in prompts], progress))
     records = run["records"]

@@ -27,8 +27,6 @@ from typing import Any
 
 from hass_deploy.errors import HassDeployError
 
-FORMATS = ("sharegpt", "text", "prompts", "ids")
-
 # ShareGPT speaker names (several dumps use the product's name for the assistant) -> chat-template roles.
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}

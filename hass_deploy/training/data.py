@@ -59,6 +59,14 @@ class DataManifest:
     def split_shards(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
 
+    def summary(self) -> str:
+        """One line: samples and tokens per split, and what was skipped."""
+        totals = self.totals
+        skipped = ", ".join(f"{n} {reason}" for reason, n in totals["skipped"].items())
+        return (f"train: {totals['train']['samples']} samples, {totals['train']['tokens']} tokens; eval: "
+                f"{totals['eval']['samples']} samples, {totals['eval']['tokens']} tokens"
+                + (f"; skipped: {skipped}" if skipped else ""))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "complete": self.complete,

@@ -20,86 +20,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from hass_deploy.errors import ConfigError, HassDeployError
+from hass_deploy.atomic import check_output_dir
+from hass_deploy.errors import HassDeployError
 from hass_deploy.models.loading import TargetModel, load_target, target_fingerprint
 from hass_deploy.models.target import causal_tree_mask
 from hass_deploy.training import shards as fmt
-from hass_deploy.training.chat import (FORMATS, Record, Sample, SkipRecord, conversation_samples, has_chat_template,
+from hass_deploy.training.chat import (Record, Sample, SkipRecord, conversation_samples, has_chat_template,
                                        ids_samples, read_records, regenerated_samples, text_samples)
 from hass_deploy.training.data import MANIFEST, DataManifest, ShardInfo, file_sha256
+from hass_deploy.training.config import DataConfig
 from hass_deploy.training.distributed import Ranks
 
 PROBE_RECORDS = 16  # records tokenized before any target pass, so template problems fail in seconds
 TRUNCATED = "no trained token within --max-length"
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Settings of `hass-deploy data` (each default defined here once; the CLI reads them)."""
 
-    format: str = "sharegpt"  # sharegpt | text | prompts (needs --regenerate) | ids (pre-tokenized)
-    max_samples: int | None = None  # records used after the seeded shuffle; None = all
-    max_length: int = 2048  # tokens per sample, longer ones truncated (the reference's max_len; capped at the
-    # target's max_position_embeddings)
-    regenerate: bool = False  # the target writes the responses (self-distillation)
-    max_new_tokens: int | None = None  # per regenerated turn; None = up to max_length
-    temperature: float = 0.0  # of regenerated responses; 0 = greedy, the target's most likely answer
-    dtype: str = "bf16"  # stored hidden states: half the bytes of fp32, the precision the trainer computes in
-    # The target's weights and activations while extracting. auto: bf16 on a GPU (half the memory and time of
-    # fp32; the reference extracts in fp16), fp32 on the CPU (exact, and bf16 matmuls are seldom faster there).
-    compute_dtype: str = "auto"
-    device: str = "cpu"  # "cuda" uses cuda:LOCAL_RANK (the GPU of each torchrun process)
-    eval_fraction: float = 0.05  # held-out records (the reference's 95/5 split), at least 1 when there are >= 2
-    shard_size: int = 64  # records per shard: ~0.5 GB of bf16 features for a 4096-wide target at 1k tokens
-    seed: int = 0  # the shuffle (record -> split, shard) and regeneration sampling
-    batch_tokens: int = 4096  # padded tokens per target pass (batch size x longest sample)
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.format == "prompts" and not self.regenerate:
-            raise ConfigError("--format prompts needs --regenerate: prompt files hold no responses, "
-                              "so the target has to write them")
-        if self.format in ("text", "ids") and self.regenerate:
-            raise ConfigError(f"--regenerate applies to sharegpt and prompts data, not to --format {self.format}")
-        if self.dtype not in fmt.STORAGE_DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(fmt.STORAGE_DTYPES)}, got {self.dtype!r}")
-        if self.compute_dtype not in ("auto", *fmt.STORAGE_DTYPES):
-            raise ConfigError(f"--compute-dtype must be auto or one of {', '.join(fmt.STORAGE_DTYPES)}, "
-                              f"got {self.compute_dtype!r}")
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        for name in ("shard_size", "batch_tokens", "max_samples", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-
-    def resolved(self) -> "DataConfig":
-        """These settings with `compute_dtype` auto replaced by what it means on `device`."""
-        if self.compute_dtype != "auto":
-            return self
-        return replace(self, compute_dtype="bf16" if self.device.startswith("cuda") else "fp32")
-
-    def output_settings(self) -> dict[str, Any]:
-        """The settings the stored bytes depend on (not the batch budget or device, but the precision the target
-        ran in, resolved), compared on a rerun."""
-        return {k: v for k, v in asdict(self.resolved()).items() if k not in ("batch_tokens", "device")}
 
 
 @dataclass(frozen=True)
@@ -128,17 +74,18 @@ def plan_shards(count: int, config: DataConfig) -> list[ShardPlan]:
 
 
 def generate_data(target_dir: str | Path, dataset: str | Path, out: str | Path, config: DataConfig = DataConfig(),
-                  force: bool = False, progress: bool = False) -> DataManifest:
+                  force: bool = False, progress: bool = False) -> DataManifest | None:
     """Tokenize `dataset`, run the target over it and write its hidden states to `out` (see the module doc).
 
     Args:
         force: replace data in `out` made from another target or with other settings (otherwise refused).
         progress: show a progress bar (rank 0) with tokens/s and ETA on stderr.
     Returns:
-        The manifest of the finished directory.
+        The manifest of the finished directory; None on the other ranks of a torchrun job (rank 0 reports for all).
     """
     with Ranks.from_environment(config.device) as ranks:
-        return _generate(Path(target_dir), Path(dataset), Path(out), config.resolved(), force, progress, ranks)
+        manifest = _generate(Path(target_dir), Path(dataset), Path(out), config.resolved(), force, progress, ranks)
+        return manifest if ranks.rank == 0 else None
 
 
 def _generate(target_dir: Path, dataset: Path, out: Path, config: DataConfig, force: bool, progress: bool,
@@ -236,8 +183,7 @@ def _nothing_usable(dataset: Path, skipped: dict[str, int]) -> HassDeployError:
 
 def _check_output(out: Path, manifest: DataManifest, force: bool) -> bool:
     """Whether `out` holds something to replace (only with --force); False for a fresh or resumable directory."""
-    if out.exists() and not out.is_dir():
-        raise HassDeployError(f"{out} exists and is not a directory")
+    check_output_dir(out)
     path = out / MANIFEST
     if path.is_file():
         try:

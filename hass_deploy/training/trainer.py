@@ -17,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from hass_deploy.config import Phase, TrainConfig
+from hass_deploy.atomic import check_output_dir
 from hass_deploy.errors import HassDeployError
 from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, load_draft, save_draft, target_identity
 from hass_deploy.models.draft import DraftHead
@@ -250,8 +251,7 @@ def _train(target_dir: Path, data_dir: Path, out: Path, config: TrainConfig, res
         state = TrainState(**saved_state["state"])
         metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
     else:
-        if out.exists() and any(out.iterdir()) and not force and not resume:
-            raise HassDeployError(f"{out} exists and is not empty (use --resume to continue or --force to overwrite)")
+        check_output_dir(out, force or resume, "use --resume to continue or --force to overwrite")
         head = init_draft(target, seed=config.seed)
     head = head.float().to(device).train()
     head.embed_tokens.weight.requires_grad_(False)

@@ -630,3 +630,57 @@ def test_quickstart_bad_options_are_one_line(tmp_path):
     afile.write_text("x")
     user_error(runner.invoke(app, ["quickstart", "--workdir", str(afile)]), "is not a directory")
     assert not (tmp_path / "w").exists()
+
+
+def _byte_tokenizer():
+    """A byte-level BPE tokenizer without merges: one token per UTF-8 byte, so multi-byte characters span tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_streamed_text_never_shows_half_a_character(root, monkeypatch):
+    """`generate` streams through serving's TextStream: rounds that end inside a multi-byte character release
+    nothing of it until it is complete, and the whole text equals the decoded output."""
+    from hass_deploy import cli
+    from hass_deploy.generation import Pipeline
+    from hass_deploy.runtime.decoder import GenerationResult
+
+    directory = root / "bytes"
+    random_hf_model("llama", "tiny", 0, vocab_size=256, hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=1).save_pretrained(directory)
+    tokenizer = _byte_tokenizer()
+    tokenizer.save_pretrained(directory)
+    text = "héllo wörld ✓ 日本"
+    output = tokenizer(text)["input_ids"]
+    assert len(output) > len(text)  # some characters are several tokens
+    rounds = [output[i:i + 3] for i in range(0, len(output), 3)]  # 3-token rounds: several end mid-character
+
+    def generate(self, prompt_ids, config, on_tokens=None):
+        for tokens in rounds:
+            on_tokens(tokens)
+        return GenerationResult(prompt_ids=prompt_ids, output_ids=output, accept_lengths=[2] * len(rounds),
+                                stop_reason="max_new_tokens", wall_s=1.0)
+
+    writes: list[str] = []
+    monkeypatch.setattr(Pipeline, "generate", generate)
+    monkeypatch.setattr(cli, "_write", writes.append)
+    result = ok(invoke("generate", "--target", directory, "--no-draft", "--prompt", "hi", "--no-chat"))
+    assert "".join(writes) + result.stdout == text + "\n"
+    assert all("\ufffd" not in chunk for chunk in writes) and len([w for w in writes if w]) > 1
+
+
+def test_help_does_not_import_torch():
+    """`hass-deploy --help` and a command's --help read only the config dataclasses: torch is not imported."""
+    script = ("import sys\nfrom hass_deploy.cli import main\nfor argv in (['--help'], ['generate', '--help'], "
+              "['serve', '--help']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
+    assert "--tree-tokens" in result.stdout and "--lookup-corpus" in result.stdout
