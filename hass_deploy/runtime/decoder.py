@@ -1,31 +1,31 @@
 """The one draft-then-verify loop (DESIGN D3), for greedy and sampled decoding, with or without a draft.
 
 Per round (algorithm.md §4.2):
-    tree  = draft grows an EAGLE-2 tree under the pending root token       (skipped without a draft)
-            or prompt lookup grows one from n-gram counts (`config.lookup`; `lookup.py`, no draft needed)
-            or, with both, their candidates reranked into one tree         (`hybrid.py`)
+    tree  = proposer.propose(root, room, tokens_left)                      the request's tree source (`proposers.py`)
     out   = target verifies all tree nodes in one step                     [1, T, V], [1, T, H]
     acc   = longest accepted path + bonus token (greedy or exact rejection sampling)
-    commit: compact the accepted KV rows, feed their verified features to the draft when it next runs
+    commit: compact the accepted KV rows, proposer.observe(...) what was committed, the statistics
+The proposer is made per request from the drafters there are: the draft head's EAGLE-2 tree, prompt lookup's
+n-gram tree (`config.lookup`; `lookup.py`, no draft needed), both merged (hybrid, `hybrid.py`), or the root alone.
 Plain decoding is the same loop with a root-only tree: one target step per token, through the same backend
 contract, which is what every speedup is measured against. Whichever proposes the tree, verification,
-acceptance, compaction and the statistics are this one loop's.
+acceptance, compaction and the statistics are this one loop's: a proposer never calls the target.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from hass_deploy.config import GenerationConfig, TreeConfig
+from hass_deploy.config import GenerationConfig
 from hass_deploy.errors import CacheCapacityError, ConfigError, HassDeployError
-from hass_deploy.runtime import sampling, tree as trees
+from hass_deploy.runtime import sampling
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
-from hass_deploy.runtime.hybrid import LOOKUP, HybridPlanner
-from hass_deploy.runtime.lookup import NgramCache, PromptLookup, check_tree_budget
+from hass_deploy.runtime.lookup import NgramCache, check_tree_budget
+from hass_deploy.runtime.proposers import DraftProposer, HybridProposer, LookupProposer, Proposer, RootOnly
 
 
 @dataclass
@@ -70,7 +70,8 @@ class SpeculativeDecoder:
     """Draft-then-verify generation over a target backend and an optional draft backend.
 
     The tree of a round comes from the drafters there are: the draft backend, prompt lookup when the request's
-    `config.lookup` is set, both merged (hybrid) when there are both, else it is the root alone (plain decoding).
+    `config.lookup` is set, both merged (hybrid) when there are both, else it is the root alone (plain decoding);
+    each request gets its own proposer (`proposers.py`), which holds that request's drafting state.
     """
 
     def __init__(self, target: TargetBackend, draft: DraftBackend | None = None, corpus: NgramCache | None = None):
@@ -78,7 +79,8 @@ class SpeculativeDecoder:
         self.draft = draft
         self.corpus = corpus  # prompt lookup's static n-gram statistics, shared by every request
         # Build the draft head's tree where its pool is (`tree.build_tree_on_device`) off the CPU, so that a GPU round
-        # has one host sync, the acceptance read; on the CPU the host build is faster (tree.py).
+        # has one host sync, the acceptance read; on the CPU the host build is faster (tree.py). Read as each
+        # request starts.
         self.tree_on_device = target.device.type != "cpu"
 
     def generate(self, prompt_ids: list[int], config: GenerationConfig,
@@ -106,21 +108,12 @@ class SpeculativeDecoder:
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, P]
         out = self.target.step(ids, torch.arange(prompt_len, device=device)[None], 0, None, last_only=True)
         root = self._choose(out.logits[0, -1], config, generator)  # 0-d
-        # Committed pairs the draft has not seen, as (features [1, n, H], next tokens [n]) per round: its next context
-        # pass joins them (a list, so that rounds without the draft append instead of copying the backlog).
-        pending = [(out.hidden, torch.cat([ids[0, 1:], root.view(1)]))]  # the prompt's: [1, P, H], [P]
-        cache_len, draft_len = prompt_len, 0
         new = [int(root)]  # host sync: the token is output
-        # Prompt lookup's history is the prompt plus every committed token, the pending root last, on the host.
-        lookup = None if config.lookup is None else PromptLookup(config.lookup, device, self.corpus)
-        if lookup is not None:
-            lookup.extend(prompt_ids)
-        # Both drafters: one merged tree per round (hybrid.py); the planner is this request's.
-        planner = HybridPlanner(config.hybrid) if lookup is not None and self.draft is not None else None
-        root_only = trees.root_only(root.view(1))  # plain steps reuse its constant parts, only the token changes
+        root_only = RootOnly(root)  # plain decoding's proposer, and any round's with one KV row left
+        proposer = self._proposer(config, prompt_ids, new[0], out.hidden, torch.cat([ids[0, 1:], root.view(1)]),
+                                  root_only)
+        cache_len = prompt_len
         while True:
-            if lookup is not None:
-                lookup.extend(new)  # this round's committed tokens and the new root (host ints: no sync)
             new, stop = self._truncate(new, len(result.output_ids), config, eos)
             room = self.target.max_len - cache_len
             if stop is None and room <= 0:
@@ -131,30 +124,9 @@ class SpeculativeDecoder:
             yield new
             if stop is not None:
                 return
-            # A hybrid round's merged tree and the draft head's candidates in it; whether the draft head ran.
-            merged, drafted, draft_ran = None, None, False
-            if room <= 1 or (lookup is None and self.draft is None):
-                tree = replace(root_only, tokens=root.view(1))
-            elif planner is not None:
-                budget = min(config.hybrid.tokens, room)
-                found = lookup.candidates(new[-1], budget)  # new[-1] is the pending root
-                # Rows the draft's context pass would take beyond the last round's own: the prompt in the first round.
-                catch_up = sum(tokens.numel() for _, tokens in pending) - (len(new) if result.rounds else 1)
-                if planner.wants_draft(found, catch_up, config.max_new_tokens - len(result.output_ids)):
-                    drafted = trees.pool_candidates(root, *self._grow(root, pending, draft_len, config.tree, budget))
-                    draft_ran = True
-                # Without the draft's candidates the merge is lookup's own tree: no trie, no rerank.
-                merged = (trees.merge_candidates([drafted, found], planner.offsets(), budget) if draft_ran
-                          else trees.merged_alone(found, sources=2, source=LOOKUP))
-                tree = trees.tree_from_lists(merged.tokens, merged.parents, device)
-            elif lookup is not None:
-                tree = lookup.propose(new[-1], min(config.lookup.tokens, room))
-            else:
-                budget = min(config.tree.tokens, room)
-                pool = self._grow(root, pending, draft_len, config.tree, budget)
-                tree = (trees.build_tree_on_device(root, *pool, budget, min(config.tree.depth, budget - 1))
-                        if self.tree_on_device else trees.build_tree(root, *pool, budget))
-                draft_ran = True
+            # With one row left only the root fits, whoever proposes (the proposer still observes the round).
+            tree, draft_ran = (proposer if room > 1 else root_only).propose(
+                root, room, config.max_new_tokens - len(result.output_ids))
             out = self.target.step(tree.tokens[None], (cache_len + tree.depths)[None], cache_len, tree.mask[None])
             logits = out.logits[0]  # [T, V]
             if config.sampling.greedy:
@@ -164,17 +136,32 @@ class SpeculativeDecoder:
             if not accepted.in_place:  # plain steps and chains accepted whole keep their rows where they are
                 self.target.compact(cache_len, accepted.path)
             committed = torch.tensor(accepted.tokens[1:], dtype=torch.long, device=device)  # [a+1]
-            if self.draft is not None:
-                if draft_ran:  # its context pass took every pending pair: start again from this round's
-                    draft_len, pending = cache_len, []
-                # [1, a+1, H] verified features of the committed nodes (a copy: the backend reuses its outputs)
-                pending.append((out.hidden[:, accepted.path], committed))
-            if merged is not None:
-                planner.record(merged, accepted.nodes, found, draft_ran, catch_up)
+            proposer.observe(accepted, committed, out.hidden)
             cache_len += len(accepted.nodes)
             root = committed[-1]
             self._record(result, accepted, tree.num_nodes - 1, draft_ran)
             new = accepted.tokens[1:]
+
+    def _proposer(self, config: GenerationConfig, prompt_ids: list[int], root_id: int, features: torch.Tensor,
+                  next_tokens: torch.Tensor, root_only: RootOnly) -> Proposer:
+        """This request's tree source, from the drafters there are: the draft backend, prompt lookup when
+        `config.lookup` is set, both merged (hybrid), else the root alone.
+
+        Args:
+            prompt_ids, root_id: the prompt and the first root on the host (prompt lookup's first history).
+            features, next_tokens: the prompt's committed pairs for the draft, [1, P, H] prefill features and [P]
+                tokens (the prompt's after the first, then the root).
+            root_only: the request's root-only proposer, plain decoding's.
+        """
+        device = self.target.device
+        lookup = (None if config.lookup is None else
+                  LookupProposer(config.lookup, device, self.corpus, [*prompt_ids, root_id]))
+        draft = (None if self.draft is None else
+                 DraftProposer(self.draft, config.tree, self.target.vocab_size, device, self.tree_on_device,
+                               features, next_tokens))
+        if lookup is not None and draft is not None:
+            return HybridProposer(lookup, draft, config.hybrid)
+        return lookup if lookup is not None else draft if draft is not None else root_only
 
     def _check_request(self, prompt_ids: list[int], config: GenerationConfig) -> None:
         if not prompt_ids:
@@ -210,50 +197,6 @@ class SpeculativeDecoder:
             if token in eos:
                 return new[: i + 1], "eos"
         return new, None
-
-    def _grow(self, root: torch.Tensor, pending: list[tuple[torch.Tensor, torch.Tensor]], draft_len: int,
-              config: TreeConfig, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """EAGLE-2 tree growth (algorithm.md §4.3): a context pass over the committed pairs the draft has not seen,
-        then `depth - 1` levels that each expand the `top_k` best nodes by cumulative draft log-probability.
-
-        Returns the candidate pool (`tree.pool_candidates`' inputs): tokens [N], cumulative log-probs [N] and
-        parent pool indices [N] (-1 under the root), in generation order.
-        """
-        draft, device = self.draft, self.target.device
-        depth = min(config.depth, budget - 1)  # budget: the verify step's nodes, which fit the target's KV rows
-        features = pending[0][0] if len(pending) == 1 else torch.cat([f for f, _ in pending], dim=1)  # [1, n, H]
-        tokens = pending[0][1] if len(pending) == 1 else torch.cat([t for _, t in pending])  # [n]
-        top_k = min(config.top_k, self.target.vocab_size)
-        n = tokens.numel()
-        # Context pass: pairs (f_t, x_{t+1}) at positions t; the draft's KV keeps only verified context.
-        out = draft.step(features, tokens[None], torch.arange(draft_len, draft_len + n, device=device)[None],
-                         draft_len, None, top_k)
-        committed = draft_len + n
-        scores, beam_tokens = out.logprobs[0, -1], out.tokens[0, -1]  # [K] children of the root
-        pool_tokens, pool_scores = [beam_tokens], [scores]
-        pool_parents = [torch.full((top_k,), -1, dtype=torch.long, device=device)]
-        beam_pool = torch.arange(top_k, device=device)  # pool index of each beam node
-        beam_features = out.hidden[:, -1:].expand(1, top_k, -1)  # [1, K, H] each node's parent output
-        level_mask = torch.eye(top_k, dtype=torch.bool, device=device)  # [K, K] rows of the current beam
-        pool_size = top_k
-        for level in range(1, depth):
-            # All K beam nodes of this level share position committed + level - 1; their rows go after earlier levels.
-            positions = torch.full((1, top_k), committed + level - 1, dtype=torch.long, device=device)
-            out = draft.step(beam_features, beam_tokens[None], positions, committed + (level - 1) * top_k,
-                             level_mask[None], top_k)
-            cumulative = (out.logprobs[0] + scores[:, None]).flatten()  # [K*K] path log-probs of all children
-            children = out.tokens[0].flatten()  # [K*K]
-            pool_tokens.append(children)
-            pool_scores.append(cumulative)
-            pool_parents.append(beam_pool.repeat_interleave(top_k))
-            best = trees.select_beam(cumulative, top_k)  # [K] next beam, as indices into this level's K*K
-            parent = best // top_k  # [K] which current beam node each comes from
-            scores, beam_tokens = cumulative[best], children[best]
-            beam_pool = pool_size + best
-            beam_features = out.hidden[:, parent]  # [1, K, H]
-            level_mask = torch.cat([level_mask[parent], torch.eye(top_k, dtype=torch.bool, device=device)], dim=1)
-            pool_size += top_k * top_k
-        return torch.cat(pool_tokens), torch.cat(pool_scores), torch.cat(pool_parents)
 
     @staticmethod
     def _record(result: GenerationResult, acceptance: sampling.Acceptance, drafted: int, draft_ran: bool) -> None:
