@@ -189,10 +189,10 @@ def _draft_fingerprint(directory: Path) -> str:
 
 
 def _artifacts_intact(directory: Path) -> bool:
-    from hass_deploy.manifest import read_manifest
+    from hass_deploy.artifacts import Artifacts
 
     try:
-        read_manifest(directory)  # a readable manifest whose graph files are all there
+        Artifacts.open(directory)  # a readable manifest whose graph files are all there
     except HassDeployError:
         return False
     return True
