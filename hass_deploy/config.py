@@ -157,6 +157,17 @@ class GenerationConfig:
             raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
 
+AUTO_BACKEND = "auto"  # --backend's default: ONNX Runtime when there is an export to run, torch otherwise
+
+
+def choose_backend(name: str, artifacts: object | None) -> str:
+    """Resolve `auto` to a backend name (`artifacts`: the export, as a path or opened, or None); any other name is
+    returned as given (checked when opened: `runtime.backends.backend_spec`)."""
+    if name != AUTO_BACKEND:
+        return name
+    return "onnxruntime" if artifacts is not None else "torch"
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     backend: str = "torch"  # the CLI's --backend also takes auto: onnxruntime with --artifacts, else torch

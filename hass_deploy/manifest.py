@@ -1,8 +1,8 @@
 """`manifest.json`: what an artifacts directory holds and where it came from (DESIGN D7).
 
 Nothing about an export is inferred from a path: the runtime reads I/O names, shapes, dtypes, KV layout, the
-size envelope (S_max, tree budget, top-k) and the identities of the target and draft from here, and refuses a
-target or draft that is not the one the graphs were made from.
+size envelope (S_max, tree budget, top-k) and the identities of the target and draft from here; an opened export
+(`hass_deploy.artifacts.Artifacts`) refuses a target, draft or request that does not fit them.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hass_deploy.errors import CacheCapacityError, ConfigError, DraftMismatchError, HassDeployError, ModelLoadError
+from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
-# The identity fields that must agree between a manifest and the models it is used with ("path" may differ).
-IDENTITY_KEYS = ("architecture", "hidden_size", "vocab_size", "num_layers", "fingerprint")
 
 
 @dataclass(frozen=True)
@@ -127,39 +125,6 @@ def draft_identity(head) -> dict:
     c = head.config
     return {"hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "num_kv_heads": c.num_kv_heads,
             "fingerprint": hashlib.sha256(sample).hexdigest()[:16]}
-
-
-def check_target(manifest: Manifest, identity: dict, source: str) -> None:
-    """Refuse a target that is not the one the graphs were exported from."""
-    for key in IDENTITY_KEYS:
-        if key in manifest.target and manifest.target.get(key) != identity.get(key):
-            raise DraftMismatchError(
-                f"the artifacts were exported from another target than {source} ({key}: "
-                f"{manifest.target.get(key)!r} in the manifest, {identity.get(key)!r} here)")
-
-
-def check_draft(manifest: Manifest, identity: dict | None, source: str | None) -> None:
-    """Refuse a draft the graphs were not exported from, and a draft request on a target-only export."""
-    if identity is None:
-        return
-    if manifest.draft is None:
-        raise ConfigError("the artifacts hold no draft graph (exported with --no-draft): use --no-draft, "
-                          "or export again with --draft")
-    if manifest.draft.get("fingerprint") != identity.get("fingerprint"):
-        raise DraftMismatchError(f"the artifacts' draft graph was exported from another draft than {source}")
-
-
-def check_capacity(manifest: Manifest, max_seq_len: int, tree_tokens: int | None, top_k: int | None) -> None:
-    """Refuse a request the exported envelope does not cover (S_max, tree budget, top-k)."""
-    if max_seq_len > manifest.max_seq_len:
-        raise CacheCapacityError(f"--max-seq-len {max_seq_len} is more than the artifacts' S_max "
-                                 f"({manifest.max_seq_len}); export again with a larger --max-seq-len")
-    if tree_tokens is not None and tree_tokens > manifest.max_tree_tokens:
-        raise ConfigError(f"--tree-tokens {tree_tokens} is more than the artifacts' tree budget "
-                          f"({manifest.max_tree_tokens}); export again with a larger --max-tree-tokens")
-    if top_k is not None and top_k > manifest.max_top_k:
-        raise ConfigError(f"--tree-top-k {top_k} is more than the draft graph's top-k ({manifest.max_top_k}); "
-                          "export again with a larger --max-top-k")
 
 
 # The step shapes an export's engines accept: TensorRT plans are built for them (`export/tensorrt.py`), and ORT's

@@ -22,8 +22,8 @@ from typing import Any, Optional
 import typer
 
 from hass_deploy.bench.config import BenchConfig
-from hass_deploy.config import (REFERENCE_SCHEDULE, GenerationConfig, HybridConfig, LookupConfig, Phase, RuntimeConfig,
-                                SamplingConfig, TrainConfig, TreeConfig, Widening)
+from hass_deploy.config import (AUTO_BACKEND, REFERENCE_SCHEDULE, GenerationConfig, HybridConfig, LookupConfig, Phase,
+                                RuntimeConfig, SamplingConfig, TrainConfig, TreeConfig, Widening, choose_backend)
 from hass_deploy.errors import ConfigError, ModelLoadError
 from hass_deploy.export.config import ExportConfig
 from hass_deploy.serving.config import EngineConfig, LoadTestConfig, ServerConfig
@@ -117,13 +117,8 @@ class Runtime:
     artifacts: Path | None
 
 
-AUTO = "auto"  # --backend's default: onnxruntime when --artifacts is given, torch otherwise
-
-
 def _runtime(backend: str, artifacts: Path | None, **settings) -> Runtime:
-    if backend == AUTO:
-        backend = "onnxruntime" if artifacts is not None else "torch"
-    return Runtime(RuntimeConfig(backend=backend, **settings), artifacts)
+    return Runtime(RuntimeConfig(backend=choose_backend(backend, artifacts), **settings), artifacts)
 
 
 def _exactly_one_draft(draft: Path | None, no_draft: bool) -> Path | None:
@@ -196,7 +191,7 @@ CORPUS = one("lookup_corpus", Optional[Path], None, "Prompt lookup: token ids of
              "whitespace-separated text), used where the prompt and output have no match.")
 HYBRID = fields(HybridConfig, "hybrid")
 SAMPLING = fields(SamplingConfig)
-RUNTIME = Group((_param("backend", str, AUTO, "torch, onnxruntime, tensorrt (plans from export --engine trt), or "
+RUNTIME = Group((_param("backend", str, AUTO_BACKEND, "torch, onnxruntime, tensorrt (plans from export --engine trt), or "
                         "auto: onnxruntime when --artifacts is given."),
                  _param("artifacts", Optional[Path], None, "`hass-deploy export` directory (onnxruntime, tensorrt)."),
                  *fields(RuntimeConfig).params), _runtime)

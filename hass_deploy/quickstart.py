@@ -30,6 +30,7 @@ from pathlib import Path
 
 # The stages' modules are imported whole and their functions looked up when a stage runs (the tests replace them).
 from hass_deploy import demo
+from hass_deploy.artifacts import Artifacts
 from hass_deploy.atomic import check_output_dir, write_text
 from hass_deploy.bench import runner
 from hass_deploy.bench.config import BenchConfig
@@ -38,7 +39,6 @@ from hass_deploy.config import Phase, RuntimeConfig, TrainConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export import onnx as onnx_export, parity
 from hass_deploy.export.config import ExportConfig
-from hass_deploy.manifest import read_manifest
 from hass_deploy.prompts import read_prompt_file
 from hass_deploy.training import extract, trainer
 from hass_deploy.training.config import DataConfig
@@ -197,7 +197,7 @@ def _draft_fingerprint(directory: Path) -> str:
 
 def _artifacts_intact(directory: Path) -> bool:
     try:
-        read_manifest(directory)  # a readable manifest whose graph files are all there
+        Artifacts.open(directory)  # a readable manifest whose graph files are all there
     except HassDeployError:
         return False
     return True

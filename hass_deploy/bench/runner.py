@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from hass_deploy.artifacts import Artifacts
 from hass_deploy.bench.config import BenchConfig
 from hass_deploy.bench.metrics import first_mismatch
 from hass_deploy.bench.results import (HYBRID, LOOKUP, OVERALL, PLAIN, AutoOutcome, BenchReport, Method, PromptRun,
@@ -30,6 +31,7 @@ from hass_deploy.bench.tree_search import (TreeChoice, candidate_grid, grid_enve
 from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig, TreeConfig
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 from hass_deploy.prompts import Prompt, read_prompt_file
+from hass_deploy.runtime.backends import BackendOptions, BackendSpec, backend_spec
 from hass_deploy.runtime.decoder import GenerationResult
 
 Log = Callable[[str], None]
@@ -171,37 +173,36 @@ def _calibration_prompts(sets: Sequence[PromptSet], encoded: Sequence[EncodedSet
     return [ids for _, _, ids in chosen], [f"{name}#{p.question_id}" for name, p, _ in chosen], overlaps
 
 
-def _check_inputs(draft, baseline_draft, runtime, artifacts, baseline_artifacts) -> None:
+def _check_inputs(draft, baseline_draft, spec: BackendSpec, baseline_artifacts) -> None:
     for path, what in ((draft, "draft"), (baseline_draft, "baseline draft")):
         if path is not None and not Path(path).is_dir():
             raise ModelLoadError(f"{path}: no such {what} directory")
-    exported = runtime.backend in ("onnxruntime", "tensorrt")
-    if baseline_artifacts is not None and (baseline_draft is None or not exported):
+    if baseline_artifacts is not None and (baseline_draft is None or not spec.needs_export):
         raise ConfigError("--baseline-artifacts is the baseline draft's export, for --backend onnxruntime or "
                           "tensorrt with --baseline-draft")
-    if exported and baseline_draft is not None and baseline_artifacts is None:
-        raise ConfigError(f"with --backend {runtime.backend} the baseline draft needs its own export: "
+    if spec.needs_export and baseline_draft is not None and baseline_artifacts is None:
+        raise ConfigError(f"with --backend {spec.name} the baseline draft needs its own export: "
                           "--baseline-artifacts DIR")
 
 
-def _envelope(config: BenchConfig, artifacts) -> TreeConfig:
-    """The tree the KV buffers are sized for: the fixed tree, or one covering every --tree auto candidate."""
+def _envelope(config: BenchConfig, artifacts: Artifacts | None) -> TreeConfig:
+    """The tree the KV buffers are sized for: the fixed tree, or one covering every --tree auto candidate (inside
+    the export's tree budget and top-k when there is one)."""
     if not config.auto_tree:
         return config.tree
-    onnx = config.runtime.backend in ("onnxruntime", "tensorrt") and artifacts is not None
-    grid = candidate_grid(config.search, *(_export_limits(artifacts) if onnx else (None, None)))
+    limits = (None, None) if artifacts is None else (artifacts.max_tree_tokens, artifacts.max_top_k)
+    grid = candidate_grid(config.search, *limits)
     if not grid:
         raise ConfigError("--tree auto: no candidate tree fits the export's tree budget and top-k")
     return grid_envelope(grid)
 
 
-def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig, artifacts, baseline_artifacts,
-                   lookup: LookupConfig | None = None, hybrid: HybridConfig | None = None):
+def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig, artifacts: Artifacts | None,
+                   baseline_artifacts, lookup: LookupConfig | None = None, hybrid: HybridConfig | None = None):
     """The target loaded once; plain decoding, the draft, the baseline draft and prompt lookup as decoders over it
     (hybrid drafting is added once its draft cost is known: `run_bench`)."""
     from hass_deploy.generation import Pipeline
     from hass_deploy.models.checkpoint import load_draft
-    from hass_deploy.runtime.backends import backend_options, open_backends
     from hass_deploy.runtime.decoder import SpeculativeDecoder
 
     # `lookup` and `hybrid` in the load config: an export's tree budget is checked against their trees too, up
@@ -215,13 +216,16 @@ def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig,
     methods = [Method(PLAIN, "plain decoding", None), Method("draft", _label(pipe.draft_metadata, Path(draft)), str(draft))]
     if baseline_draft is not None:
         head, metadata = load_draft(baseline_draft, pipe.target)
-        rows = envelope.draft_rows
-        options = backend_options(runtime)
-        if runtime.backend in ("onnxruntime", "tensorrt"):  # its own export, so its own sessions or engines
-            decoders["baseline"] = SpeculativeDecoder(*open_backends(runtime.backend, pipe.target, head, pipe.max_seq_len,
-                                                                     rows, baseline_artifacts, runtime.device, **options))
+        spec, options, rows = backend_spec(runtime.backend), BackendOptions.of(runtime), envelope.draft_rows
+        if spec.needs_export:  # its own export, so its own sessions or engines
+            exported = spec.artifacts(baseline_artifacts)
+            exported.check_target(pipe.target)
+            exported.check_draft(head)
+            exported.check_request(pipe.max_seq_len)
+            decoders["baseline"] = SpeculativeDecoder(*spec.open(pipe.target, head, options, exported, pipe.max_seq_len,
+                                                                 rows))
         else:  # share the target backend: one KV cache, the same weights
-            _, baseline_backend = open_backends(runtime.backend, pipe.target, head, pipe.max_seq_len, rows, **options)
+            _, baseline_backend = spec.open(pipe.target, head, options, None, pipe.max_seq_len, rows)
             decoders["baseline"] = SpeculativeDecoder(pipe.decoder.target, baseline_backend)
         methods.append(Method("baseline", _label(metadata, Path(baseline_draft)), str(baseline_draft)))
     if lookup is not None:
@@ -270,9 +274,11 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
 
     started = time.perf_counter()
     sets = load_prompt_sets(prompts, config.max_prompts)  # bad files fail before any model loads
-    _check_inputs(draft, baseline_draft, config.runtime, artifacts, baseline_artifacts)
-    envelope = _envelope(config, artifacts)
-    pipe, decoders, methods = _open_decoders(target, draft, baseline_draft, config.runtime, envelope, artifacts,
+    spec = backend_spec(config.runtime.backend)
+    _check_inputs(draft, baseline_draft, spec, baseline_artifacts)
+    exported = spec.artifacts(artifacts)  # opened once: the tree grid's limits, then the pipeline's checks
+    envelope = _envelope(config, exported)
+    pipe, decoders, methods = _open_decoders(target, draft, baseline_draft, config.runtime, envelope, exported,
                                              baseline_artifacts, config.lookup, config.hybrid)
     encode_one = _Encoder(pipe.target, pipe.max_seq_len, config)
     encoded = [EncodedSet(s.name, tuple((p, encode_one(p)) for p in s.prompts)) for s in sets]
@@ -334,14 +340,6 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
     if out is not None:
         write_report(report, out)
     return report
-
-
-def _export_limits(artifacts) -> tuple[int | None, int | None]:
-    """The tree budget and top-k an ONNX export was made for (the grid must stay inside them)."""
-    from hass_deploy.manifest import read_manifest
-
-    manifest = read_manifest(artifacts)
-    return manifest.max_tree_tokens, manifest.max_top_k
 
 
 def _auto_outcome(choice: TreeChoice, runs: Sequence[PromptRun], summaries) -> AutoOutcome:

@@ -23,11 +23,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from hass_deploy.artifacts import Artifacts
 from hass_deploy.config import GenerationConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export import steps
-from hass_deploy.manifest import Manifest, read_manifest
+from hass_deploy.manifest import Manifest
 from hass_deploy.models.target import causal_tree_mask
+from hass_deploy.runtime.backends import BACKENDS, BackendOptions
 from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
 from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
@@ -332,17 +334,16 @@ def compare_fused(graph: str, artifacts: Path, manifest: Manifest, module: torch
                   f"{argmax_same}/{count} steps identical")]
 
 
-def end_to_end(artifacts: Path, manifest: Manifest, target_fp32, head_fp32, reference_module,
-               prompts: list[list[int]], config: GenerationConfig, tolerance: Tolerance, max_len: int,
-               graphs: str = "standard") -> list[Check]:
+def end_to_end(artifacts: Artifacts, target_fp32, head_fp32, reference_module, prompts: list[list[int]],
+               config: GenerationConfig, tolerance: Tolerance, max_len: int, graphs: str = "standard") -> list[Check]:
     """Greedy outputs: ORT speculative vs ORT plain (must match) and vs PyTorch plain (must match in fp32, unless
-    the graphs run a quantised target: then how far its output follows fp32 is reported, not required)."""
-    from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends
-
-    ort_target, ort_draft = open_ort_backends(artifacts, manifest, head_fp32 is not None, max_len,
-                                              config.tree.draft_rows, OrtConfig(graphs=graphs))
-    quantized = graphs == "fused" and manifest.target_quantization is not None
-    label = "ORT" if graphs == "standard" else "ORT fused" + (f" {manifest.target_quantization}" if quantized else "")
+    the graphs run a quantised target: then how far its output follows fp32 is reported, not required). The
+    models were checked against `artifacts` already (`validate_artifacts`)."""
+    ort_target, ort_draft = BACKENDS["onnxruntime"].open(target_fp32, head_fp32, BackendOptions(ort_graphs=graphs),
+                                                         artifacts, max_len, config.tree.draft_rows)
+    quantization = artifacts.manifest.target_quantization
+    quantized = graphs == "fused" and quantization is not None
+    label = "ORT" if graphs == "standard" else "ORT fused" + (f" {quantization}" if quantized else "")
     ort_plain = SpeculativeDecoder(ort_target, None)
     ort_spec = SpeculativeDecoder(ort_target, ort_draft) if ort_draft is not None else None
     torch_plain = SpeculativeDecoder(TorchTarget(reference_module, max_len), None)
@@ -388,18 +389,17 @@ def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir:
     Returns:
         The report; `report.passed` is False on any mismatch.
     """
-    from hass_deploy.manifest import check_draft, check_target, draft_identity
-    from hass_deploy.models.checkpoint import load_draft, target_identity
+    from hass_deploy.models.checkpoint import load_draft
     from hass_deploy.models.loading import load_target
 
-    artifacts = Path(artifacts)
-    manifest = read_manifest(artifacts)
+    exported = Artifacts.open(artifacts)
+    artifacts, manifest = exported.directory, exported.manifest
     target = load_target(target_dir, "fp32", tokenizer=False)
-    check_target(manifest, target_identity(target), str(target_dir))
-    if manifest.draft is not None and draft_dir is None:
+    exported.check_target(target)
+    if exported.has_draft and draft_dir is None:
         raise HassDeployError("the artifacts hold a draft graph: give --draft DIR, the draft they were exported from")
     head = None if draft_dir is None else load_draft(draft_dir, target)[0]
-    check_draft(manifest, None if head is None else draft_identity(head), str(draft_dir))
+    exported.check_draft(head, str(draft_dir))
     report = ValidationReport(artifacts, manifest)
     if manifest.dtype == "bf16":
         report.checks.append(Check("bf16 on ONNX Runtime CPU", None, "skipped: ORT's CPU provider has no bf16 MatMul "
@@ -409,8 +409,8 @@ def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir:
     reference = target if manifest.dtype == "fp32" else load_target(target_dir, manifest.dtype, tokenizer=False)
     reference_head = head if head is None or manifest.dtype == "fp32" else load_draft(draft_dir, reference)[0]
     max_len = manifest.max_seq_len
-    tree = TreeConfig(tokens=min(tree.tokens, manifest.max_tree_tokens), depth=tree.depth,
-                      top_k=min(tree.top_k, manifest.max_top_k))
+    tree = TreeConfig(tokens=min(tree.tokens, exported.max_tree_tokens), depth=tree.depth,
+                      top_k=min(tree.top_k, exported.max_top_k))
     config = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree, eos_token_ids=())
     prompts = prompts or default_prompts(target.config.vocab_size, max_len, max_new_tokens)
     samples = capture_samples(reference.module, reference_head, prompts, config, max_len, samples_per_graph)
@@ -426,8 +426,8 @@ def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir:
             continue
         compare = _fused if spec.kv_update == "in_graph" else _standard
         report.checks.extend(_running(graph, compare, graph, artifacts, manifest, module, samples, tolerance, max_len))
-    for graphs in ("standard", "fused") if "target_ort" in manifest.graphs else ("standard",):
-        report.checks.extend(_running(f"{graphs} graphs end to end", end_to_end, artifacts, manifest, target, head,
+    for graphs in ("standard", "fused") if exported.has_fused else ("standard",):
+        report.checks.extend(_running(f"{graphs} graphs end to end", end_to_end, exported, target, head,
                                       reference.module, prompts, config, tolerance, max_len, graphs))
     return report
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hass_deploy.config import GenerationConfig, RuntimeConfig, SamplingConfig
+from hass_deploy.config import GenerationConfig, RuntimeConfig, SamplingConfig, choose_backend
 from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
@@ -271,8 +271,6 @@ class Engine:
         `runtime` None: ONNX Runtime when `artifacts` is given, else torch on the CPU in fp32. `lookup_corpus`:
         token ids of prompt lookup's static corpus (`NgramCache.from_file`), counted with `config.lookup`."""
         from hass_deploy.generation import Pipeline
-        from hass_deploy.runtime.backends import choose_backend
-
         runtime = runtime or RuntimeConfig(backend=choose_backend("auto", artifacts))
 
         corpus = None if lookup_corpus is None else NgramCache.from_file(lookup_corpus, config.lookup)

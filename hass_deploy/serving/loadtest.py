@@ -32,10 +32,9 @@ from pathlib import Path
 from hass_deploy.atomic import check_output_dir, write_text
 from hass_deploy.bench.metrics import first_mismatch
 from hass_deploy.bench.runner import load_prompt_sets
-from hass_deploy.config import GenerationConfig, RuntimeConfig
+from hass_deploy.config import GenerationConfig, RuntimeConfig, choose_backend
 from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.generation import Pipeline
-from hass_deploy.runtime.backends import choose_backend
 from hass_deploy.serving.config import LoadTestConfig
 
 # httpx and prometheus_client (the serve extra) are imported where used: the engine and the tests run without them.

@@ -1,86 +1,134 @@
-"""Backend registry: a name -> a function that builds the (target, draft) pair of step backends.
+"""Backend registry: a name -> a spec that says whether the backend runs an export and opens its step backends.
 
 Each backend module imports its engine (onnxruntime, tensorrt) inside itself, so `import hass_deploy` works
 without them; a backend whose engine is missing fails with the extra to install, not an ImportError.
+
+Opening does not check anything against the export: the caller has opened it once (`Artifacts`) and checked the
+models and the request against it, once, where it knows what the request is (`Pipeline.load`, the bench's
+baseline, `open_backends`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import MappingProxyType
 
+from hass_deploy.artifacts import Artifacts
 from hass_deploy.config import RuntimeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.loading import TargetHead, TargetModel
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 
-if TYPE_CHECKING:
-    from hass_deploy.manifest import Manifest
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-AUTO = "auto"  # the CLI's default: ONNX Runtime when there are exported artifacts to run, torch otherwise
 
 
-def choose_backend(name: str, artifacts: str | Path | None) -> str:
-    """Resolve `auto` to a backend name; any other name is returned as given (checked when opened)."""
-    if name != AUTO:
-        return name
-    return "onnxruntime" if artifacts is not None else "torch"
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a backend runs, from a `RuntimeConfig` (`of`), plus what tests and benchmarks also choose.
 
-
-def backend_options(runtime: RuntimeConfig) -> dict[str, str]:
-    """`open_backends`' step and provider options from a runtime configuration."""
-    return {"steps": "auto" if runtime.cuda_graphs else "eager", "ort_provider": runtime.ort_provider}
-
-
-def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead | None, max_len: int,
-                  draft_extra_rows: int, artifacts: str | Path | None = None,
-                  device: str = "cpu", ort_graphs: str = "auto", manifest: "Manifest | None" = None,
-                  steps: str = "auto", ort_provider: str = "auto") -> tuple[TargetBackend, DraftBackend | None]:
-    """Build the step backends, allocating KV buffers of `max_len` rows (plus the draft's tree rows).
-
-    Args:
-        name: one of BACKENDS.
-        target, draft: the loaded models (torch runs them; onnxruntime checks the artifacts were made from them,
-            for which the target's head is enough: `load_target_head`).
-        max_len: target KV rows; the draft gets `draft_extra_rows` more for its tree levels.
-        artifacts: the `hass-deploy export` directory (onnxruntime only).
-        device: where the onnxruntime backend runs ("cpu", "cuda[:N]"); torch runs where the models are.
-        ort_graphs: which exported graphs onnxruntime runs: auto (fused when exported), standard or fused.
-        manifest: the artifacts' manifest when the caller has read it already (it is read once).
+    Attributes:
+        device: where the onnxruntime and tensorrt backends run ("cpu", "cuda[:N]"); torch runs where the models are.
         steps: how the torch and tensorrt backends run decode and tree steps (`backends/graphs.py`): auto (CUDA
             graphs on a GPU), eager, static (padded, uncaptured: what the CPU tests check), graphs.
         ort_provider: onnxruntime on a GPU: auto (its CUDA provider) or tensorrt (its TensorRT provider).
+        ort_graphs: which exported graphs onnxruntime runs: auto (fused when exported), standard or fused.
     """
-    if name == "torch":
-        if artifacts is not None:
-            raise HassDeployError("--artifacts is for --backend onnxruntime; the torch backend runs the models directly")
-        if not isinstance(target, TargetModel):
-            raise HassDeployError("the torch backend runs the target's layers: load it with load_target, not its head")
-        from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
 
-        target_backend = TorchTarget(target.module, max_len, steps)
-        draft_backend = None if draft is None else TorchDraft(draft, target.module.lm_head, max_len + draft_extra_rows,
-                                                              steps)
-        return target_backend, draft_backend
-    if name in ("onnxruntime", "tensorrt"):
-        from hass_deploy.manifest import check_capacity, check_draft, check_target, draft_identity, read_manifest
-        from hass_deploy.models.checkpoint import target_identity
+    device: str = "cpu"
+    steps: str = "auto"
+    ort_provider: str = "auto"
+    ort_graphs: str = "auto"
 
-        if artifacts is None:
-            raise HassDeployError(f"the {name} backend needs --artifacts DIR (made by `hass-deploy export`)")
-        manifest = manifest or read_manifest(artifacts)
-        check_target(manifest, target_identity(target), str(target.path))
-        check_draft(manifest, None if draft is None else draft_identity(draft), "the given draft")
-        check_capacity(manifest, max_len, None, None)
-        if name == "tensorrt":
-            from hass_deploy.runtime.backends.tensorrt import open_trt_backends
+    @classmethod
+    def of(cls, runtime: RuntimeConfig) -> "BackendOptions":
+        return cls(device=runtime.device, steps="auto" if runtime.cuda_graphs else "eager",
+                   ort_provider=runtime.ort_provider)
 
-            return open_trt_backends(Path(artifacts), manifest, draft is not None, max_len, draft_extra_rows, device,
-                                     steps)
-        from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends
 
-        return open_ort_backends(Path(artifacts), manifest, draft is not None, max_len, draft_extra_rows,
-                                 OrtConfig(device=device, graphs=ort_graphs, provider=ort_provider))
-    raise HassDeployError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+Pair = tuple[TargetBackend, DraftBackend | None]
+# (target, draft, options, the export or None, target KV rows, the draft's extra tree rows) -> the step backends
+Opener = Callable[[TargetModel | TargetHead, DraftHead | None, BackendOptions, Artifacts | None, int, int], Pair]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    needs_export: bool  # runs an export's graphs or plans (--artifacts), not the target's own layers
+    open: Opener
+
+    def artifacts(self, given: str | Path | Artifacts | None) -> Artifacts | None:
+        """The export this backend runs, opened once (kept as given when open already), or None for a backend that
+        runs the models; one line for a missing --artifacts or one given to such a backend."""
+        if not self.needs_export:
+            if given is not None:
+                exported = " or ".join(name for name, spec in BACKENDS.items() if spec.needs_export)
+                raise HassDeployError(f"--artifacts is for --backend {exported}; the {self.name} backend runs the "
+                                      "models directly")
+            return None
+        if given is None:
+            raise HassDeployError(f"--backend {self.name} needs --artifacts DIR (made by `hass-deploy export`)")
+        return given if isinstance(given, Artifacts) else Artifacts.open(given)
+
+
+def _open_torch(target, draft, options: BackendOptions, artifacts: Artifacts | None, max_len: int,
+                draft_extra_rows: int) -> Pair:
+    if not isinstance(target, TargetModel):
+        raise HassDeployError("the torch backend runs the target's layers: load it with load_target, not its head")
+    # backends.torch imports this package (graphs): imported once the registry exists.
+    from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
+
+    target_backend = TorchTarget(target.module, max_len, options.steps)
+    draft_backend = None if draft is None else TorchDraft(draft, target.module.lm_head, max_len + draft_extra_rows,
+                                                          options.steps)
+    return target_backend, draft_backend
+
+
+def _open_onnxruntime(target, draft, options: BackendOptions, artifacts: Artifacts, max_len: int,
+                      draft_extra_rows: int) -> Pair:
+    # onnxruntime is an optional extra: its backend module is imported only when it opens.
+    from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_ort_backends
+
+    return open_ort_backends(artifacts.directory, artifacts.manifest, draft is not None, max_len, draft_extra_rows,
+                             OrtConfig(device=options.device, graphs=options.ort_graphs, provider=options.ort_provider))
+
+
+def _open_tensorrt(target, draft, options: BackendOptions, artifacts: Artifacts, max_len: int,
+                   draft_extra_rows: int) -> Pair:
+    # tensorrt is an optional extra: its backend module is imported only when it opens.
+    from hass_deploy.runtime.backends.tensorrt import open_trt_backends
+
+    return open_trt_backends(artifacts.directory, artifacts.manifest, draft is not None, max_len, draft_extra_rows,
+                             options.device, options.steps)
+
+
+BACKENDS: Mapping[str, BackendSpec] = MappingProxyType({spec.name: spec for spec in (
+    BackendSpec("torch", needs_export=False, open=_open_torch),
+    BackendSpec("onnxruntime", needs_export=True, open=_open_onnxruntime),
+    BackendSpec("tensorrt", needs_export=True, open=_open_tensorrt),
+)})
+
+
+def backend_spec(name: str) -> BackendSpec:
+    """The registered backend called `name` (one line for an unknown one)."""
+    if name not in BACKENDS:
+        raise HassDeployError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def open_backends(name: str, target: TargetModel | TargetHead, draft: DraftHead | None, max_len: int,
+                  draft_extra_rows: int, artifacts: str | Path | Artifacts | None = None, device: str = "cpu",
+                  ort_graphs: str = "auto", steps: str = "auto", ort_provider: str = "auto") -> Pair:
+    """Open `name`'s step backends with KV buffers of `max_len` rows (the draft's `draft_extra_rows` more for its
+    tree levels), after checking the export (`artifacts`, for the backends that need one) against the target, the
+    draft and `max_len`: the loose-argument form tests and benchmarks call (`BackendOptions` says what the
+    options do)."""
+    spec = backend_spec(name)
+    exported = spec.artifacts(artifacts)
+    if exported is not None:
+        exported.check_target(target)
+        exported.check_draft(draft)
+        exported.check_request(max_len)
+    return spec.open(target, draft, BackendOptions(device, steps, ort_provider, ort_graphs), exported, max_len,
+                     draft_extra_rows)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ort_artifacts import exported
+from hass_deploy.artifacts import Artifacts
 from hass_deploy.config import RuntimeConfig
 from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.generation import Pipeline
@@ -70,6 +71,6 @@ def test_artifacts_without_plans_or_a_machine_without_a_gpu_get_one_line(targets
                                                                 "draft": {"file": "draft.plan"}}})
     if not torch.cuda.is_available():
         with pytest.raises(HassDeployError, match="runs on an NVIDIA GPU"):
-            open_backends("tensorrt", target, draft, 128, 8, artifacts, device="cuda", manifest=planned)
+            open_backends("tensorrt", target, draft, 128, 8, Artifacts(artifacts, planned), device="cuda")
     with pytest.raises(HassDeployError, match="--backend tensorrt needs --artifacts"):
         Pipeline.load(target.path, None, RuntimeConfig(backend="tensorrt", device="cpu"))
