@@ -2,13 +2,16 @@
 
     git show REV:hass_deploy/runtime/decoder.py > /tmp/baseline_decoder.py
     python benchmarks/proposer_overhead.py --baseline /tmp/baseline_decoder.py [--repeats 7] [--new-tokens 96]
+        [--target DIR --draft DIR]      a trained pair, e.g. the quickstart's (WORKDIR/target, WORKDIR/drafts/hass)
+        [--prompt-file FILE.jsonl]      prompts encoded by the target's tokenizer (default: repeated random phrases)
 
 The baseline file is imported as a module of its own; its imports resolve to this tree's `hass_deploy`, so it
-must not need anything this tree removed. Both decoders share one random `small` Llama target (7.4 M parameters,
-written to a temporary directory) and one random draft head, on the CPU. The modes:
+must not need anything this tree removed. Both decoders share one target and one draft head, on the CPU: by
+default a random `small` Llama target (7.4 M parameters, written to a temporary directory) and a random draft,
+or the trained pair given with --target and --draft. The modes:
 
     plain   root-only trees: one target step per token
-    draft   the random draft's EAGLE-2 trees (it accepts little: the draft steps are mostly overhead)
+    draft   the draft's EAGLE-2 trees (a random draft accepts little: its steps are then mostly overhead)
     oracle  EAGLE-2 trees of a draft that replays the target's greedy output (nearly free, and its first guesses
             are right: the draft proposer's bookkeeping at full acceptance)
     lookup  prompt lookup on repetitive prompts (it accepts a lot: long paths, compaction every round)
@@ -33,9 +36,10 @@ from pathlib import Path
 import torch
 
 from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig, SamplingConfig, TreeConfig
-from hass_deploy.models.checkpoint import init_draft
+from hass_deploy.models.checkpoint import init_draft, load_draft
 from hass_deploy.models.loading import load_target
 from hass_deploy.models.random_target import random_hf_model
+from hass_deploy.prompts import encode_file
 from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput
 from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
 from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
@@ -89,21 +93,31 @@ def summary(result: GenerationResult) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, required=True, help="a decoder.py of the revision to compare with")
-    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=4, help="how many prompts")
+    parser.add_argument("--prompt-file", type=Path, help="JSONL prompts for --target (its tokenizer encodes them)")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine's cores are shared)")
     parser.add_argument("--tree", default="8,4,4", help="tokens,depth,top_k of the draft's trees")
+    parser.add_argument("--target", type=Path, help="a target directory (default: a random small Llama)")
+    parser.add_argument("--draft", type=Path, help="a draft trained for --target (default: a random draft)")
     args = parser.parse_args()
+    if (args.target is None) != (args.draft is None):
+        raise SystemExit("give both --target and --draft, or neither")
     torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as directory:
-        random_hf_model("llama", "small", seed=0).save_pretrained(directory)
-        target = load_target(directory, tokenizer=False)
+    if args.target is None:
+        with tempfile.TemporaryDirectory() as directory:
+            random_hf_model("llama", "small", seed=0).save_pretrained(directory)
+            target = load_target(directory, tokenizer=False)
+        head, described = init_draft(target, seed=7), "random llama small (7.4 M)"
+    else:
+        target = load_target(args.target, tokenizer=False)
+        head, described = load_draft(args.draft, target)[0], f"{args.target} with {args.draft}"
     tree = TreeConfig(*(int(x) for x in args.tree.split(",")))
     max_len = 64 + args.new_tokens + tree.tokens
     target_backend = TorchTarget(target.module, max_len)
-    draft_backend = TorchDraft(init_draft(target, seed=7), target.module.lm_head, max_len + tree.draft_rows)
+    draft_backend = TorchDraft(head, target.module.lm_head, max_len + tree.draft_rows)
     replay = ReplayDraft(target.config.vocab_size, target.config.hidden_size, max_len + tree.draft_rows)
     baseline_class = load_decoder_class(args.baseline)
     decoders = {name: {"plain": cls(target_backend, None), "lookup": cls(target_backend, None),
@@ -113,7 +127,8 @@ def main() -> None:
     greedy = GenerationConfig(max_new_tokens=args.new_tokens, tree=tree, eos_token_ids=())
     configs = {"plain": greedy, "draft": greedy, "oracle": greedy, "lookup": replace(greedy, lookup=LookupConfig()),
                "hybrid": replace(greedy, lookup=LookupConfig(), hybrid=HybridConfig(tokens_per_step=1.0))}
-    ids = prompts(args.prompts, target.config.vocab_size, seed=1)
+    ids = (prompts(args.prompts, target.config.vocab_size, seed=1) if args.prompt_file is None
+           else [p[:64] for p in encode_file(args.prompt_file, args.target)[: args.prompts]])
     # The oracle's sequences: each prompt and its plain greedy continuation.
     sequences = [torch.tensor(prompt + decoders["this tree"]["plain"].generate(prompt, greedy).output_ids)
                  for prompt in ids]
@@ -148,7 +163,7 @@ def main() -> None:
                 tau[mode] = sum(r.tau * r.rounds for r in results) / rounds
                 drafted[mode] = sum(r.draft_rounds for r in results) / rounds
 
-    print(f"\nllama small (7.4 M), {args.threads} thread(s), tree {args.tree}, {len(ids)} prompts x "
+    print(f"\n{described}, {args.threads} thread(s), tree {args.tree}, {len(ids)} prompts x "
           f"{args.new_tokens} new tokens, median of {args.repeats} (tokens/s)\n")
     print(f"| mode | tau | draft rounds | {' | '.join(names)} | ratio |")
     print("|---|---:|---:|" + "---:|" * (len(names) + 1))

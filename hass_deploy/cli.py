@@ -2,8 +2,8 @@
 
 Options shared by several commands are declared once, as groups (`options.py`) made from the config dataclasses'
 fields. A `HassDeployError` (bad path, wrong model pair, bad option) prints one line and exits with code 1;
-anything else is a bug and keeps its traceback. Library modules are imported inside the commands: most import
-torch, which `hass-deploy --help` does not need.
+anything else is a bug and keeps its traceback. Modules that import torch are imported inside the commands that
+run them (start-up time: `hass-deploy --help` does not need torch, and a test checks it); torch-free ones here.
 """
 
 from __future__ import annotations
@@ -11,17 +11,21 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from hass_deploy import options
+from hass_deploy.atomic import check_output_dir
 from hass_deploy.bench.config import BenchConfig
 from hass_deploy.config import GenerationConfig, TrainConfig, Widening
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export.config import ExportConfig
+from hass_deploy.prompts import encode_file, given_prompts
 from hass_deploy.serving.config import EngineConfig, LoadTestConfig, ServerConfig
+from hass_deploy.serving.text import TextStream
 from hass_deploy.training.config import DataConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -95,9 +99,7 @@ def generate(
     """Generate with speculative decoding (or plain decoding with --no-draft; prompt lookup with --lookup, alone or
     beside the draft head)."""
     from hass_deploy.generation import Pipeline
-    from hass_deploy.prompts import given_prompts
     from hass_deploy.runtime.lookup import NgramCache
-    from hass_deploy.serving.text import TextStream
 
     items = given_prompts(prompt, prompt_ids, prompts)
     if corpus is not None and generation.lookup is None:
@@ -177,7 +179,6 @@ def validate(
 ) -> None:
     """Check the exported graphs against PyTorch: per-graph parity, then greedy token identity end to end."""
     from hass_deploy.export.parity import validate_artifacts
-    from hass_deploy.prompts import encode_file
 
     ids = None if prompts is None else encode_file(prompts, target)
     report = validate_artifacts(artifacts, target, draft, ids, max_new_tokens)
@@ -197,9 +198,6 @@ def bench(
 ) -> None:
     """Benchmark speculative against plain decoding: tau, per-depth acceptance, tokens/s, speedup, lossless check
     (the draft, a baseline draft, prompt lookup, which needs no draft model, and both in one tree: hybrid)."""
-    from dataclasses import replace
-
-    from hass_deploy.atomic import check_output_dir
     from hass_deploy.bench import run_bench
 
     check_output_dir(out)

@@ -22,6 +22,14 @@ def option(default: Any, help: str, flag: str | None = None) -> Any:
     return field(metadata=metadata) if default is ... else field(default=default, metadata=metadata)
 
 
+def at_least(low: float, **values: float | None) -> None:
+    """Refuse a value below `low` (or NaN), in one line that names its option: each keyword is the option's flag
+    written as a name (`tree_tokens` for --tree-tokens); None means not set, and passes."""
+    for name, value in values.items():
+        if value is not None and not value >= low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 @dataclass(frozen=True)
 class TreeConfig:
     """The EAGLE-2 dynamic tree's budget (DESIGN D4).
@@ -35,12 +43,7 @@ class TreeConfig:
     top_k: int = option(4, "Children per node and beam width.")
 
     def __post_init__(self) -> None:
-        if self.tokens < 1:
-            raise ConfigError(f"--tree-tokens must be >= 1, got {self.tokens}")
-        if self.depth < 1:
-            raise ConfigError(f"--tree-depth must be >= 1, got {self.depth}")
-        if self.top_k < 1:
-            raise ConfigError(f"--tree-top-k must be >= 1, got {self.top_k}")
+        at_least(1, tree_tokens=self.tokens, tree_depth=self.depth, tree_top_k=self.top_k)
 
     @property
     def draft_rows(self) -> int:
@@ -69,12 +72,7 @@ class LookupConfig:
     branches: int = option(4, "Prompt lookup: most continuations expanded per node.")
 
     def __post_init__(self) -> None:
-        if self.tokens < 1:
-            raise ConfigError(f"--lookup-tokens must be >= 1, got {self.tokens}")
-        if self.depth < 1:
-            raise ConfigError(f"--lookup-depth must be >= 1, got {self.depth}")
-        if self.branches < 1:
-            raise ConfigError(f"--lookup-branches must be >= 1, got {self.branches}")
+        at_least(1, lookup_tokens=self.tokens, lookup_depth=self.depth, lookup_branches=self.branches)
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ConfigError(f"lookup n-gram sizes need 1 <= --lookup-min-ngram <= --lookup-max-ngram, got "
                               f"{self.min_ngram} and {self.max_ngram}")
@@ -103,12 +101,8 @@ class HybridConfig:
                                     "the request's own rate.")
 
     def __post_init__(self) -> None:
-        if self.tokens < 1:
-            raise ConfigError(f"--hybrid-tokens must be >= 1, got {self.tokens}")
-        if not self.draft_cost >= 0:
-            raise ConfigError(f"--hybrid-draft-cost must be >= 0, got {self.draft_cost}")
-        if not self.row_cost >= 0:
-            raise ConfigError(f"--hybrid-row-cost must be >= 0, got {self.row_cost}")
+        at_least(1, hybrid_tokens=self.tokens)
+        at_least(0, hybrid_draft_cost=self.draft_cost, hybrid_row_cost=self.row_cost)
         if not self.tokens_per_step > 0:
             raise ConfigError(f"--hybrid-tokens-per-step must be > 0, got {self.tokens_per_step}")
 
@@ -153,8 +147,7 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()  # filled from the target's generation_config.json by the caller
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        at_least(1, max_new_tokens=self.max_new_tokens)
 
 
 AUTO_BACKEND = "auto"  # --backend's default: ONNX Runtime when there is an export to run, torch otherwise
@@ -183,8 +176,7 @@ class RuntimeConfig:
                                "provider; engines cached in the artifacts).")
 
     def __post_init__(self) -> None:
-        if self.max_seq_len is not None and self.max_seq_len < 1:
-            raise ConfigError(f"--max-seq-len must be >= 1, got {self.max_seq_len}")
+        at_least(1, max_seq_len=self.max_seq_len)
         if self.ort_provider not in ("auto", "tensorrt"):
             raise ConfigError(f"--ort-provider must be auto or tensorrt, got {self.ort_provider!r}")
         if self.ort_provider == "tensorrt" and not self.device.startswith("cuda"):
@@ -236,10 +228,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.recipe not in ("hass", "eagle2"):
             raise ConfigError(f"--recipe must be hass or eagle2, got {self.recipe!r}")
-        if self.align_steps < 1:
-            raise ConfigError(f"--align-steps must be >= 1, got {self.align_steps}")
-        if self.topk < 1:
-            raise ConfigError(f"--topk must be >= 1, got {self.topk}")
+        at_least(1, align_steps=self.align_steps, topk=self.topk)
         if not self.phases or any(p.epochs < 1 or not p.lr > 0 or p.topk_weight < 0 for p in self.phases):
             raise ConfigError("every training phase needs epochs >= 1, lr > 0 and a Top-K weight >= 0")
         if self.batch_size < 1 or self.max_length < 2:

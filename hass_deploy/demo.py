@@ -9,10 +9,8 @@ treats it like a user's model. Deterministic given the preset and seed; cached u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import random
 import sysconfig
 from dataclasses import asdict, dataclass
@@ -23,8 +21,10 @@ import torch.nn.functional as F
 
 from hass_deploy.atomic import replacing_directory
 from hass_deploy.errors import HassDeployError
+from hass_deploy.cache import file_sha256, home, json_key
 from hass_deploy.models.loading import config_from_hf
 from hass_deploy.models.target import Transformer
+from hass_deploy.progress import progress_bar
 
 RECIPE_VERSION = 1
 RECIPE_FILE = "hass_deploy_target.json"
@@ -62,10 +62,6 @@ PRESETS = {
     "tiny": TargetRecipe(vocab_size=2048, hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4,
                          num_kv_heads=2, seq_len=128, batch_size=8, steps=150, lr=3e-3, corpus_bytes=2_000_000),
 }
-
-
-def home() -> Path:
-    return Path(os.environ.get("HASS_DEPLOY_HOME", Path.home() / ".cache" / "hass-deploy"))
 
 
 def stdlib_files(recipe: TargetRecipe) -> tuple[list[Path], list[Path], list[Path]]:
@@ -150,7 +146,6 @@ def validation_loss(model: Transformer, tokens: torch.Tensor, seq_len: int, max_
 
 def build_target(out: Path, recipe: TargetRecipe, progress: bool = True, device: str = "cpu") -> dict:
     """Train the target from scratch on `device` and write it as a Hugging Face directory at `out` (atomically)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from safetensors.torch import save_file
 
     torch.manual_seed(recipe.seed)
@@ -167,9 +162,8 @@ def build_target(out: Path, recipe: TargetRecipe, progress: bool = True, device:
     train_tokens, held_tokens = train_tokens.to(device), held_tokens.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(recipe.seed)
-    with Progress(TextColumn("training demo target"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[rate]:.0f} tok/s  loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
-                  TimeRemainingColumn(), disable=not progress) as bar:
+    with progress_bar("training demo target", "{task.fields[rate]:.0f} tok/s  loss {task.fields[loss]:.3f}",
+                      enabled=progress) as bar:
         task = bar.add_task("", total=recipe.steps, rate=0.0, loss=math.nan)
         for step in range(recipe.steps):
             for group in optimizer.param_groups:
@@ -196,17 +190,11 @@ def build_target(out: Path, recipe: TargetRecipe, progress: bool = True, device:
         (tmp / "config.json").write_text(json.dumps(_hf_config(recipe, eos), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": eos}) + "\n")
         tokenizer.save_pretrained(tmp)
-        report["weights_sha256"] = _sha256(tmp / "model.safetensors")
+        report["weights_sha256"] = file_sha256(tmp / "model.safetensors")
         (tmp / RECIPE_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cached_target(preset: str = "default", seed: int = 0, progress: bool = True, device: str = "cpu") -> Path:
@@ -216,8 +204,8 @@ def cached_target(preset: str = "default", seed: int = 0, progress: bool = True,
         raise HassDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     recipe = PRESETS[preset] if seed == PRESETS[preset].seed else TargetRecipe(**{**asdict(PRESETS[preset]), "seed": seed})
     kind = torch.device(device).type
-    key = hashlib.sha256(json.dumps([RECIPE_VERSION, asdict(recipe)] + ([kind] if kind != "cpu" else [])).encode())
-    path = home() / "targets" / f"{preset}-{key.hexdigest()[:12]}"
+    key = json_key([RECIPE_VERSION, asdict(recipe)] + ([kind] if kind != "cpu" else []), length=12)
+    path = home() / "targets" / f"{preset}-{key}"
     if _intact(path):
         return path
     build_target(path, recipe, progress, device)
@@ -227,6 +215,6 @@ def cached_target(preset: str = "default", seed: int = 0, progress: bool = True,
 def _intact(path: Path) -> bool:
     try:
         report = json.loads((path / RECIPE_FILE).read_text())
-        return report.get("weights_sha256") == _sha256(path / "model.safetensors")
+        return report.get("weights_sha256") == file_sha256(path / "model.safetensors")
     except (OSError, ValueError):
         return False

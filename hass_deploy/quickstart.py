@@ -19,7 +19,6 @@ over the whole prompt set: any difference fails the run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -39,10 +38,10 @@ from hass_deploy.config import Phase, RuntimeConfig, TrainConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export import onnx as onnx_export, parity
 from hass_deploy.export.config import ExportConfig
+from hass_deploy.cache import file_sha256, json_key
 from hass_deploy.prompts import read_prompt_file
 from hass_deploy.training import extract, trainer
 from hass_deploy.training.config import DataConfig
-from hass_deploy.training.data import file_sha256
 
 STATE_FILE = "quickstart.json"
 SUMMARY_FILE = "summary.json"
@@ -142,7 +141,7 @@ class _State:
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_key(parts)
 
 
 def _line_chunks(text: str, size: int) -> list[str]:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from hass_deploy import demo
+from hass_deploy.cache import file_sha256
 from hass_deploy.errors import HassDeployError
 from hass_deploy.models.loading import load_target
 
@@ -52,7 +53,7 @@ def test_a_corrupted_cache_entry_is_rebuilt_identically(micro):
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     assert demo.cached_target("micro", progress=False) == path
-    assert demo._sha256(weights) == original  # deterministic given the seed: the same weights again
+    assert file_sha256(weights) == original  # deterministic given the seed: the same weights again
 
 
 def test_unknown_preset_is_refused(micro):

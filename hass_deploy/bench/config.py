@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hass_deploy.config import (GenerationConfig, HybridConfig, LookupConfig, RuntimeConfig, SamplingConfig, TreeConfig,
-                                option)
+                                at_least, option)
 from hass_deploy.errors import ConfigError
 
 
@@ -64,12 +64,8 @@ class BenchConfig:
     search: TreeSearchConfig = field(default_factory=TreeSearchConfig)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"--max-prompts must be >= 1, got {self.max_prompts}")
-        if self.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        at_least(1, max_new_tokens=self.max_new_tokens, max_prompts=self.max_prompts)
+        at_least(0, warmup=self.warmup)
 
     @property
     def auto_tree(self) -> bool:

@@ -24,15 +24,18 @@ from typing import Protocol
 from hass_deploy.artifacts import Artifacts
 from hass_deploy.bench.config import BenchConfig
 from hass_deploy.bench.metrics import first_mismatch
+from hass_deploy.bench.report import machine_info, write_report
 from hass_deploy.bench.results import (HYBRID, LOOKUP, OVERALL, PLAIN, AutoOutcome, BenchReport, Method, PromptRun,
                                        summarise)
 from hass_deploy.bench.tree_search import (TreeChoice, candidate_grid, grid_envelope, measured_hybrid,
                                            predict_generation_tokens_per_s, search_tree)
 from hass_deploy.config import GenerationConfig, HybridConfig, LookupConfig, TreeConfig
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
-from hass_deploy.prompts import Prompt, read_prompt_file
+from hass_deploy.generation import Pipeline
+from hass_deploy.models.checkpoint import load_draft
+from hass_deploy.prompts import Prompt, encode, read_prompt_file
 from hass_deploy.runtime.backends import BackendOptions, BackendSpec, backend_spec
-from hass_deploy.runtime.decoder import GenerationResult
+from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
 
 Log = Callable[[str], None]
 RECIPE_NAMES = {"hass": "HASS", "eagle2": "EAGLE-2", "random-init": "random draft", "external": "draft"}
@@ -88,8 +91,6 @@ def load_prompt_sets(files: Sequence[str | Path], max_prompts: int | None) -> tu
 def encode_prompt(prompt: Prompt, tokenizer, vocab_size: int, chat: bool | None) -> tuple[list[int], str]:
     """Token ids and how they were made. A target without a tokenizer (a random smoke-test target) gets the
     prompt's UTF-8 bytes modulo the vocabulary: fine for timing and acceptance, meaningless as text."""
-    from hass_deploy.prompts import encode
-
     if prompt.ids is not None:
         return list(prompt.ids), "ids"
     if tokenizer is None:
@@ -201,10 +202,6 @@ def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig,
                    baseline_artifacts, lookup: LookupConfig | None = None, hybrid: HybridConfig | None = None):
     """The target loaded once; plain decoding, the draft, the baseline draft and prompt lookup as decoders over it
     (hybrid drafting is added once its draft cost is known: `run_bench`)."""
-    from hass_deploy.generation import Pipeline
-    from hass_deploy.models.checkpoint import load_draft
-    from hass_deploy.runtime.decoder import SpeculativeDecoder
-
     # `lookup` and `hybrid` in the load config: an export's tree budget is checked against their trees too, up
     # front (without hybrid, its check is lookup's own).
     if hybrid is None and lookup is not None:
@@ -270,8 +267,6 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
         out: when given, bench.json, bench.md and bench.png are written there.
         log: progress and the tree-auto choice, one line at a time.
     """
-    from hass_deploy.bench.report import machine_info, write_report
-
     started = time.perf_counter()
     sets = load_prompt_sets(prompts, config.max_prompts)  # bad files fail before any model loads
     spec = backend_spec(config.runtime.backend)

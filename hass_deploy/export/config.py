@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hass_deploy.config import option
+from hass_deploy.config import DTYPES, option
 from hass_deploy.errors import ConfigError
 
 ENGINES = ("onnx", "trt")
-DTYPES = ("fp32", "fp16", "bf16")
 ATTENTION = ("onnx", "decomposed")
 DRAFT_QUANTIZATIONS = ("int8",)
 TARGET_QUANTIZATIONS = ("int8",)

@@ -28,9 +28,12 @@ from hass_deploy.config import GenerationConfig, TreeConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export import steps
 from hass_deploy.manifest import Manifest
+from hass_deploy.models.checkpoint import load_draft
+from hass_deploy.models.loading import load_target
 from hass_deploy.models.target import causal_tree_mask
 from hass_deploy.runtime.backends import BACKENDS, BackendOptions
 from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
+from hass_deploy.runtime.backends.onnxruntime import OrtConfig, OrtDraft, OrtTarget, open_session
 from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
 
@@ -283,8 +286,6 @@ def compare_fused(graph: str, artifacts: Path, manifest: Manifest, module: torch
     """A fused graph (`fused.py`) against our step module, replaying the captured steps through the ONNX Runtime
     backend that runs it (the graph writes its KV rows into buffers it shares with the backend, which plain
     polygraphy feeds cannot express): the step's outputs and the K/V rows it wrote."""
-    from hass_deploy.runtime.backends.onnxruntime import OrtConfig, OrtDraft, OrtTarget, open_session
-
     spec = manifest.graphs[graph]
     session = open_session(artifacts / spec.file, torch.device("cpu"), OrtConfig())
     role = graph.removesuffix("_ort")
@@ -389,9 +390,6 @@ def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir:
     Returns:
         The report; `report.passed` is False on any mismatch.
     """
-    from hass_deploy.models.checkpoint import load_draft
-    from hass_deploy.models.loading import load_target
-
     exported = Artifacts.open(artifacts)
     artifacts, manifest = exported.directory, exported.manifest
     target = load_target(target_dir, "fp32", tokenizer=False)
@@ -456,8 +454,6 @@ def _fused(graph: str, artifacts: Path, manifest: Manifest, module, samples, tol
 def _standard(graph: str, artifacts: Path, manifest: Manifest, module, samples, tolerance: Tolerance,
               max_len: int) -> list[Check]:
     """A standard graph against our step module through polygraphy (`compare_graph`)."""
-    from hass_deploy.runtime.backends.onnxruntime import OrtConfig, open_session
-
     spec = manifest.graphs[graph]
     session = open_session(artifacts / spec.file, torch.device("cpu"), OrtConfig())
     checks = compare_graph(graph, session, module, spec, samples[graph], tolerance)

@@ -13,13 +13,13 @@ the precision, not builder flags (weak typing is deprecated since 10.12, gone in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict
 from pathlib import Path
 
 from hass_deploy.errors import HassDeployError
+from hass_deploy.cache import json_key
 from hass_deploy.manifest import Manifest, Profile, profile_shapes, profiles
 
 TIMING_CACHE = "timing.cache"
@@ -41,7 +41,7 @@ def engine_key(onnx_path: Path, trt_version: str, gpu: str, capability: str, pro
     stat = onnx_path.stat()
     parts = [onnx_path.name, stat.st_size, stat.st_mtime_ns, trt_version, gpu, capability, dtype,
              [asdict(p) for p in profile_list]]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return json_key(parts)
 
 
 def build_engines(out: Path, manifest: Manifest, log=lambda _: None) -> Manifest:

@@ -35,16 +35,9 @@ class DraftHead(nn.Module):
     def fc_bias(self) -> bool:
         return self.fc.bias is not None
 
-    def forward(
-        self,
-        features: torch.Tensor,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        tree_mask: torch.Tensor | None = None,
-        kv: KVStore | ReadOnlyKV | None = None,
-        cache_len: int | torch.Tensor = 0,
-        kv_len: int | None = None,
-    ) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                tree_mask: torch.Tensor | None = None, kv: KVStore | ReadOnlyKV | None = None,
+                cache_len: int | torch.Tensor = 0, kv_len: int | None = None) -> torch.Tensor:
         """Predict the next target features.
 
         Args:

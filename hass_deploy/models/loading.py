@@ -19,7 +19,8 @@ import torch
 from hass_deploy.errors import ModelLoadError
 from hass_deploy.models.target import ModelConfig, Rotary, Transformer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch's type for each precision a user names (`config.DTYPES`): the one table, read through `parse_dtype`.
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,10 @@ def target_fingerprint(embedding: torch.Tensor | Transformer) -> str:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ModelLoadError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    """torch's dtype for a precision name (fp32, bf16, fp16)."""
+    if name not in TORCH_DTYPES:
+        raise ModelLoadError(f"unsupported dtype {name!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
 
 
 def read_json(path: Path) -> dict:

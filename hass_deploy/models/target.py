@@ -386,15 +386,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        tree_mask: torch.Tensor | None = None,
-        kv: KVStore | ReadOnlyKV | None = None,
-        cache_len: int | torch.Tensor = 0,
-        kv_len: int | None = None,
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor | None = None,
+                kv: KVStore | ReadOnlyKV | None = None, cache_len: int | torch.Tensor = 0,
+                kv_len: int | None = None) -> torch.Tensor:
         """Run T new tokens and return the post-final-norm hidden states [B, T, H] (the lm_head input, EAGLE's feature).
 
         Args:

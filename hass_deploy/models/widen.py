@@ -51,17 +51,15 @@ from hass_deploy.config import Widening
 from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, load_draft, save_draft, target_identity
 from hass_deploy.models.draft import DraftHead
-from hass_deploy.models.loading import load_target, load_target_head, read_json, target_fingerprint
+from hass_deploy.models.loading import load_target, load_target_head, parse_dtype, read_json, target_fingerprint
 from hass_deploy.models.target import ModelConfig, Rotary, Transformer
+from hass_deploy.progress import progress_bar
 
 WIDEN_FILE = "hass_deploy_widen.json"  # in OUT/target: where it came from and the scales used
 # Beside the weights, a target directory's other files that still describe the widened model.
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
                 "chat_template.json")
-
-
-_STORAGE = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
 
 
 @dataclass(frozen=True)
@@ -277,7 +275,7 @@ def _widened_hf_config(raw: dict, wide: ModelConfig, dtype: str = "fp32") -> dic
         out["layer_types"] = types + [types[-1]] * (wide.num_layers - len(types))
     for key in ("dtype", "torch_dtype"):
         if key in raw:
-            out[key] = _STORAGE[dtype][1]
+            out[key] = str(parse_dtype(dtype)).removeprefix("torch.")  # HF's name: "bfloat16"
     return out
 
 
@@ -328,18 +326,7 @@ def _write_shards(directory: Path, shapes: Mapping[str, torch.Size], make: Calla
 @contextmanager
 def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
     """A bar over tensors on stderr when it is a terminal (a 1 B model, 4 GB, takes tens of seconds to write)."""
-    if not enabled:
-        yield lambda _: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        yield lambda _: None
-        return
-    with Progress(TextColumn("widening"), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed}/{task.total}"
-                  " tensors"), TimeElapsedColumn(), console=console) as bar:
+    with progress_bar("widening", "tensors", enabled=enabled) as bar:
         task = bar.add_task("", total=total)
         yield lambda n: bar.update(task, advance=n)
 
@@ -388,7 +375,7 @@ def widen_directory(target: str | Path, out: str | Path, widening: Widening, dra
         for name in COPIED_FILES:
             if (target / name).is_file():
                 shutil.copy2(target / name, tmp / "target" / name)
-        _write_shards(tmp / "target", shapes, make, advance, _STORAGE[widening.dtype][0])
+        _write_shards(tmp / "target", shapes, make, advance, parse_dtype(widening.dtype))
         provenance = {"source": str(target), "source_fingerprint": target_fingerprint(source.module),
                       "widening": asdict(widening), "scales": asdict(scales),
                       "note": "every logit equals the source's (fp32; other dtypes round the weights); a model for "

@@ -28,6 +28,14 @@ from hass_deploy.runtime.lookup import NgramCache, check_tree_budget
 from hass_deploy.runtime.proposers import DraftProposer, HybridProposer, LookupProposer, Proposer, RootOnly
 
 
+def check_token_ids(ids: list[int] | tuple[int, ...], vocab_size: int, what: str = "token id") -> None:
+    """Refuse an id outside [0, vocab_size) in one line (the embedding lookup would fail or read garbage): the
+    prompt's, here and in the serving engine, and a request's stop tokens (`what` names them in the message)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise HassDeployError(f"{what} {bad} is outside the vocabulary (size {vocab_size})")
+
+
 @dataclass
 class GenerationResult:
     prompt_ids: list[int]
@@ -177,9 +185,7 @@ class SpeculativeDecoder:
                 f"a tree of depth {config.tree.depth} and top-k {config.tree.top_k} needs "
                 f"{self.target.max_len + config.tree.draft_rows} draft KV rows, the draft backend has "
                 f"{self.draft.max_len}: build the backends with this tree configuration")
-        bad = [t for t in prompt_ids if not 0 <= t < self.target.vocab_size]
-        if bad:
-            raise HassDeployError(f"token id {bad[0]} is outside the vocabulary (size {self.target.vocab_size})")
+        check_token_ids(prompt_ids, self.target.vocab_size)
 
     @staticmethod
     def _choose(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from hass_deploy.config import HybridConfig, LookupConfig, TreeConfig, option
+from hass_deploy.config import HybridConfig, LookupConfig, TreeConfig, at_least, option
 from hass_deploy.errors import ConfigError
 
 SPECULATION = ("draft", "lookup", "hybrid", "off")
@@ -28,10 +28,8 @@ class EngineConfig:
     hybrid: HybridConfig = field(default_factory=HybridConfig)
 
     def __post_init__(self) -> None:
-        if self.parallel < 1:
-            raise ConfigError(f"--parallel must be >= 1, got {self.parallel}")
-        if self.max_queue < 0:
-            raise ConfigError(f"--max-queue must be >= 0, got {self.max_queue}")
+        at_least(1, parallel=self.parallel)
+        at_least(0, max_queue=self.max_queue)
         if self.speculation not in SPECULATION:
             raise ConfigError(f"--speculation must be one of {', '.join(SPECULATION)}, got {self.speculation!r}")
         if self.request_timeout is not None and not self.request_timeout > 0:
@@ -74,16 +72,12 @@ class LoadTestConfig:
     max_prompts: int | None = option(None, "First N prompts of each file (default: all).")
 
     def __post_init__(self) -> None:
-        for name, value, low in (("--num-requests", self.num_requests, 1), ("--concurrency", self.concurrency, 1),
-                                 ("--max-tokens", self.max_tokens, 1)):
-            if value < low:
-                raise ConfigError(f"{name} must be >= {low}, got {value}")
+        at_least(1, num_requests=self.num_requests, concurrency=self.concurrency, max_tokens=self.max_tokens,
+                 max_prompts=self.max_prompts)
         if not self.request_rate > 0:
             raise ConfigError(f"--request-rate must be > 0 (inf: all at once), got {self.request_rate}")
         if not self.temperature >= 0 or not self.timeout > 0:
             raise ConfigError("--temperature must be >= 0 and --timeout > 0")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"--max-prompts must be >= 1, got {self.max_prompts}")
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"--url must start with http:// or https://, got {self.url!r}")
         object.__setattr__(self, "url", self.url.rstrip("/"))  # paths are appended to it

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING
 
 from hass_deploy.config import GenerationConfig, RuntimeConfig, SamplingConfig, choose_backend
 from hass_deploy.errors import ConfigError, HassDeployError
+from hass_deploy.generation import Pipeline
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
-from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder
+from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder, check_token_ids
 from hass_deploy.runtime.lookup import NgramCache, check_tree_budget
 from hass_deploy.serving.config import SPECULATION, EngineConfig
 from hass_deploy.serving.scheduler import QueueFullError, Scheduler
@@ -270,7 +271,6 @@ class Engine:
         """Load the models once (through `Pipeline.load`: the same checks as `generate`) and fork the slots.
         `runtime` None: ONNX Runtime when `artifacts` is given, else torch on the CPU in fp32. `lookup_corpus`:
         token ids of prompt lookup's static corpus (`NgramCache.from_file`), counted with `config.lookup`."""
-        from hass_deploy.generation import Pipeline
         runtime = runtime or RuntimeConfig(backend=choose_backend("auto", artifacts))
 
         corpus = None if lookup_corpus is None else NgramCache.from_file(lookup_corpus, config.lookup)
@@ -329,13 +329,12 @@ class Engine:
     def _generation(self, ids: list[int], options: RequestOptions) -> tuple[GenerationConfig, str]:
         if not ids:
             raise RequestError("the prompt is empty: give at least one token", "prompt")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})", "prompt")
-        bad = next((t for t in options.stop_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestError(f"stop token id {bad} is outside the vocabulary (size {self.vocab_size})",
-                               "stop_token_ids")
+        for values, what, param in ((ids, "token id", "prompt"), (options.stop_token_ids, "stop token id",
+                                                                  "stop_token_ids")):
+            try:
+                check_token_ids(values, self.vocab_size, what)
+            except HassDeployError as err:
+                raise RequestError(str(err), param) from None
         room = self.max_len - len(ids)
         if room < 1:
             raise RequestError(f"the prompt has {len(ids)} tokens and this server's context is {self.max_len} "

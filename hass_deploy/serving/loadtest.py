@@ -35,6 +35,7 @@ from hass_deploy.bench.runner import load_prompt_sets
 from hass_deploy.config import GenerationConfig, RuntimeConfig, choose_backend
 from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.generation import Pipeline
+from hass_deploy.progress import progress_bar
 from hass_deploy.serving.config import LoadTestConfig
 
 # httpx and prometheus_client (the serve extra) are imported where used: the engine and the tests run without them.
@@ -263,11 +264,7 @@ async def _scrape(client) -> str | None:
 
 def _progress_bar(total: int, enabled: bool):
     """A rich bar on stderr (requests done / total, rate, failures) and the callback that advances it."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("requests"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                   TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)
+    bar = progress_bar("requests", "{task.fields[rate]}", enabled=enabled)
     task = bar.add_task("requests", total=total, rate="")
     done, failed, started = [0], [0], time.perf_counter()
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from hass_deploy.config import DTYPES, option
+from hass_deploy.config import DTYPES, at_least, option
 from hass_deploy.errors import ConfigError
 
 FORMATS = ("sharegpt", "text", "prompts", "ids")  # the dataset formats `training/chat.py` reads
@@ -55,10 +55,8 @@ class DataConfig:
             raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        for name in ("shard_size", "batch_tokens", "max_samples", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        at_least(1, shard_size=self.shard_size, batch_tokens=self.batch_tokens, max_samples=self.max_samples,
+                 max_new_tokens=self.max_new_tokens)
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
 

@@ -11,7 +11,6 @@ way round; the shard files' own format is `shards.py`.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,9 @@ from typing import Any
 
 import torch
 
+from hass_deploy.config import DTYPES
 from hass_deploy.errors import HassDeployError
+from hass_deploy.models.loading import target_fingerprint
 from hass_deploy.training import shards as fmt
 
 MANIFEST = "manifest.json"
@@ -111,7 +112,7 @@ class DataManifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise HassDeployError(f"{path}: malformed JSON ({err})") from None
         manifest = cls.from_json(raw, path, directory)
-        if manifest.dtype not in fmt.STORAGE_DTYPES:
+        if manifest.dtype not in DTYPES:
             raise HassDeployError(f"{path}: unknown dtype {manifest.dtype!r}")
         return manifest
 
@@ -119,8 +120,6 @@ class DataManifest:
 def check_data_matches_target(manifest: DataManifest, target) -> None:
     """Refuse data made from another target. `target` is a TargetModel or anything with `config`, `path` and an
     `embedding` table (the trainer's TargetHead)."""
-    from hass_deploy.models.loading import target_fingerprint
-
     embedding = target.embedding if hasattr(target, "embedding") else target.module.embed_tokens.weight
     fingerprint = target_fingerprint(embedding)
     config = target.config
@@ -236,9 +235,4 @@ class HiddenStateDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_handles": {}}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+

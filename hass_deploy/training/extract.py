@@ -18,7 +18,6 @@ rerun, or a run over several ranks, writes the same files as one uninterrupted p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -31,13 +30,18 @@ from pathlib import Path
 import torch
 
 from hass_deploy.atomic import check_output_dir
+from hass_deploy.config import GenerationConfig, SamplingConfig
 from hass_deploy.errors import HassDeployError
-from hass_deploy.models.loading import TargetModel, load_target, target_fingerprint
+from hass_deploy.cache import file_sha256, json_key
+from hass_deploy.models.loading import TargetModel, load_target, load_target_head, parse_dtype, target_fingerprint
 from hass_deploy.models.target import causal_tree_mask
+from hass_deploy.progress import progress_bar
+from hass_deploy.runtime.backends.torch import TorchTarget
+from hass_deploy.runtime.decoder import SpeculativeDecoder
 from hass_deploy.training import shards as fmt
 from hass_deploy.training.chat import (Record, Sample, SkipRecord, conversation_samples, has_chat_template,
                                        ids_samples, read_records, regenerated_samples, text_samples)
-from hass_deploy.training.data import MANIFEST, DataManifest, ShardInfo, file_sha256
+from hass_deploy.training.data import MANIFEST, DataManifest, ShardInfo
 from hass_deploy.training.config import DataConfig
 from hass_deploy.training.distributed import Ranks
 
@@ -104,7 +108,7 @@ def _generate(target_dir: Path, dataset: Path, out: Path, config: DataConfig, fo
         _probe(records, plans, samples_of, config, dataset, skipped)
     settings = {**config.output_settings(), "dataset_sha256": file_sha256(dataset),
                 "tokenizer_sha256": None if config.format == "ids" else _tokenizer_hash(target.tokenizer)}
-    settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    settings_hash = json_key(settings)
     cfg = target.config
     manifest = DataManifest(
         target_fingerprint=_fingerprint(target, target_dir, config), hidden_size=cfg.hidden_size,
@@ -260,15 +264,12 @@ def _fingerprint(target: TargetModel, target_dir: Path, config: DataConfig) -> s
     half precision would hash differently when its checkpoint is fp32, so the table is then read on its own."""
     if config.compute_dtype == "fp32":
         return target_fingerprint(target.module)
-    from hass_deploy.models.loading import load_target_head
-
     return target_fingerprint(load_target_head(target_dir).embedding)
 
 
 def _tokenizer_hash(tokenizer) -> str:
-    payload = json.dumps([getattr(tokenizer, "chat_template", None), sorted(tokenizer.get_vocab().items()),
-                          sorted(map(str, tokenizer.all_special_tokens))], default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return json_key([getattr(tokenizer, "chat_template", None), sorted(tokenizer.get_vocab().items()),
+                     sorted(map(str, tokenizer.all_special_tokens))])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,17 +280,12 @@ class Regenerator:
     """Plain decoding by the target through our own decoder (no draft): the responses of --regenerate."""
 
     def __init__(self, target: TargetModel, config: DataConfig):
-        from hass_deploy.runtime.backends.torch import TorchTarget
-        from hass_deploy.runtime.decoder import SpeculativeDecoder
-
         self.decoder = SpeculativeDecoder(TorchTarget(target.module, config.max_length), None)
         self.config = config
         self.eos = target.eos_token_ids
         self.tokens = 0  # generated so far, for the progress rate
 
     def __call__(self, prompt: list[int], record: int, turn: int) -> list[int]:
-        from hass_deploy.config import GenerationConfig, SamplingConfig
-
         budget = self.config.max_length - len(prompt)
         if self.config.max_new_tokens is not None:
             budget = min(budget, self.config.max_new_tokens)
@@ -347,11 +343,11 @@ def _make_shard(out: Path, plan: ShardPlan, records: list[Record], samples_of: S
         if regenerator:
             bar.advance(1, regenerator.tokens - before)
     per_sample = 0.0 if regenerator else len(plan.records) / max(len(ids), 1)
-    hidden = hidden_states(target.module, ids, config.batch_tokens, fmt.STORAGE_DTYPES[config.dtype],
+    hidden = hidden_states(target.module, ids, config.batch_tokens, parse_dtype(config.dtype),
                            lambda samples, tokens: bar.advance(samples * per_sample, tokens))
     if not ids and not regenerator:
         bar.advance(len(plan.records), 0)
-    tensors = fmt.pack(ids, masks, origins, hidden, target.config.hidden_size, fmt.STORAGE_DTYPES[config.dtype])
+    tensors = fmt.pack(ids, masks, origins, hidden, target.config.hidden_size, parse_dtype(config.dtype))
     metadata = {
         "format": fmt.FORMAT, "format_version": str(fmt.FORMAT_VERSION), "split": plan.split,
         "number": str(plan.number), "records": str(len(plan.records)), "samples": str(len(ids)),
@@ -403,21 +399,13 @@ class _Progress:
 
     def __init__(self, enabled: bool, records: int, shards: int):
         self.enabled, self.records, self.shards = enabled, records, shards
-        self.tokens, self.done, self.bar, self.start = 0, 0, None, time.perf_counter()
+        self.tokens, self.done, self.start = 0, 0, time.perf_counter()
 
     def __enter__(self) -> "_Progress":
-        if self.enabled and self.records:
-            from rich.console import Console
-            from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            console = Console(stderr=True)
-            if console.is_terminal:
-                self.bar = Progress(TextColumn("hidden states"), BarColumn(), TaskProgressColumn(),
-                                    TextColumn("{task.fields[rate]:,.0f} tok/s"), TimeElapsedColumn(),
-                                    TextColumn("ETA"), TimeRemainingColumn(), console=console)
-                self.bar.start()
-                self.task = self.bar.add_task("data", total=self.records, rate=0.0)
+        self.bar = progress_bar("hidden states", "{task.fields[rate]:,.0f} tok/s",
+                                enabled=self.enabled and self.records > 0)
+        self.bar.start()
+        self.task = self.bar.add_task("data", total=self.records, rate=0.0)
         return self
 
     def rate(self) -> float:
@@ -425,18 +413,16 @@ class _Progress:
 
     def advance(self, records: float, tokens: int) -> None:
         self.tokens += tokens
-        if self.bar is not None:
-            self.bar.update(self.task, advance=records, rate=self.rate())
+        self.bar.update(self.task, advance=records, rate=self.rate())
 
     def shard_done(self, name: str, samples: int, tokens: int) -> None:
         self.done += 1
-        if self.enabled and self.bar is None:
+        if self.enabled and self.bar.disable:
             print(f"{name}: {samples} samples, {tokens} tokens ({self.done}/{self.shards} shards, "
                   f"{self.rate():,.0f} tok/s)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        self.bar.stop()
 
 
 def count_split(shards: list[ShardInfo]) -> dict[str, int]:

@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 from hass_deploy.errors import HassDeployError
+from hass_deploy.models.loading import parse_dtype
 
 FORMAT = "hass-deploy/hidden-states"
 FORMAT_VERSION = 1
 TENSORS = ("input_ids", "loss_mask", "hidden", "offsets", "record_index")
-STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAFETENSORS_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 SPLITS = ("train", "eval")
 
 
@@ -116,7 +115,7 @@ def check_tensors(path: Path, handle, samples: int, tokens: int, hidden_size: in
     expected = {
         "input_ids": ("I64", [tokens]),
         "loss_mask": ("U8", [tokens]),
-        "hidden": (SAFETENSORS_DTYPES[dtype], [tokens, hidden_size]),
+        "hidden": (_SAFETENSORS_NAMES[parse_dtype(dtype)], [tokens, hidden_size]),
         "offsets": ("I64", [samples + 1]),
         "record_index": ("I64", [samples]),
     }

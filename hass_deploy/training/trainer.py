@@ -22,6 +22,7 @@ from hass_deploy.errors import HassDeployError
 from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, load_draft, save_draft, target_identity
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.loading import TargetHead, load_target_head
+from hass_deploy.progress import progress_bar
 from hass_deploy.training.alignment import HarmonizedDraft
 from hass_deploy.training.data import HiddenStateDataset, check_data_matches_target
 from hass_deploy.training.distributed import Ranks
@@ -326,13 +327,8 @@ class _progress:
         self.enabled, self.title, self.total = enabled, title, total
 
     def __enter__(self):
-        if not self.enabled:
-            return lambda tokens, loss: None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("{task.fields[rate]:.0f} tok/s  loss {task.fields[loss]:.4f}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+        self.bar = progress_bar(self.title, "{task.fields[rate]:.0f} tok/s  loss {task.fields[loss]:.4f}",
+                                enabled=self.enabled)
         self.bar.__enter__()
         task = self.bar.add_task(self.title, total=self.total, rate=0.0, loss=math.nan)
         seen = {"tokens": 0}
@@ -345,6 +341,5 @@ class _progress:
         return advance
 
     def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
+        self.bar.__exit__(*exc)
         return False

@@ -61,7 +61,6 @@ def chain_round(tree, accept: int):
 
 def draft_proposer(draft: RecordingDraft, prompt: list[int], config: TreeConfig = TreeConfig(tokens=6, depth=3,
                    top_k=2), on_device: bool = False) -> DraftProposer:
-    root = torch.tensor(prompt[-1])
     return DraftProposer(draft, config, VOCAB, CPU, on_device, features(len(prompt) - 1),
                          torch.tensor(prompt[1:]))
 

@@ -15,7 +15,6 @@ full length.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import platform
 from collections.abc import Callable
@@ -25,14 +24,15 @@ from pathlib import Path
 import torch
 
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
+from hass_deploy.cache import json_key
 from hass_deploy.manifest import GraphSpec, Manifest, profile_shapes, profiles, runtime_graph
+from hass_deploy.models.loading import parse_dtype
 from hass_deploy.models.target import causal_tree_mask
 from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput, TargetBackend, TargetOutput, run_chunked
 from hass_deploy.runtime.kv import KVBuffers
 
 # ONNX TensorProto element types of the torch dtypes bound to the graphs (IO binding takes the int for bf16).
 _ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.bool: 9}
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_PLANS = 64  # run plans cached per session (one per distinct step shape, until the KV layout moves)
 _INPUT_DTYPES = {"input_ids": torch.int64, "position_ids": torch.int64, "cache_len": torch.int64,
                  "tree_mask": torch.bool, "logits_index": torch.int64}
@@ -128,8 +128,8 @@ def _cache_path(graph: Path, provider: str, config: OrtConfig, ort) -> Path:
     """Where the optimised graph of `graph` lives: keyed by the source file, ORT version, provider and machine,
     because ORT's optimised graphs may hold hardware-specific layouts."""
     stat = graph.stat()
-    key = f"{stat.st_size}:{stat.st_mtime_ns}:{ort.__version__}:{provider}:{config.optimization}:{platform.machine()}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    digest = json_key([stat.st_size, stat.st_mtime_ns, ort.__version__, provider, config.optimization,
+                       platform.machine()], length=12)
     return graph.parent / "cache" / f"{graph.stem}.{provider.lower()}.{digest}.onnx"
 
 
@@ -330,7 +330,7 @@ class OrtTarget(TargetBackend):
     def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "target"):
         spec = manifest.graphs[graph]
         self.manifest, self.graph = manifest, graph
-        self.dtype = _TORCH_DTYPES[manifest.dtype]
+        self.dtype = parse_dtype(manifest.dtype)
         self.pad_single_rows = spec.quantization is not None
         # The padded copy's KV row may sit one past the last usable row.
         self.stepper = _Stepper(session, spec, self.dtype, device, max_len + self.pad_single_rows,
@@ -388,7 +388,7 @@ class OrtDraft(DraftBackend):
     def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "draft"):
         spec = manifest.graphs[graph]
         self.manifest, self.graph = manifest, graph
-        self.dtype = _TORCH_DTYPES[manifest.dtype]
+        self.dtype = parse_dtype(manifest.dtype)
         self.stepper = _Stepper(session, spec, self.dtype, device, max_len, manifest.prefill_chunk)
         self.device, self.max_len, self.max_top_k = device, max_len, manifest.max_top_k
         self.hidden_size = manifest.target["hidden_size"]

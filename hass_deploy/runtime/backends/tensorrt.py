@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
+from hass_deploy.export.tensorrt import import_tensorrt
 from hass_deploy.manifest import GraphSpec, Manifest
+from hass_deploy.models.loading import parse_dtype
 from hass_deploy.runtime.backends import graphs
 from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput, TargetBackend, TargetOutput, run_chunked
 from hass_deploy.runtime.kv import MIN_BOUND_ROWS, KVBuffers
 
 ALIGN_BYTES = 256
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PADDED = ("input_ids", "position_ids", "features")  # the per-row inputs a padded step extends with zeros
 _FIXED = {"input_ids": torch.int64, "position_ids": torch.int64, "cache_len": torch.int64, "tree_mask": torch.bool,
           "logits_index": torch.int64, "top_tokens": torch.int64, "top_logprobs": torch.float32}
@@ -91,8 +92,6 @@ class _Engine:
     the stream they run on: the only place this backend calls TensorRT."""
 
     def __init__(self, plan: Path, device: torch.device, engine=None):
-        from hass_deploy.export.tensorrt import import_tensorrt
-
         trt = self.trt = import_tensorrt()
         self.device = device
         if engine is None:
@@ -140,7 +139,7 @@ class _Steps:
 
     def __init__(self, engine: _Engine, spec: GraphSpec, manifest: Manifest, max_len: int, mode: str):
         self.engine, self.spec, self.mode = engine, spec, mode
-        self.dtype, device = _DTYPES[manifest.dtype], engine.device
+        self.dtype, device = parse_dtype(manifest.dtype), engine.device
         self.chunk = manifest.prefill_chunk
         self.largest = max(manifest.max_tree_tokens, manifest.prefill_chunk, 2)  # profile 1's most rows
         # Rows allocated in whole 64-row blocks, so that every layer's K and V slot starts at a 256-byte boundary
