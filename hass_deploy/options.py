@@ -24,8 +24,9 @@ import typer
 from hass_deploy.bench.config import BenchConfig
 from hass_deploy.config import (AUTO_BACKEND, REFERENCE_SCHEDULE, GenerationConfig, HybridConfig, LookupConfig, Phase,
                                 RuntimeConfig, SamplingConfig, TrainConfig, TreeConfig, Widening, choose_backend)
-from hass_deploy.errors import ConfigError, ModelLoadError
+from hass_deploy.errors import ConfigError
 from hass_deploy.export.config import ExportConfig
+from hass_deploy.models.gguf import resolve_target
 from hass_deploy.serving.config import EngineConfig, LoadTestConfig, ServerConfig
 from hass_deploy.training.config import DataConfig
 
@@ -152,9 +153,9 @@ def _bench_tree(tree: str | None, tree_tokens: int | None, tree_depth: int | Non
 
 
 def _model_dir(path: Path) -> Path:
-    if not path.is_dir():  # before anything loads: `serve` would otherwise find out in its loader thread
-        raise ModelLoadError(f"{path}: no such model directory")
-    return path
+    # Before anything loads (`serve` would otherwise find out in its loader thread); a GGUF file becomes its
+    # converted directory here, once, with the conversion's progress.
+    return resolve_target(path)
 
 
 def _generation(settings: dict, sampling: SamplingConfig, tree: TreeConfig, lookup: LookupConfig, use_lookup: bool,
@@ -176,7 +177,8 @@ def _bench(settings: dict, sampling: SamplingConfig, tree: TreeConfig | None, lo
 
 _TREE_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(TreeConfig)}
 
-TARGET = one("target", Path, ..., "Target model directory (Hugging Face format).", check=_model_dir)
+TARGET = one("target", Path, ..., "Target model: a Hugging Face directory, or a GGUF file (llama.cpp, Ollama; "
+             "converted once and cached).", check=_model_dir)
 DRAFT = Group((*one("draft", Optional[Path], None, "Draft head directory (EAGLE/HASS format).").params,
                *one("no_draft", bool, False, "Without a draft: plain decoding of the target (the baseline), or "
                     "prompt lookup alone.", "--no-draft").params), _exactly_one_draft)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from hass_deploy.errors import ModelLoadError
+from hass_deploy.models.gguf import resolve_target
 from hass_deploy.models.target import ModelConfig, Rotary, Transformer
 
 # torch's type for each precision a user names (`config.DTYPES`): the one table, read through `parse_dtype`.
@@ -239,8 +240,9 @@ def build_target(config: ModelConfig, state: dict[str, torch.Tensor], dtype: tor
     return module.eval()
 
 
-def load_tokenizer(directory: Path):
-    """The directory's tokenizer, or None when it ships none (token ids then come from --prompt-ids)."""
+def load_tokenizer(path: str | Path):
+    """The target's tokenizer, or None when it ships none (token ids then come from --prompt-ids)."""
+    directory = resolve_target(path)
     if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
@@ -264,10 +266,9 @@ def eos_ids(directory: Path, raw: dict) -> tuple[int, ...]:
 
 
 def load_target(path: str | Path, dtype: str = "fp32", device: str = "cpu", tokenizer: bool = True) -> TargetModel:
-    """Load a local Hugging Face causal-LM directory as a target model."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ModelLoadError(f"{directory}: no such model directory")
+    """Load a local Hugging Face causal-LM directory, or a GGUF file (converted once: `gguf.resolve_target`), as a
+    target model."""
+    directory = resolve_target(path)
     raw = read_json(directory / "config.json")
     config = config_from_hf(raw, str(directory / "config.json"))
     module = build_target(config, read_state_dict(directory), parse_dtype(dtype), device, str(directory))
@@ -282,9 +283,7 @@ def load_target(path: str | Path, dtype: str = "fp32", device: str = "cpu", toke
 
 def load_target_head(path: str | Path, tokenizer: bool = False) -> TargetHead:
     """Read only the embedding and lm_head of a target directory (and with `tokenizer`, its tokenizer)."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ModelLoadError(f"{directory}: no such model directory")
+    directory = resolve_target(path)
     raw = read_json(directory / "config.json")
     config = config_from_hf(raw, str(directory / "config.json"))
     names = {"model.embed_tokens.weight", "lm_head.weight"}

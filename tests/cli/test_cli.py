@@ -616,7 +616,7 @@ def test_console_script_missing_dir_exits_1_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc
     assert proc.stdout == ""
-    assert proc.stderr.splitlines() == [f"error: {missing}: no such model directory"]
+    assert proc.stderr.splitlines() == [f"error: {missing}: no such model directory or GGUF file"]
     assert "Traceback" not in proc.stderr
 
 

@@ -255,7 +255,7 @@ def test_missing_directory(tmp_path):
 def test_file_instead_of_directory(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"x")
-    _refused(path, "no such model directory")
+    _refused(path, "not a model directory or a GGUF file")
 
 
 def test_directory_without_config(llama_dir, tmp_path):
