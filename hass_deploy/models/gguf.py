@@ -79,14 +79,16 @@ def read_info(path: str | Path) -> GGUFInfo:
                     len(reader.tensors))
 
 
-def convert_gguf(path: str | Path, out: str | Path, force: bool = False, progress: bool = True) -> Path:
+def convert_gguf(path: str | Path, out: str | Path, force: bool = False, progress: bool = True,
+                 digest: str | None = None) -> Path:
     """Convert a GGUF file into a Hugging Face directory at `out` (written atomically): model.safetensors in fp32,
     config.json, generation_config.json, the tokenizer and its chat template (when the file has one), and
-    `hass_deploy_gguf.json` (the source and its sha256). Returns `out`."""
+    `hass_deploy_gguf.json` (the source and its sha256: `digest` when the caller hashed the file already).
+    Returns `out`."""
     path, out = Path(path), Path(out)
     info = read_info(path)
     check_output_dir(out, force)
-    digest = file_sha256(path)
+    digest = digest or file_sha256(path)
     # transformers is imported only when a file is converted (start-up time of every other command).
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -149,5 +151,5 @@ def resolve_target(path: str | Path, progress: bool = True) -> Path:
     directory = cached_dir(path, digest)
     if _intact(directory, digest):
         return directory
-    return convert_gguf(path, directory, force=True, progress=progress)
+    return convert_gguf(path, directory, force=True, progress=progress, digest=digest)
 
