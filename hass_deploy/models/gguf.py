@@ -17,6 +17,7 @@ from pathlib import Path
 from hass_deploy.atomic import check_output_dir, replacing_directory
 from hass_deploy.cache import file_sha256, home
 from hass_deploy.errors import ModelLoadError
+from hass_deploy.packages import MODELS, named
 
 MAGIC = b"GGUF"
 PROVENANCE = "hass_deploy_gguf.json"  # in a converted directory: the file it came from, and its sha256
@@ -139,8 +140,9 @@ def _intact(directory: Path, digest: str) -> bool:
 
 def resolve_target(path: str | Path, progress: bool = True) -> Path:
     """The Hugging Face directory of a target given as a directory (itself) or as a GGUF file (its conversion,
-    cached under the file's sha256 and made on first use). One line for a path that is neither."""
-    path = Path(path)
+    cached under the file's sha256 and made on first use), or a packaged model's name (`smollm2`: packages.py). One
+    line for a path that is none of these."""
+    path = named(path, MODELS)
     if path.is_dir():
         return path
     if not path.exists():

@@ -18,7 +18,7 @@ plain text, the same way `hass-deploy generate` encodes them.
 
 from __future__ import annotations
 
-import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from hass_deploy.errors import HassDeployError
+from hass_deploy.training.decontaminate import Blocklist
+from hass_deploy.training.jsonstream import JsonRecords
 
 # ShareGPT speaker names (several dumps use the product's name for the assistant) -> chat-template roles.
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -58,6 +60,11 @@ class Record:
     text: str | None = None
     ids: tuple[int, ...] = ()  # pre-tokenized records
     loss_mask: tuple[bool, ...] | None = None
+    conversation: str | None = None  # ShareGPT's id without its `_N` part suffix: the parts of one conversation
+
+    def texts(self) -> list[str]:
+        """The record's text: its turns, or its text (none for pre-tokenized ids)."""
+        return [m["content"] for m in self.messages] + ([self.text] if self.text is not None else [])
 
 
 @dataclass(frozen=True)
@@ -67,51 +74,43 @@ class Sample:
     loss_mask: list[bool]
 
 
-def read_records(path: str | Path, data_format: str, regenerate: bool) -> tuple[list[Record], Counter]:
-    """Parse a dataset file; returns the usable records and the count of skipped ones per reason.
+TRUNCATED_TAIL = "cut off at the end of the file"
+BENCHMARK = "shares text with a benchmark prompt"
+
+
+def read_records(path: str | Path, data_format: str, regenerate: bool,
+                 blocklist: Blocklist | None = None) -> tuple[list[Record], Counter]:
+    """Parse a dataset file, streamed (jsonstream.py); returns the usable records and the count of skipped ones per
+    reason.
 
     A record in the wrong shape is an error naming its line; a well-formed record that cannot train anything (a
-    conversation without an assistant turn) is skipped and counted.
+    conversation without an assistant turn), one that shares text with a prompt of `blocklist` (decontaminate.py),
+    and a last record cut off by a partial download are skipped and counted.
     """
     path = Path(path)
     if not path.is_file():
         raise HassDeployError(f"{path}: no such dataset file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise HassDeployError(f"{path}: not a UTF-8 text file") from None
-    if not text.strip():
-        raise HassDeployError(f"{path}: empty dataset (no records)")
+    stream = JsonRecords(path)
     records: list[Record] = []
     skipped: Counter = Counter()
-    for index, (where, raw) in enumerate(_raw_records(path, text)):
+    for index, (where, raw) in enumerate(stream):
         try:
-            records.append(_parse(raw, data_format, regenerate, index, where))
+            record = _parse(raw, data_format, regenerate, index, where)
         except SkipRecord as skip:
             skipped[skip.reason] += 1
+            continue
+        if blocklist is not None and blocklist.matches(record.texts()):
+            skipped[BENCHMARK] += 1
+        else:
+            records.append(record)
+    if stream.truncated:
+        if not stream.read:
+            raise HassDeployError(f"{path}: the file ends inside its first record (a partial download?): no "
+                                  "complete records")
+        skipped[TRUNCATED_TAIL] += 1
     if not records and not skipped:
         raise HassDeployError(f"{path}: empty dataset (no records)")
     return records, skipped
-
-
-def _raw_records(path: Path, text: str):
-    """(where, object) pairs from a JSON list or JSONL, in file order."""
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise HassDeployError(f"{path}: malformed JSON list ({err})") from None
-        for number, item in enumerate(items, start=1):
-            yield f"{path}: record {number}", item
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{number}", json.loads(line)
-        except json.JSONDecodeError:
-            raise HassDeployError(f"{path}:{number}: not a JSON line (expected a JSON list or one JSON object "
-                                  "per line)") from None
 
 
 def _parse(raw: Any, data_format: str, regenerate: bool, index: int, where: str) -> Record:
@@ -143,7 +142,9 @@ def _parse(raw: Any, data_format: str, regenerate: bool, index: int, where: str)
         raise SkipRecord("no user turn")
     if not regenerate and "assistant" not in roles:
         raise SkipRecord("no assistant turn")
-    return Record(index, where, messages=messages)
+    name = raw.get("id")
+    return Record(index, where, messages=messages,
+                  conversation=re.sub(r"_\d+$", "", name) if isinstance(name, str) and name else None)
 
 
 def _ids_record(raw: Any, index: int, where: str) -> Record:

@@ -9,6 +9,7 @@ from typing import Any
 
 from hass_deploy.config import DTYPES, at_least, option
 from hass_deploy.errors import ConfigError
+from hass_deploy.prompts import PROMPT_SETS
 
 FORMATS = ("sharegpt", "text", "prompts", "ids")  # the dataset formats `training/chat.py` reads
 
@@ -37,6 +38,9 @@ class DataConfig:
     shard_size: int = option(64, "Records per shard.")
     seed: int = option(0, "Shuffle and sampling seed.")  # record -> split and shard, and regeneration
     batch_tokens: int = option(4096, "Padded tokens per target pass (batch size x longest sample).")
+    # decontaminate.py: a 13-word span in common, or a whole prompt word for word.
+    exclude: str = option("benchmarks", "Drop records that share text with these prompt files (comma-separated; "
+                          "`benchmarks`: the bundled MT-bench, HumanEval, GSM8K and Alpaca sets; `none`).")
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -57,8 +61,17 @@ class DataConfig:
             raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         at_least(1, shard_size=self.shard_size, batch_tokens=self.batch_tokens, max_samples=self.max_samples,
                  max_new_tokens=self.max_new_tokens)
+        if not self.exclude.replace(",", "").strip():
+            raise ConfigError("--exclude takes prompt files (comma-separated), `benchmarks` or `none`")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+
+    def exclude_files(self) -> tuple[str, ...]:
+        """The prompt files named by --exclude (bundled sets by name)."""
+        if self.exclude == "none":
+            return ()
+        parts = [p.strip() for p in self.exclude.split(",") if p.strip()]
+        return tuple(name for p in parts for name in (PROMPT_SETS if p == "benchmarks" else (p,)))
 
     def resolved(self) -> "DataConfig":
         """These settings with `compute_dtype` auto replaced by what it means on `device`."""

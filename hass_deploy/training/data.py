@@ -64,7 +64,7 @@ class DataManifest:
         """One line: samples and tokens per split, and what was skipped."""
         totals = self.totals
         skipped = ", ".join(f"{n} {reason}" for reason, n in totals["skipped"].items())
-        return (f"train: {totals['train']['samples']} samples, {totals['train']['tokens']} tokens; eval: "
+        return (f"{totals['records']} records read; train: {totals['train']['samples']} samples, {totals['train']['tokens']} tokens; eval: "
                 f"{totals['eval']['samples']} samples, {totals['eval']['tokens']} tokens"
                 + (f"; skipped: {skipped}" if skipped else ""))
 

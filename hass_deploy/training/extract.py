@@ -10,9 +10,9 @@ resumable (a shard is written atomically and a rerun skips it), and sharded over
 shards k with k % world == r on the GPU of its local rank; rank 0 writes manifest.json after a barrier;
 `distributed.py`).
 
-The assignment of records to shards depends only on the dataset and the settings: the usable records are shuffled
-with the seed, truncated to --max-samples, the first `eval` of them form the held-out split, and each split is cut
-into shards of --shard-size records. A shard's bytes depend only on its records, so an interrupted run plus a
+The assignment of records to shards depends only on the dataset and the settings: the usable records' conversations
+are shuffled with the seed, the records truncated to --max-samples, the first `eval` of them (whole conversations)
+form the held-out split, and each split is cut into shards of --shard-size records. A shard's bytes depend only on its records, so an interrupted run plus a
 rerun, or a run over several ranks, writes the same files as one uninterrupted process.
 """
 
@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,14 +33,17 @@ from hass_deploy.atomic import check_output_dir
 from hass_deploy.config import GenerationConfig, SamplingConfig
 from hass_deploy.errors import HassDeployError
 from hass_deploy.cache import file_sha256, json_key
+from hass_deploy.models.gguf import resolve_target
 from hass_deploy.models.loading import TargetModel, load_target, load_target_head, parse_dtype, target_fingerprint
 from hass_deploy.models.target import causal_tree_mask
+from hass_deploy.packages import DATASETS, named
 from hass_deploy.progress import progress_bar
 from hass_deploy.runtime.backends.torch import TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
 from hass_deploy.training import shards as fmt
 from hass_deploy.training.chat import (Record, Sample, SkipRecord, conversation_samples, has_chat_template,
                                        ids_samples, read_records, regenerated_samples, text_samples)
+from hass_deploy.training.decontaminate import Blocklist
 from hass_deploy.training.data import MANIFEST, DataManifest, ShardInfo
 from hass_deploy.training.config import DataConfig
 from hass_deploy.training.distributed import Ranks
@@ -64,16 +67,37 @@ class ShardPlan:
         return fmt.shard_name(self.split, self.number)
 
 
-def plan_shards(count: int, config: DataConfig) -> list[ShardPlan]:
-    """Seeded shuffle -> --max-samples -> the first `eval` records held out -> shards of --shard-size records."""
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed)).tolist()
+def plan_shards(conversations: Sequence[Hashable | None], config: DataConfig) -> list[ShardPlan]:
+    """Seeded shuffle of the conversations -> --max-samples records -> the first `eval` records held out, whole
+    conversations only -> shards of --shard-size records.
+
+    `conversations[i]` names usable record i's conversation (None: a conversation of its own). ShareGPT cuts long
+    conversations into records `ID_0`, `ID_1`, ...: they move together, so no held-out record continues a trained
+    one. Without such names the shuffle is one of records, as it always was.
+    """
+    members: dict[Hashable, list[int]] = {}
+    for i, name in enumerate(conversations):
+        members.setdefault(("record", i) if name is None else ("conversation", name), []).append(i)
+    units = list(members.values())
+    unit_of = {i: u for u, unit in enumerate(units) for i in unit}
+    shuffled = torch.randperm(len(units), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    order = [i for u in shuffled for i in units[u]]
     order = order[: config.max_samples] if config.max_samples else order
     n = len(order)
     held_out = 0 if config.eval_fraction == 0 or n < 2 else min(n - 1, max(1, round(n * config.eval_fraction)))
+    if 0 < held_out < n and unit_of[order[held_out]] == unit_of[order[held_out - 1]]:
+        # The cut falls inside a conversation: hold all of it out, or none of it if that leaves nothing to train on.
+        cut = unit_of[order[held_out]]
+        end = start = held_out
+        while end < n and unit_of[order[end]] == cut:
+            end += 1
+        while start > 0 and unit_of[order[start - 1]] == cut:
+            start -= 1
+        held_out = end if end < n else start
     plans: list[ShardPlan] = []
     for split, chosen in (("train", order[held_out:]), ("eval", order[:held_out])):
-        for number, start in enumerate(range(0, len(chosen), config.shard_size)):
-            plans.append(ShardPlan(len(plans), split, number, tuple(chosen[start : start + config.shard_size])))
+        for number, begin in enumerate(range(0, len(chosen), config.shard_size)):
+            plans.append(ShardPlan(len(plans), split, number, tuple(chosen[begin : begin + config.shard_size])))
     return plans
 
 
@@ -88,21 +112,24 @@ def generate_data(target_dir: str | Path, dataset: str | Path, out: str | Path, 
         The manifest of the finished directory; None on the other ranks of a torchrun job (rank 0 reports for all).
     """
     with Ranks.from_environment(config.device) as ranks:
-        manifest = _generate(Path(target_dir), Path(dataset), Path(out), config.resolved(), force, progress, ranks)
+        manifest = _generate(resolve_target(target_dir), named(dataset, DATASETS), Path(out), config.resolved(), force,
+                             progress, ranks)
         return manifest if ranks.rank == 0 else None
 
 
 def _generate(target_dir: Path, dataset: Path, out: Path, config: DataConfig, force: bool, progress: bool,
               ranks: Ranks) -> DataManifest:
     # Every rank does the same checks on the same inputs, so they all fail alike and none waits at a barrier.
-    records, skipped = read_records(dataset, config.format, config.regenerate)
+    excluded = config.exclude_files()
+    records, skipped = read_records(dataset, config.format, config.regenerate,
+                                    Blocklist.of_files(excluded) if excluded else None)
     if not records:
         raise _nothing_usable(dataset, skipped)
     target = load_target(target_dir, config.compute_dtype, str(ranks.device))
     # Positions past the target's trained range would give features it never produces at inference.
     config = replace(config, max_length=min(config.max_length, target.config.max_position_embeddings))
     _check_tokenizer(target, config)
-    plans = plan_shards(len(records), config)
+    plans = plan_shards([r.conversation for r in records], config)
     samples_of = Sampler(target, config)
     if not config.regenerate:
         _probe(records, plans, samples_of, config, dataset, skipped)

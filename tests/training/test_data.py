@@ -59,7 +59,7 @@ def bpe_targets(tmp_path_factory):
 
 
 def conv(*turns: tuple[str, str]) -> dict:
-    return {"id": "x", "conversations": [{"from": who, "value": text} for who, text in turns]}
+    return {"conversations": [{"from": who, "value": text} for who, text in turns]}
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -313,6 +313,39 @@ def test_eval_split_sizes_and_disjointness(word_target, tmp_path):
     assert few.totals["train"]["records"] == 3
 
 
+def test_parts_of_one_conversation_are_never_split_between_train_and_held_out():
+    """ShareGPT cuts long conversations into records ID_0, ID_1, ...: whichever split gets one gets all of them."""
+    names = [f"c{i // 3}" if i < 12 else None for i in range(20)]  # 4 conversations of 3 parts, 8 single records
+    for seed in range(20):
+        for fraction in (0.1, 0.25, 0.5):
+            plans = extract.plan_shards(names, DataConfig(eval_fraction=fraction, seed=seed, shard_size=4))
+            split_of = {r: p.split for p in plans for r in p.records}
+            assert sorted(split_of) == list(range(20))
+            for c in range(4):
+                assert len({split_of[i] for i in range(3 * c, 3 * c + 3)}) == 1
+            assert "train" in split_of.values()
+    # Without conversation names the shuffle is the one of records it always was.
+    singles = extract.plan_shards([None] * 20, DataConfig(eval_fraction=0.25, seed=3, shard_size=4))
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(3)).tolist()
+    assert [r for p in singles if p.split == "eval" for r in p.records] == order[:5]
+
+
+def test_a_truncated_download_and_benchmark_prompts_are_skipped_and_counted(word_target, tmp_path):
+    records = [conv(("human", f"hello {w}"), ("gpt", "the quick brown fox")) for w in ("there", "again", "friend")]
+    records.append(conv(("human", "Calculate the atomic mass for lithium."), ("gpt", "the fox")))  # alpaca's, verbatim
+    text = json.dumps(records, indent=2)
+    cut = tmp_path / "partial.json"
+    cut.write_text(text[: text.rindex("the quick brown fox") + 5])  # inside the third record
+    manifest = run(word_target, cut, tmp_path / "cut")
+    assert manifest.totals["records"] == 3 and manifest.totals["train"]["samples"] == 2
+    assert manifest.totals["skipped"] == {"cut off at the end of the file": 1}
+    assert manifest.summary().startswith("3 records read; ")
+    whole = tmp_path / "whole.json"
+    whole.write_text(text)
+    assert run(word_target, whole, tmp_path / "whole").totals["skipped"] == {"shares text with a benchmark prompt": 1}
+    assert run(word_target, whole, tmp_path / "kept", exclude="none").totals["train"]["samples"] == 4
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resume and ranks
 
@@ -438,7 +471,9 @@ def test_regenerate_replaces_sharegpt_answers_within_max_length(word_target, tmp
     ('{"conversations": [{"from": "human"}]}\n', r"bad\.jsonl:1: turn 1 must be"),
     ('{"conversations": []}\n\n{oops\n', r"bad\.jsonl:3: not a JSON line"),
     ('[{"conversations": []}, 7]', r"bad\.jsonl: record 2: expected"),
-    ('[{"conversations": ', "malformed JSON list"),
+    ('[{"conversations": ', "ends inside its first record"),
+    ('[{"conversations": []} {"conversations": []}]', r"expected ',' or '\]' after record 1"),
+    ('[{"conversations": [}, {"conversations": []}]', "record 1: malformed JSON"),
     ('{"conversations": [{"from": "human", "value": "hi"}]}\n' * 2, r"no usable samples \(2 records skipped: 2 no "
                                                                     "assistant turn\\)"),
 ])
