@@ -202,6 +202,9 @@ class Phase:
 REFERENCE_SCHEDULE = (Phase(epochs=41, lr=3e-5, topk_weight=0.0), Phase(epochs=11, lr=1e-5, topk_weight=1.0))
 
 
+INIT_LAYERS = ("random", "last")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # eagle2: one step and no Top-K loss, everything else shared.
@@ -224,6 +227,10 @@ class TrainConfig:
     precision: str = option("bf16", "bf16 (autocast, on CPU and GPU) or fp32.")
     eval_depth: int = 5  # draft depths measured on the held-out split each epoch (the reference's getkacc: 5)
     seed: int = option(0, "Initialisation and shuffle seed.")
+    # FR-Spec / EAGLE-3's reduced vocabulary: the draft's V x H projection is its dominant cost.
+    draft_vocab: int | None = option(None, "Score only the N most frequent target tokens of the training data in the "
+                                     "draft's head (stored with the draft as EAGLE-3's d2t/t2d). Default: all.")
+    init_layer: str = option("random", "The draft layer's start: random, or last (the target's last decoder layer).")
 
     def __post_init__(self) -> None:
         if self.recipe not in ("hass", "eagle2"):
@@ -237,6 +244,9 @@ class TrainConfig:
             raise ConfigError(f"{len(self.step_weights)} step weights given for {self.steps} alignment steps")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        at_least(max(self.topk, 2), draft_vocab=self.draft_vocab)  # the Top-K loss needs K of them
+        if self.init_layer not in INIT_LAYERS:
+            raise ConfigError(f"--init-layer must be one of {', '.join(INIT_LAYERS)}, got {self.init_layer!r}")
 
     @property
     def steps(self) -> int:

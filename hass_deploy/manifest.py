@@ -123,8 +123,12 @@ def draft_identity(head) -> dict:
     stride = max(1, weight.shape[0] // 1024)
     sample = weight[::stride].float().contiguous().cpu().numpy().tobytes()
     c = head.config
-    return {"hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "num_kv_heads": c.num_kv_heads,
-            "fingerprint": hashlib.sha256(sample).hexdigest()[:16]}
+    identity = {"hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "num_kv_heads": c.num_kv_heads}
+    vocabulary = head.vocabulary()
+    if vocabulary is not None:  # the token map is part of what the graph computes
+        sample += vocabulary.cpu().numpy().tobytes()
+        identity["draft_vocab"] = vocabulary.numel()
+    return {**identity, "fingerprint": hashlib.sha256(sample).hexdigest()[:16]}
 
 
 # The step shapes an export's engines accept: TensorRT plans are built for them (`export/tensorrt.py`), and ORT's

@@ -304,7 +304,8 @@ def target_graph(model: Transformer, max_positions: int, quantization: str | Non
 @torch.no_grad()
 def draft_graph(head: DraftHead, lm_head: nn.Linear, top_k: int, max_positions: int,
                 quantization: str | None = None):
-    """The draft step (head + the target's lm_head + top-k of log-probabilities) as an ONNX Runtime graph."""
+    """The draft step (head + the target's lm_head + top-k of log-probabilities) as an ONNX Runtime graph. A reduced
+    draft vocabulary holds its N rows of the head and gathers the top-k's target ids from its token map."""
     from onnx import TensorProto, helper
 
     config = head.config
@@ -318,10 +319,14 @@ def draft_graph(head: DraftHead, lm_head: nn.Linear, top_k: int, max_positions: 
     attended = step.attention(fused, layer, 0)  # the draft's layer has no input norm
     x, residual = step.skip_norm(attended, fused, layer.post_attention_layernorm, "post_norm")
     g.op("Add", [step.mlp(x, layer, 0), residual], outputs=["hidden"])  # [1, T, H], no final norm
-    logits = g.linear("hidden", [lm_head], "lm_head")  # [1, T, V]
+    logits = g.linear("hidden", [head.scoring_head(lm_head)], "lm_head")  # [1, T, V or N]
     logprobs = g.op("LogSoftmax", [logits], axis=-1)
-    g.op("TopK", [logprobs, g.scalar("k", [top_k], np.int64)], outputs=["top_logprobs", "top_tokens"], axis=-1,
+    vocabulary = head.vocabulary()
+    ranked = "top_tokens" if vocabulary is None else g.name("top_rows")
+    g.op("TopK", [logprobs, g.scalar("k", [top_k], np.int64)], outputs=["top_logprobs", ranked], axis=-1,
          largest=1, sorted=1)
+    if vocabulary is not None:  # rows of the reduced head -> target ids
+        g.op("Gather", [g.const("vocabulary", vocabulary.cpu().numpy()), ranked], outputs=["top_tokens"], axis=0)
     kv_in, kv_out = _kv_io(config, 1)
     inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, "T", config.hidden_size]),
               *_common_inputs("M"), *kv_in]

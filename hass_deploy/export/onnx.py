@@ -277,6 +277,8 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
     if target.embedding.dtype != torch.float32:
         raise ModelLoadError("export_onnx takes the target in fp32 and casts it itself (load it with dtype='fp32')")
     identity, head_identity = target_identity(target), None if draft is None else draft_identity(draft)
+    if draft is not None and draft.draft_vocab is not None and draft.draft_vocab < config.max_top_k:
+        raise ConfigError(f"the draft scores {draft.draft_vocab} tokens, fewer than --max-top-k {config.max_top_k}")
     write_fused = config.fused
     reason = fused.unsupported_reason(target.config) if write_fused else None
     if reason is not None:

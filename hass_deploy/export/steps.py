@@ -69,18 +69,19 @@ class DraftStep(nn.Module):
     """The draft head's step graph with the target's lm_head and a top-k of log-probabilities inside.
 
     K is a static attribute of the graph (`top_k`): the runtime takes the first k <= K columns, which are the
-    top-k because TopK sorts them in descending order.
+    top-k because TopK sorts them in descending order. With a reduced draft vocabulary the graph holds only its N
+    rows of the head and maps the top-k back to target ids itself: `top_tokens` are target ids either way.
     """
 
     def __init__(self, head: DraftHead, lm_head: nn.Linear, top_k: int):
         super().__init__()
         self.head = head
-        self.lm_head = lm_head
+        self.lm_head = head.scoring_head(lm_head)  # [V or N, H]
         self.top_k = top_k
 
     def forward(self, features, input_ids, position_ids, cache_len, tree_mask, *kv_buffers):
         kv = _GraphKV(kv_buffers)
         hidden = self.head(features, input_ids, position_ids, tree_mask, kv, cache_len.reshape(()))  # [1, T, H]
-        logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1, T, V]
+        logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1, T, V or N]
         top = torch.topk(logprobs, self.top_k, dim=-1)  # [1, T, K] each, descending
-        return (hidden, top.values, top.indices, *kv.new)
+        return (hidden, top.values, self.head.target_ids(top.indices), *kv.new)

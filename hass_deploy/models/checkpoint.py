@@ -1,8 +1,11 @@
 """Draft-head directories in the EAGLE checkpoint format (algorithm.md §1.6–1.8), plus our metadata.
 
     config.json        a Llama config with num_hidden_layers 1 and an explicit "bias" (fc bias)
-    model.safetensors  flat EAGLE keys: embed_tokens.weight, fc.weight[, fc.bias], layers.0.*
+    model.safetensors  flat EAGLE keys: embed_tokens.weight, fc.weight[, fc.bias], layers.0.*, and with a reduced
+                       draft vocabulary EAGLE-3's d2t / t2d (config.json then has EAGLE-3's draft_vocab_size)
     hass_deploy.json   format version, recipe, and the identity of the target it was made for
+    token_map.pt       (reduced vocabulary only) its N target ids, torch-saved, as SGLang's --speculative-token-map
+                       takes them for EAGLE-2 drafts
 
 Published EAGLE/HASS drafts (pytorch_model.bin or model.safetensors, with or without fc.bias, with a DDP
 `module.` prefix) load as they are. Pairing a draft with a target checks hidden size, vocabulary and the
@@ -28,6 +31,7 @@ from hass_deploy.models.target import ModelConfig
 
 FORMAT_VERSION = 1
 METADATA_FILE = "hass_deploy.json"
+TOKEN_MAP_FILE = "token_map.pt"
 
 
 @dataclass(frozen=True)
@@ -53,19 +57,46 @@ def draft_config_for(target: ModelConfig) -> ModelConfig:
                    o_bias=False, mlp_bias=False)
 
 
-def init_draft(target: TargetModel | TargetHead, seed: int = 0, fc_bias: bool = False) -> DraftHead:
-    """A randomly initialised draft head for `target`, with the target's embedding copied in.
+def init_draft(target: TargetModel | TargetHead, seed: int = 0, fc_bias: bool = False,
+               vocabulary: torch.Tensor | None = None) -> DraftHead:
+    """A randomly initialised draft head for `target`, with the target's embedding copied in; `vocabulary` ([N]
+    target ids) makes it score only those tokens (draft.py).
 
     fc is bias-free by default: vLLM's EAGLE loader rejects `fc.bias` (algorithm.md §1.8).
     """
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        head = DraftHead(draft_config_for(target.config), fc_bias=fc_bias)
+        head = DraftHead(draft_config_for(target.config), fc_bias=fc_bias,
+                         draft_vocab=None if vocabulary is None else len(vocabulary))
     finally:
         torch.random.set_rng_state(generator_state)
     with torch.no_grad():
         head.embed_tokens.weight.copy_(target.embedding.float())
+    if vocabulary is not None:
+        head.set_vocabulary(vocabulary)
+    return head
+
+
+def copy_target_layer(head: DraftHead, target_dir: str | Path, layer: int = -1) -> DraftHead:
+    """Start the draft's layer from one of the target's (default its last, the one whose output the draft
+    predicts the next of): attention, MLP and post-attention norm weights; the draft has no input norm, and keeps
+    its own fc and (absent) q/k norms."""
+    from hass_deploy.models.gguf import resolve_target
+
+    directory = resolve_target(target_dir)
+    config = config_from_hf(read_json(directory / "config.json"), str(directory / "config.json"))
+    index = layer % config.num_layers
+    prefix = f"model.layers.{index}."
+    mine = {k for k in head.state_dict() if k.startswith("layers.0.")}
+    wanted = {prefix + k.removeprefix("layers.0.") for k in mine}
+    state = read_state_dict(directory, wanted)
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise ModelLoadError(f"{directory}: layer {index} lacks {missing[0]} (cannot start the draft from it)")
+    with torch.no_grad():
+        for key in mine:
+            head.state_dict()[key].copy_(state[prefix + key.removeprefix("layers.0.")])
     return head
 
 
@@ -95,6 +126,7 @@ def _hf_draft_config(head: DraftHead) -> dict:
         "vocab_size": c.vocab_size,
         "tie_word_embeddings": False,
         "bias": head.fc_bias,
+        **({"draft_vocab_size": head.draft_vocab} if head.draft_vocab is not None else {}),  # EAGLE-3's key
         "torch_dtype": str(head.fc.weight.dtype).removeprefix("torch."),
     }
     scaling = {k: v for k, v in c.rope_parameters.items() if k != "rope_theta"}
@@ -116,6 +148,8 @@ def save_draft(head: DraftHead, out: str | Path, metadata: DraftMetadata,
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(_hf_draft_config(head), indent=2) + "\n")
         (tmp / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+        if head.draft_vocab is not None:  # SGLang's --speculative-token-map (FR-Spec's format): the N target ids
+            torch.save(head.vocabulary().cpu(), tmp / TOKEN_MAP_FILE)
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
     return out
@@ -150,15 +184,22 @@ def load_draft(path: str | Path, target: TargetModel | TargetHead, dtype: torch.
     dtype = dtype or target.embedding.dtype
     try:
         with torch.device("meta"):
-            head = DraftHead(config, fc_bias="fc.bias" in state)
+            head = DraftHead(config, fc_bias="fc.bias" in state,
+                             draft_vocab=state["d2t"].numel() if "d2t" in state else None)
     except ValueError as err:  # e.g. a rope_type that Rotary does not implement
         raise ModelLoadError(f"{directory}: {err}") from None
     try:
-        head.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        # The token map (d2t int64, t2d bool) keeps its own dtype.
+        head.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True,
+                             assign=True)
     except RuntimeError as err:
         detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
         raise ModelLoadError(f"{directory}: draft weights do not match its config.json ({detail})") from None
     head.embed_tokens.weight.requires_grad_(False)
+    try:
+        head.check_vocabulary()
+    except ValueError as err:
+        raise ModelLoadError(f"{directory}: {err}") from None
     head.rotary = type(head.rotary)(config)
     head.to(target.embedding.device)  # where the target runs: a CUDA target must not meet a CPU draft
     meta_path = directory / METADATA_FILE

@@ -204,6 +204,16 @@ class HiddenStateDataset(torch.utils.data.Dataset):
             self._handles[shard] = safe_open(str(self.directory / self.shards[shard].file), framework="pt")
         return self._handles[shard]
 
+    def token_counts(self) -> torch.Tensor:
+        """[V] int64: how often each token is a trained (loss-masked) token of this split; reads the ids and masks
+        only, never the hidden states."""
+        counts = torch.zeros(self.manifest.vocab_size, dtype=torch.int64)
+        for shard in range(len(self.shards)):
+            handle = self._handle(shard)
+            ids = handle.get_tensor("input_ids")[handle.get_tensor("loss_mask").bool()]
+            counts += torch.bincount(ids, minlength=self.manifest.vocab_size)[: self.manifest.vocab_size]
+        return counts
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         shard, local = self._locate(index)
         start, end = self._offsets[shard][local : local + 2].tolist()
@@ -235,4 +245,9 @@ class HiddenStateDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_handles": {}}
 
 
+def frequent_tokens(counts: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] the ids of the n largest counts, ascending; ties (unseen tokens among them) go to the lower id, so the
+    choice is a function of the counts alone."""
+    order = torch.sort(-counts, stable=True).indices  # [V], most frequent first, ties by ascending id
+    return order[:n].sort().values
 

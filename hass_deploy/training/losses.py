@@ -8,6 +8,11 @@ The vocabulary-sized terms never hold a [B, N, V] tensor (8.6 GB in fp32 at V = 
 `vocabulary_losses` walks the loss-masked positions in chunks, computes p once per chunk for every aligned
 step, and takes each chunk's gradient with respect to the draft's features in closed form as it goes, so
 neither the forward nor the backward keeps more than a chunk of [*, V] (and nothing is recomputed).
+
+A reduced draft vocabulary (`vocabulary`, N target ids; models/draft.py) is trained as EAGLE-3 trains its own: q
+lives on the N tokens, p is the target's distribution restricted to them and renormalised, and the vocabulary terms
+skip the positions whose target argmax lies outside them (no draft of these N tokens can propose it). The top-1
+count still counts those positions, as misses: it estimates acceptance.
 """
 
 from __future__ import annotations
@@ -50,18 +55,29 @@ def draft_log_probs(features: torch.Tensor, lm_head: torch.Tensor) -> torch.Tens
 class Teacher:
     """The target's side of a chunk of positions, shared by every aligned step."""
 
-    probs: torch.Tensor  # [R, V] p, in the target features' precision whatever the autocast
+    probs: torch.Tensor  # [R, V or N] p, in the target features' precision whatever the autocast
     mass: torch.Tensor  # [R] sum of p: 1 up to rounding, kept so the gradient is autograd's to the last bit
-    tokens: torch.Tensor  # [R] the target's greedy next token
+    tokens: torch.Tensor  # [R] the target's greedy next token, as a column of `probs` (-1: outside the draft's N)
+    keep: torch.Tensor  # [R] 1.0 where the vocabulary terms apply (0.0: the greedy token is outside the N)
     top_probs: torch.Tensor  # [R, K] the K largest p (K = 0 without a Top-K loss)
     top_ids: torch.Tensor  # [R, K]
 
     @classmethod
-    def of(cls, target: torch.Tensor, lm_head: torch.Tensor, k: int) -> Teacher:
+    def of(cls, target: torch.Tensor, lm_head: torch.Tensor, k: int,
+           vocabulary: torch.Tensor | None = None) -> Teacher:
         with torch.autocast(target.device.type, enabled=False):  # soft labels are not rounded to bf16
-            probs = torch.softmax(target @ lm_head.T, dim=-1)  # [R, V]
+            logits = target @ lm_head.T  # [R, V]
+            tokens = logits.argmax(-1)  # [R]
+            keep = torch.ones_like(tokens, dtype=logits.dtype)
+            if vocabulary is not None:
+                column = torch.full((lm_head.shape[0],), -1, dtype=torch.int64, device=logits.device)
+                column[vocabulary] = torch.arange(vocabulary.numel(), device=logits.device)  # target id -> column
+                tokens = column[tokens]
+                keep = (tokens >= 0).to(logits.dtype)
+                logits = logits[:, vocabulary]  # [R, N]: softmax over them = p restricted and renormalised
+            probs = torch.softmax(logits, dim=-1)
         top_probs, top_ids = torch.topk(probs, min(k, probs.shape[-1]), dim=-1)
-        return cls(probs, probs.sum(-1), probs.argmax(-1), top_probs, top_ids)
+        return cls(probs, probs.sum(-1), tokens, keep, top_probs, top_ids)
 
 
 def distillation_gradient(draft_logprobs: torch.Tensor, teacher: Teacher, ce_weight: torch.Tensor,
@@ -103,8 +119,9 @@ class _VocabularyLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, predicted, target, lm_head, mask, ce_weights, topk_weights, k, chunk):
+    def forward(ctx, predicted, target, lm_head, mask, ce_weights, topk_weights, k, chunk, vocabulary):
         steps, rows = predicted.shape[:2]
+        scorer = lm_head if vocabulary is None else lm_head[vocabulary]  # [V or N, H]: the draft's projection
         sums = torch.zeros(3, steps, dtype=torch.float64, device=predicted.device)  # CE, Top-K, top-1 matches
         # The gradient stays in at least fp32 until the backward's scale (world / token count) is applied: scaling
         # it in bf16 would round that factor itself, a bias on every element rather than one rounding of each.
@@ -112,12 +129,14 @@ class _VocabularyLosses(torch.autograd.Function):
         grad = torch.zeros_like(predicted, dtype=precision) if ctx.needs_input_grad[0] else None
         for start in range(0, rows, chunk):
             part = slice(start, start + chunk)
-            teacher = Teacher.of(target[part], lm_head, k if any(topk_weights) else 0)  # once for every step
+            # Once for every step.
+            teacher = Teacher.of(target[part], lm_head, k if any(topk_weights) else 0, vocabulary)
             weight = mask[part]  # [c]
+            kept = weight * teacher.keep  # [c]: the rows the vocabulary terms train on
             for s in range(steps):
-                per_token, chunk_grad = _chunk_terms(predicted[s, part], lm_head, teacher, ce_weights[s] * weight,
-                                                     topk_weights[s] * weight, grad is not None)
-                sums[:, s] += (per_token * weight).sum(-1)
+                per_token, chunk_grad = _chunk_terms(predicted[s, part], scorer, teacher, ce_weights[s] * kept,
+                                                     topk_weights[s] * kept, grad is not None)
+                sums[:, s] += (per_token * torch.stack([kept, kept, weight])).sum(-1)
                 if grad is not None:
                     grad[s, part] = chunk_grad
         ctx.save_for_backward(grad)
@@ -128,7 +147,7 @@ class _VocabularyLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weighted, grad_sums):
         (grad,) = ctx.saved_tensors
-        return grad * grad_weighted, None, None, None, None, None, None, None  # autograd casts to predicted's dtype
+        return grad * grad_weighted, None, None, None, None, None, None, None, None  # autograd casts to predicted's dtype
 
 
 @dataclass(frozen=True)
@@ -141,7 +160,7 @@ class VocabularyLosses:
 
 def vocabulary_losses(predicted: list[torch.Tensor], target: torch.Tensor, lm_head: torch.Tensor,
                       loss_mask: torch.Tensor, ce_weights: list[float], topk_weights: list[float], k: int,
-                      chunk: int) -> VocabularyLosses:
+                      chunk: int, vocabulary: torch.Tensor | None = None) -> VocabularyLosses:
     """The soft cross-entropy and Top-K terms of every aligned step, `chunk` positions at a time.
 
     Only loss-masked positions are projected onto the vocabulary (padding and untrained tokens cost nothing).
@@ -154,12 +173,13 @@ def vocabulary_losses(predicted: list[torch.Tensor], target: torch.Tensor, lm_he
         ce_weights, topk_weights: S weights each, applied in `weighted`.
         k: K of the Top-K loss.
         chunk: positions whose [*, V] rows exist at once.
+        vocabulary: [N] the target ids a reduced draft vocabulary scores (None: all V).
     """
     rows = loss_mask.flatten().nonzero().squeeze(1)  # [R]; one host sync per batch
     stacked = torch.stack([out.flatten(0, 1)[rows] for out in predicted])  # [S, R, H]
     weighted, sums = _VocabularyLosses.apply(stacked, target.flatten(0, 1)[rows], lm_head,
                                              loss_mask.flatten()[rows], list(ce_weights), list(topk_weights), k,
-                                             chunk)
+                                             chunk, vocabulary)
     return VocabularyLosses(weighted, *sums)
 
 

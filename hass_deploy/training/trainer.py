@@ -19,12 +19,13 @@ from torch.nn.parallel import DistributedDataParallel
 from hass_deploy.config import Phase, TrainConfig
 from hass_deploy.atomic import check_output_dir
 from hass_deploy.errors import HassDeployError
-from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, load_draft, save_draft, target_identity
+from hass_deploy.models.checkpoint import (FORMAT_VERSION, DraftMetadata, copy_target_layer, init_draft, load_draft,
+                                          save_draft, target_identity)
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.loading import TargetHead, load_target_head
 from hass_deploy.progress import progress_bar
 from hass_deploy.training.alignment import HarmonizedDraft
-from hass_deploy.training.data import HiddenStateDataset, check_data_matches_target
+from hass_deploy.training.data import HiddenStateDataset, check_data_matches_target, frequent_tokens
 from hass_deploy.training.distributed import Ranks
 from hass_deploy.training.losses import feature_regression_loss, masked_sum, vocabulary_losses
 
@@ -34,10 +35,14 @@ STATE_FILE = "training_state.pt"
 MEMORY_ONLY = ("loss_chunk",)
 
 
-def _resumable(settings: dict) -> dict:
-    """The training settings a resumed run must share with the checkpoint."""
-    return {key: value for key, value in settings.items() if key not in MEMORY_ONLY}
 METRICS_FILE = "metrics.jsonl"
+
+
+def _resumable(settings: dict) -> dict:
+    """The training settings a resumed run must share with the checkpoint; a setting newer than the checkpoint
+    counts as its default (which is what the checkpoint was trained with)."""
+    defaults = json.loads(json.dumps(asdict(TrainConfig())))
+    return {key: value for key, value in {**defaults, **settings}.items() if key not in MEMORY_ONLY}
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,8 @@ def _batches(count: int, config: TrainConfig, epoch_seed: int, world: int) -> li
 
 
 def train_losses(model, lm_head: torch.Tensor, batch: Batch, config: TrainConfig, phase: Phase,
-                 noise: torch.Tensor | None, denominator: float, world: int, device: torch.device) -> dict[str, float]:
+                 noise: torch.Tensor | None, denominator: float, world: int, device: torch.device,
+                 vocabulary: torch.Tensor | None = None) -> dict[str, float]:
     """Forward and backward of one batch; returns the logged per-step losses (normalised by the global count).
 
     Every step's graph is kept until one backward over the step-weighted sum of their losses: the gradient of the
@@ -149,7 +155,8 @@ def train_losses(model, lm_head: torch.Tensor, batch: Batch, config: TrainConfig
                                   for out in outputs])  # [S]
         vocabulary = vocabulary_losses(outputs, batch.targets, lm_head, batch.loss_mask,
                                        [w * config.ce_weight for w in step_weights],
-                                       [w * topk_weight for w in step_weights], config.topk, config.loss_chunk)
+                                       [w * topk_weight for w in step_weights], config.topk, config.loss_chunk,
+                                       vocabulary)
     total = config.feature_weight * (regression * regression.new_tensor(step_weights)).sum() + vocabulary.weighted
     # DDP averages gradients over ranks; scaling by world / global count makes that the global mean.
     (total * world / denominator).backward()
@@ -178,6 +185,7 @@ def evaluate(head: DraftHead, lm_head: torch.Tensor, dataset: HiddenStateDataset
     tokens per round of a chain draft, 1 + sum_i P(0..i correct).
     """
     model = HarmonizedDraft(head).eval()
+    scorer = head.scoring_weight(lm_head)  # [V or N, H]
     depth = config.eval_depth
     accepted = torch.zeros(depth, device=lm_head.device)
     anchors = 0
@@ -189,7 +197,7 @@ def evaluate(head: DraftHead, lm_head: torch.Tensor, dataset: HiddenStateDataset
         seq = batch.valid.shape[1]
         chain = batch.loss_mask[:, : seq].bool()  # anchor a needs the first predicted token to be trained
         for i, out in enumerate(outputs):
-            predicted = _greedy_tokens(out, lm_head, config.loss_chunk)  # [B, N] token after position t + 1
+            predicted = head.target_ids(_greedy_tokens(out, scorer, config.loss_chunk))  # [B, N] token after t + 1
             # Depth i from anchor a uses out_i[a + i] and the target's y[a + i + 1].
             correct = torch.zeros_like(chain)
             if seq - 1 - i > 0:
@@ -232,6 +240,16 @@ def train(target_dir: str | Path, data_dir: str | Path, out: str | Path, config:
         return _train(Path(target_dir), Path(data_dir), Path(out), config, resume, force, progress, env)
 
 
+def _vocabulary(data: HiddenStateDataset, target: TargetHead, config: TrainConfig) -> torch.Tensor | None:
+    """--draft-vocab's N target ids: the most frequent trained tokens of the training split (None: all)."""
+    if config.draft_vocab is None:
+        return None
+    if config.draft_vocab > target.config.vocab_size:
+        raise HassDeployError(f"--draft-vocab {config.draft_vocab} is more than the target's vocabulary "
+                              f"({target.config.vocab_size})")
+    return frequent_tokens(data.token_counts(), config.draft_vocab)
+
+
 def _train(target_dir: Path, data_dir: Path, out: Path, config: TrainConfig, resume: bool, force: bool, progress: bool,
            env: Ranks) -> dict:
     device = env.device
@@ -253,8 +271,11 @@ def _train(target_dir: Path, data_dir: Path, out: Path, config: TrainConfig, res
         metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
     else:
         check_output_dir(out, force or resume, "use --resume to continue or --force to overwrite")
-        head = init_draft(target, seed=config.seed)
+        head = init_draft(target, seed=config.seed, vocabulary=_vocabulary(train_set, target, config))
+        if config.init_layer == "last":
+            copy_target_layer(head, target_dir)
     head = head.float().to(device).train()
+    vocabulary = head.vocabulary()  # [N] on the device, or None
     head.embed_tokens.weight.requires_grad_(False)
     model = HarmonizedDraft(head)
     if env.world > 1:
@@ -285,7 +306,7 @@ def _train(target_dir: Path, data_dir: Path, out: Path, config: TrainConfig, res
                     if float(count) == 0:
                         continue
                     logged.append(train_losses(model, lm_head, batch, config, phase, noise, float(count), env.world,
-                                               device))
+                                               device, vocabulary))
                     for p in trainable:
                         if p.grad is not None:
                             p.grad.clamp_(-config.grad_clip, config.grad_clip)

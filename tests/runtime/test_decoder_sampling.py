@@ -103,6 +103,10 @@ CASES = {
     "t0.7-topk4-good-draft": (SamplingConfig(temperature=0.7, top_k=4), "good"),
     "t1.3-topp0.8-adversarial-draft": (SamplingConfig(temperature=1.3, top_p=0.8), "adversarial"),
     "t1-topk3-topp0.9-good-draft": (SamplingConfig(temperature=1.0, top_k=3, top_p=0.9), "good"),
+    # A reduced draft vocabulary (models/draft.py): tokens 1, 3 and 4 have draft probability 0, never proposed,
+    # yet must come out as often as the target samples them (from the residuals).
+    "t1-reduced-vocab-draft": (SamplingConfig(temperature=1.0), "reduced"),
+    "t0.7-topk4-reduced-vocab-draft": (SamplingConfig(temperature=0.7, top_k=4), "reduced"),
 }
 
 
@@ -111,6 +115,8 @@ def test_speculative_sampling_matches_exact_distribution(case, peaked_target):
     sampling, kind = CASES[case]
     if kind == "random":
         draft = init_draft(peaked_target, seed=3)
+    elif kind == "reduced":
+        draft = init_draft(peaked_target, seed=3, vocabulary=torch.tensor([0, 2, 5]))
     else:
         draft = OracleDraft(peaked_target, PROMPT[0], 64 + TREE.draft_rows, noise=0.3,
                             adversarial=kind == "adversarial")

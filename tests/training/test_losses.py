@@ -106,6 +106,48 @@ def test_vocabulary_losses_in_chunks_equal_the_dense_computation(chunk):
         assert (got[loss_mask == 0] == 0).all()  # unmasked positions are never projected
 
 
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_a_reduced_vocabulary_trains_on_p_restricted_and_renormalised(chunk):
+    """EAGLE-3's objective, dense and with autograd: q over the N tokens, p restricted to them and renormalised,
+    positions whose target argmax is outside the N left out of the vocabulary terms and counted as top-1 misses."""
+    generator = torch.Generator().manual_seed(3)
+    steps, batch, seq_len, hidden, vocab, k = 2, 2, 7, 8, 30, 3
+    outputs = [torch.randn(batch, seq_len, hidden, generator=generator, dtype=torch.float64, requires_grad=True)
+               for _ in range(steps)]
+    target = torch.randn(batch, seq_len, hidden, generator=generator, dtype=torch.float64)
+    lm_head = torch.randn(vocab, hidden, generator=generator, dtype=torch.float64)
+    loss_mask = (torch.rand(batch, seq_len, generator=generator) > 0.2).double()
+    greedy = (target @ lm_head.T).argmax(-1)  # [B, N]
+    vocabulary = torch.tensor(sorted(set(greedy.flatten().tolist()[::2]) | {0, 1, 2, 3}))  # about half of them
+    inside = torch.isin(greedy, vocabulary)
+    assert inside.any() and (~inside & (loss_mask > 0)).any()
+    ce_weights, topk_weights = [0.1, 0.3], [1.0, 0.5]
+
+    got = vocabulary_losses(outputs, target, lm_head, loss_mask, ce_weights, topk_weights, k, chunk, vocabulary)
+    got.weighted.backward()
+    chunked = [out.grad.clone() for out in outputs]
+
+    rows = lm_head[vocabulary]  # [N, H]
+    p = torch.softmax(target @ rows.T, -1)  # [B, N_seq, N]: restricted, renormalised
+    top_probs, top_ids = torch.topk(p, k, -1)
+    kept = loss_mask * inside.double()
+    expected = torch.zeros(()).double()
+    for s, out in enumerate(outputs):
+        out.grad = None
+        log_q = torch.log_softmax(out @ rows.T, -1)
+        cross_entropy = masked_sum(soft_cross_entropy(log_q, p), kept)
+        topk = masked_sum(topk_distillation_loss(log_q, top_probs, top_ids), kept)
+        top1 = masked_sum((vocabulary[log_q.argmax(-1)] == greedy).double(), loss_mask)
+        assert abs(float(got.cross_entropy[s]) - float(cross_entropy.detach())) <= 1e-9
+        assert abs(float(got.topk[s]) - float(topk.detach())) <= 1e-9
+        assert float(got.top1[s]) == float(top1)
+        expected = expected + ce_weights[s] * cross_entropy + topk_weights[s] * topk
+    assert abs(float(got.weighted.detach()) - float(expected.detach())) <= 1e-9
+    expected.backward()
+    for grad, out in zip(chunked, outputs):
+        torch.testing.assert_close(grad, out.grad, atol=1e-12, rtol=1e-9)
+
+
 def test_vocabulary_rows_never_exceed_the_chunk(monkeypatch):
     """What bounds the memory: no [*, V] tensor has more than `chunk` rows, however many positions the batch has."""
     widest = []
@@ -115,9 +157,9 @@ def test_vocabulary_rows_never_exceed_the_chunk(monkeypatch):
         widest.append(features.shape[0])
         return real_log_probs(features, lm_head)
 
-    def teacher(target, lm_head, k):
+    def teacher(target, lm_head, k, vocabulary=None):
         widest.append(target.shape[0])
-        return real_teacher(target, lm_head, k)
+        return real_teacher(target, lm_head, k, vocabulary)
 
     monkeypatch.setattr(losses, "draft_log_probs", log_probs)
     monkeypatch.setattr(losses.Teacher, "of", teacher)

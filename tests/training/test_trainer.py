@@ -243,3 +243,32 @@ def test_data_from_another_target_is_refused(workspace, tmp_path):
                     max_position_embeddings=128).save_pretrained(tmp_path / "other")
     with pytest.raises(HassDeployError, match="another target|different target"):
         trainer.train(tmp_path / "other", workspace / "data", tmp_path / "draft", fast(), progress=False)
+
+
+def test_a_reduced_vocabulary_draft_learns_its_frequent_tokens(workspace, tmp_path):
+    """--draft-vocab: the N most frequent trained tokens of the data, stored with the draft; it still learns."""
+    config = fast(draft_vocab=32, topk=4)
+    metrics = trainer.train(workspace / "target", workspace / "data", tmp_path / "draft", config, progress=False)
+    target = load_target_head(workspace / "target")
+    head, _ = load_draft(tmp_path / "draft", target)
+    counts = HiddenStateDataset(workspace / "data").token_counts()
+    assert head.draft_vocab == 32 and int(counts[head.vocabulary()].min()) >= int(counts.sort().values[-32])
+    random_metrics = trainer.evaluate(init_draft(target, seed=0, vocabulary=head.vocabulary()), target.lm_head,
+                                      HiddenStateDataset(workspace / "data", "eval"), fast())
+    assert metrics["eval_expected_tau"] > random_metrics["expected_tau"] + 0.2
+    with pytest.raises(HassDeployError, match="--draft-vocab 100 is more than the target's vocabulary"):
+        trainer.train(workspace / "target", workspace / "data", tmp_path / "big", fast(draft_vocab=100),
+                      progress=False)
+
+
+def test_the_draft_layer_can_start_as_the_targets_last_layer(workspace, tmp_path):
+    from hass_deploy.models.checkpoint import copy_target_layer
+
+    target = load_target(workspace / "target")
+    head = copy_target_layer(init_draft(target, seed=0), workspace / "target")
+    last = target.module.layers[-1].state_dict()
+    for name, value in head.layers[0].state_dict().items():
+        assert torch.equal(value, last[name]), name
+    assert "input_layernorm.weight" in last and "input_layernorm.weight" not in head.layers[0].state_dict()
+    trainer.train(workspace / "target", workspace / "data", tmp_path / "draft",
+                  fast(init_layer="last", phases=(Phase(epochs=1, lr=3e-3, topk_weight=1.0),)), progress=False)

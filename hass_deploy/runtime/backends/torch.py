@@ -78,19 +78,22 @@ class TorchTarget(TargetBackend):
 
 
 class TorchDraft(DraftBackend):
-    """The draft head with the target's lm_head (shared, not copied)."""
+    """The draft head with the target's lm_head (shared, not copied; a reduced draft vocabulary's rows of it are)."""
 
     def __init__(self, head: DraftHead, lm_head: torch.nn.Linear, max_len: int, steps: str = "auto"):
         self.head = head
         self.lm_head = lm_head
+        self.scorer = head.scoring_head(lm_head)  # [V or N, H]
         self.device = head.fc.weight.device
         self.max_len, self.mode = max_len, steps
         self.kv = _kv_for(head, 1, max_len)
         self.graphs = graphs.step_graphs(steps, self.device)
 
-    def _rank(self, hidden: torch.Tensor, top_k: int) -> torch.return_types.topk:
-        logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1, T, V]
-        return torch.topk(logprobs, top_k, dim=-1)
+    def _rank(self, hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k log-probabilities [1, T, k] and their target token ids [1, T, k]."""
+        logprobs = torch.log_softmax(self.scorer(hidden).float(), dim=-1)  # [1, T, V or N]
+        top = torch.topk(logprobs, top_k, dim=-1)
+        return top.values, self.head.target_ids(top.indices)
 
     @torch.no_grad()
     def _step(self, features, input_ids, position_ids, cache_len, tree_mask, top_k) -> DraftOutput:
@@ -99,8 +102,8 @@ class TorchDraft(DraftBackend):
         shape = None if self.graphs is None else _static_shape(steps, cache_len, self.max_len)
         if shape is None:
             hidden = self.head(features, input_ids, position_ids, tree_mask, self.kv, cache_len)
-            top = self._rank(hidden, top_k)
-            return DraftOutput(hidden=hidden, logprobs=top.values, tokens=top.indices)
+            logprobs, tokens = self._rank(hidden, top_k)
+            return DraftOutput(hidden=hidden, logprobs=logprobs, tokens=tokens)
         rows, kv_len = shape
         mask = graphs.pad_tree_mask(tree_mask, steps, rows, self.device)  # [1, T_b, M_b]
         feeds = {"features": graphs.pad_rows(features, rows), "input_ids": graphs.pad_rows(input_ids, rows),
@@ -110,8 +113,8 @@ class TorchDraft(DraftBackend):
         def compute(static: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             hidden = self.head(static["features"], static["input_ids"], static["position_ids"], static["tree_mask"],
                                self.kv, static["cache_len"], kv_len)  # [1, T_b, H]
-            top = self._rank(hidden, top_k)
-            return {"hidden": hidden, "logprobs": top.values, "tokens": top.indices}
+            logprobs, tokens = self._rank(hidden, top_k)
+            return {"hidden": hidden, "logprobs": logprobs, "tokens": tokens}
 
         out = _rows(self.graphs.run(("draft", rows, mask.shape[2], kv_len, top_k), feeds, compute), steps)
         return DraftOutput(hidden=out["hidden"], logprobs=out["logprobs"], tokens=out["tokens"])
