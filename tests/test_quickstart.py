@@ -219,3 +219,44 @@ def test_device_reaches_the_target_data_and_training_stages(fakes, tmp_path):
     quickstart.run_quickstart(tmp_path / "work", "tiny", progress=False, log=lambda line: None, device="cuda:0")
     assert fakes.devices == {"target": "cuda:0", "data": "cuda:0", "train hass": "cuda:0", "train eagle2": "cuda:0"}
     assert fakes.calls == STAGES
+
+
+def test_the_chat_corpus_keeps_held_out_conversations_and_benchmarks_out_of_training(tmp_path):
+    """Conversations (ShareGPT's ID_N parts) are either held out (a prompt from their first user turn) or trained
+    on, never both; benchmark questions are neither; the same settings write the same bytes."""
+    records = []
+    for c in range(30):
+        for part in range(1 + c % 3):
+            records.append({"id": f"c{c}_{part}", "conversations": [
+                {"from": "human", "value": f"question {c} part {part}" + (" long" * 400 if c % 7 == 0 else "")},
+                {"from": "gpt", "value": f"answer {c}"}]})
+    records.append({"id": "bench_0", "conversations": [{"from": "human", "value": "Calculate the atomic mass for lithium."},
+                                                       {"from": "gpt", "value": "6.94"}]})
+    dataset = tmp_path / "chat.json"
+    dataset.write_text(json.dumps(records)[:-1])  # cut: no closing bracket, as a partial download
+    corpus = quickstart.ChatCorpus(dataset=str(dataset), records=20, prompts=5, prompt_chars=200, prompt_sets=())
+    layout = quickstart.Layout(tmp_path / "qs")
+    record = quickstart.write_chat_corpus(corpus, layout)
+    trained = [json.loads(line) for line in layout.corpus.read_text().splitlines()]
+    (prompt_file,) = corpus.prompt_files(layout)
+    assert prompt_file.name == "chat_heldout.jsonl"
+    prompts = [json.loads(line) for line in prompt_file.read_text().splitlines()]
+    assert (record["records"], record["prompts"], len(trained), len(prompts)) == (20, 5, 20, 5)
+    trained_conversations = {line["id"].rsplit("_", 1)[0] for line in trained}
+    assert not trained_conversations & {p["id"] for p in prompts}
+    assert all(len(p["prompt"]) <= 200 and p["prompt"].startswith("question") for p in prompts)
+    assert not any("lithium" in m["content"] for line in trained for m in line["messages"])
+    before = layout.corpus.read_bytes()
+    quickstart.write_chat_corpus(corpus, layout)
+    assert layout.corpus.read_bytes() == before
+    with pytest.raises(HassDeployError, match="fewer than the preset's"):
+        quickstart.write_chat_corpus(quickstart.ChatCorpus(dataset=str(dataset), records=500, prompt_sets=()), layout)
+
+
+def test_the_default_preset_is_the_real_model_on_sharegpt():
+    preset = quickstart.PRESETS["default"]
+    assert preset.target == "smollm2" and isinstance(preset.corpus, quickstart.ChatCorpus)
+    assert preset.corpus.dataset == "sharegpt" and preset.data.format == "sharegpt"
+    assert [p.stem for p in preset.corpus.prompt_files(quickstart.Layout(Path("w")))] == [
+        "sharegpt_heldout", "mt_bench", "humaneval", "gsm8k", "alpaca"]
+    assert quickstart.PRESETS["tiny"].target == "tiny" and quickstart.PRESETS["demo"].target == "default"
