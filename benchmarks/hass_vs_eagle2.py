@@ -53,6 +53,13 @@ VARIANTS = {
     # The reference schedule's shape: a second phase at a lower learning rate (a fresh optimizer and schedule).
     "hass-4ep-anneal": replace(BASE, recipe="hass", phases=(Phase(3, LR, 1.0), Phase(1, LR / 4, 1.0))),
     "eagle2-4ep-anneal": replace(BASE, recipe="eagle2", phases=(Phase(3, LR, 1.0), Phase(1, LR / 4, 1.0))),
+    # The draft vocabulary (the default preset's is 8192 tokens): the whole target vocabulary, and half of 8192.
+    "hass-vfull": replace(BASE, recipe="hass", draft_vocab=None),
+    "eagle2-vfull": replace(BASE, recipe="eagle2", draft_vocab=None),
+    "hass-v4096": replace(BASE, recipe="hass", draft_vocab=4096),
+    # The draft layer started from the target's last decoder layer instead of random weights.
+    "hass-init-last": replace(BASE, recipe="hass", init_layer="last"),
+    "eagle2-init-last": replace(BASE, recipe="eagle2", init_layer="last"),
 }
 TREES = (TreeConfig(11, 3, 2), TreeConfig(4, 3, 1))
 
@@ -61,7 +68,8 @@ def decoding_tau(target: Path, draft: Path, prompts, new_tokens: int) -> list[fl
     pipe = Pipeline.load(target, draft, generation=GenerationConfig(tree=TreeConfig(16, 4, 4)))
     taus = []
     for tree in TREES:
-        config = GenerationConfig(max_new_tokens=new_tokens, tree=tree, eos_token_ids=())
+        # No stop tokens given: Pipeline.generate stops at the target's own (a chat model's end of turn).
+        config = GenerationConfig(max_new_tokens=new_tokens, tree=tree)
         taus.append(macro_tau([pipe.generate(pipe.encode(p), config).accept_lengths for p in prompts]))
     return taus
 
