@@ -1,15 +1,15 @@
 """Plain (and speculative, prompt-lookup, hybrid) decoding on ONNX Runtime, graph variant against graph variant,
-side by side (a script, not a timed test): the standard graphs, the fused ONNX Runtime graphs, and an int8 export,
-on the same prompts, alternating prompt by prompt so that drift on shared cores spreads over every variant.
+side by side (a script, not a timed test): the standard graphs, the fused ONNX Runtime graphs, and int8 and int4
+exports, on the same prompts, alternating prompt by prompt so that drift on shared cores spreads over every variant.
 
     python benchmarks/cpu_plain.py --target T --artifacts W/onnx/hass [--int8-artifacts W/onnx-int8/hass] \
-        --prompts W/corpus/heldout_prompts.jsonl --max-prompts 12 --new-tokens 128 [--draft W/drafts/hass] \
-        [--tree 11,3,2] [--lookup] [--hybrid] [--steps] [--out cpu_plain.json]
+        [--int4-artifacts W/onnx-int4/hass] --prompts W/corpus/heldout_prompts.jsonl --max-prompts 12 \
+        --new-tokens 128 [--draft W/drafts/hass] [--tree 11,3,2] [--lookup] [--hybrid] [--steps] [--out cpu_plain.json]
 
 EOS is ignored, so every run makes exactly --new-tokens tokens, as llama.cpp's `--ignore-eos` runs do
 (`benchmarks/llama_cpp.py`, the side-by-side peer). Every greedy output is compared token for token with the
-fp32 standard graph's plain decoding; an int8 target is compared with its own plain decoding (lossless) and its
-drift from fp32 is reported (new tokens matched before the first difference).
+fp32 standard graph's plain decoding (the first fp32 variant's); a quantised target is compared with its own plain
+decoding (lossless) and its drift from fp32 is reported (new tokens matched before the first difference).
 
 `--steps` adds the step-cost curve: target step latency for T = 1..64 new rows at the prompts' context, per variant.
 """
@@ -41,13 +41,13 @@ def variants(args, target, head) -> dict[str, tuple]:
     """name -> (target backend, draft backend or None) over each export and graph kind asked for."""
     out = {}
     tree = TreeConfig(*args.tree)
-    for label, artifacts in (("", args.artifacts), ("int8 ", args.int8_artifacts)):
+    for label, artifacts in (("", args.artifacts), ("int8 ", args.int8_artifacts), ("int4 ", args.int4_artifacts)):
         if artifacts is None:
             continue
         manifest = read_manifest(artifacts)
         kinds = [k for k in args.graphs if k == "standard" or "target_ort" in manifest.graphs]
         if label:
-            kinds = ["fused"]  # an int8 export's standard graphs are the fp32 reference
+            kinds = ["fused"]  # a quantised export's standard graphs are the fp32 reference
         for kind in kinds:
             backends = open_ort_backends(Path(artifacts), manifest, head is not None and manifest.draft is not None,
                                          args.max_seq_len, tree.draft_rows, OrtConfig(graphs=kind))
@@ -75,6 +75,7 @@ def main(argv=None) -> None:
     parser.add_argument("--target", type=Path, required=True)
     parser.add_argument("--artifacts", type=Path, required=True, help="an fp32 export (standard + fused graphs)")
     parser.add_argument("--int8-artifacts", type=Path, help="an export with --target-quantization int8")
+    parser.add_argument("--int4-artifacts", type=Path, help="an export with --target-quantization int4 (a GGUF target)")
     parser.add_argument("--draft", type=Path, help="also time speculative decoding with this draft")
     parser.add_argument("--tree", type=lambda s: tuple(int(x) for x in s.split(",")), default=(11, 3, 2))
     parser.add_argument("--prompts", type=Path, required=True)

@@ -58,6 +58,35 @@ def fusable_dirs(tmp_path_factory) -> dict[str, Path]:
     return _write_models(tmp_path_factory, "-fusable", **FUSABLE)
 
 
+# Tiny Llamas whose every linear weight can be a Q4 block row: K a multiple of 32 (hidden 64, intermediate 128).
+Q4_MODEL = dict(TINY, hidden_size=64, intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def q4_ggufs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Tiny fusable Llamas written as GGUFs of Q4_0 / Q4_1 / Q8_0 blocks (`gguf_files.q4_types`) and converted:
+    "tied" (the lm_head is the Q8_0 token embedding) and "untied" (a Q4_1 output.weight) -> (file, converted dir)."""
+    from models.gguf_files import q4_types, write_gguf
+
+    from hass_deploy.models.gguf import convert_gguf
+
+    out = {}
+    for i, name in enumerate(("tied", "untied")):
+        base = tmp_path_factory.mktemp(f"q4-{name}")
+        model = random_hf_model("llama", "tiny", seed=20 + i, **{**Q4_MODEL, "tie_word_embeddings": name == "tied"})
+        path = write_gguf(model, base / f"{name}.gguf", types=q4_types(model.config.num_hidden_layers), file_type=2)
+        out[name] = (path, convert_gguf(path, base / "converted", progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def int4_exports(q4_ggufs, tmp_path_factory):
+    """"tied" / "untied" -> (target, draft, artifacts): the Q4 GGUF targets exported with --target-quantization int4."""
+    from ort_artifacts import Int4Exports
+
+    return Int4Exports(tmp_path_factory.getbasetemp() / "onnx-int4", q4_ggufs)
+
+
 @pytest.fixture(scope="session")
 def fused_artifacts(fusable_targets, fusable_drafts, tmp_path_factory):
     """arch -> artifacts with standard and fused graphs (fp32) of the fusable models, exported on first use."""

@@ -18,6 +18,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 CONFIG = ExportConfig(max_seq_len=256, max_tree_tokens=64, max_top_k=16, prefill_chunk=8)
+# The GGUF's own 4-bit blocks in the fused target graph (a converted GGUF target), an int8 draft graph beside it.
+INT4 = ExportConfig(**{**CONFIG.__dict__, "target_quantization": "int4", "draft_quantization": "int8"})
 
 
 def exported(base: Path, name: str, target, draft, config: ExportConfig = CONFIG) -> Path:
@@ -38,6 +40,23 @@ class LazyExports(dict):
     def __missing__(self, arch):
         self[arch] = exported(self.base, f"{arch}-fp32", self.targets[arch], self.drafts[arch])
         return self[arch]
+
+
+class Int4Exports(dict):
+    """variant of `q4_ggufs` -> (target, draft, artifacts exported with INT4), exported on first use."""
+
+    def __init__(self, base: Path, ggufs):
+        super().__init__()
+        self.base, self.ggufs = base, ggufs
+
+    def __missing__(self, variant):
+        from hass_deploy.models.checkpoint import init_draft
+        from hass_deploy.models.loading import load_target
+
+        target = load_target(self.ggufs[variant][1])
+        draft = init_draft(target, seed=7)
+        self[variant] = target, draft, exported(self.base, f"{variant}-int4", target, draft, INT4)
+        return self[variant]
 
 
 class TrtExports(LazyExports):

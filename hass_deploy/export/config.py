@@ -10,7 +10,7 @@ from hass_deploy.errors import ConfigError
 ENGINES = ("onnx", "trt")
 ATTENTION = ("onnx", "decomposed")
 DRAFT_QUANTIZATIONS = ("int8",)
-TARGET_QUANTIZATIONS = ("int8",)
+TARGET_QUANTIZATIONS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,12 @@ class ExportConfig:
     # None: with fp32 exports (they run fp32 on the CPU).
     ort_graphs: bool | None = option(None, "Also write the fused ONNX Runtime graphs the runtime runs (default: with "
                                      "fp32).")
-    # "int8": the fused target graph's weights are int8 blocks (weight-only, as CPU users run a target). Lossless
-    # then means identical to plain decoding of the quantised target; the standard graphs stay fp32.
-    target_quantization: str | None = option(None, "int8: the fused ONNX Runtime target graph with int8 weights "
-                                             "(lossless w.r.t. the quantised target).")
+    # "int8": the fused target graph's weights are int8 blocks (weight-only, as CPU users run a target). "int4": a
+    # GGUF target's own Q4_0 / Q4_1 blocks, bit for bit (`models/gguf_blocks.py`). Lossless then means identical to
+    # plain decoding of the quantised target; the standard graphs stay fp32.
+    target_quantization: str | None = option(None, "int8: the fused ONNX Runtime target graph with int8 weights; "
+                                             "int4: with a GGUF target's own Q4_0/Q4_1 blocks (lossless w.r.t. the "
+                                             "quantised target).")
     # "onnx": the standard graphs keep opset 23's RMSNormalization and RotaryEmbedding (TensorRT >= 10.15 imports
     # them). "decomposed": those expanded into their defining plain operators (`decompose.py`), for TensorRT before
     # 10.15 and wherever a fused kernel is not found. The same computation: both are validated token for token.
@@ -57,7 +59,8 @@ class ExportConfig:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "trt" and (self.ort_graphs or self.draft_quantization or self.target_quantization):
             raise ConfigError("--engine trt builds TensorRT plans from the standard graphs in --dtype: the fused ONNX "
-                              "Runtime graphs and int8 quantisation are ONNX Runtime's (export them with --engine onnx)")
+                              "Runtime graphs and int8/int4 quantisation are ONNX Runtime's (export them with --engine "
+                              "onnx)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
@@ -78,8 +81,8 @@ class ExportConfig:
         if self.ort_graphs and self.dtype != "fp32":
             raise ConfigError("the fused ONNX Runtime graphs are fp32 (CPU): export them with --dtype fp32")
         if self.target_quantization is not None and not self.fused:
-            raise ConfigError("--target-quantization int8 quantises the fused ONNX Runtime target graph: export "
-                              "with --dtype fp32 and without --no-ort-graphs")
+            raise ConfigError(f"--target-quantization {self.target_quantization} quantises the fused ONNX Runtime "
+                              "target graph: export with --dtype fp32 and without --no-ort-graphs")
         if self.attention not in ATTENTION:
             raise ConfigError(f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.opset < 18:

@@ -13,7 +13,12 @@ About 11 operators per layer instead of about 40. Attention reads only the `cach
 (GroupQueryAttention's `seqlens_k`), whatever the buffer's length, so the KV buffers are bound at full length
 and never re-laid out, and the step's new K/V rows are written into them by the operator itself (the
 `present_*` outputs alias the `past_*` inputs: ORT's shared-buffer mode). Weights may be int8 (`MatMulNBits`,
-blockwise, 8 bits): weight-only quantisation as CPU users run it (`--target-quantization int8`).
+blockwise, 8 bits): weight-only quantisation as CPU users run it (`--target-quantization int8`); or a GGUF target's
+own blocks (`--target-quantization int4`, `models/gguf_blocks.py`): its Q4_0 / Q4_1 weights as 4-bit `MatMulNBits`
+and its Q8_0 ones (a tied lm_head: the token embedding) as 8-bit, the codes and scales as the file stores them.
+Q4_1's min m (w = d * q + m) has no MatMulNBits input: it is added as a second product, m against the activations'
+sums over each block of 32, as llama.cpp's q4_1 dot product adds it. Weights of any other type in the file stay fp32
+MatMuls of the converted weights, the file's values unchanged.
 
     target: input_ids [1, T], position_ids [1, T], cache_len [1], tree_mask [1, T, T], logits_index [R],
             past_key_i / past_value_i [1, H_kv, S_max, D]
@@ -24,6 +29,8 @@ blockwise, 8 bits): weight-only quantisation as CPU users run it (`--target-quan
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,15 +39,18 @@ from torch import nn
 
 from hass_deploy.errors import ConfigError
 from hass_deploy.models.draft import DraftHead
+from hass_deploy.models.gguf_blocks import Blocks, concat
 from hass_deploy.models.target import DecoderLayer, ModelConfig, Rotary, Transformer
 
 OPSET = 23  # RMSNormalization (standard since 23); ORT 1.32 runs it
 MS = "com.microsoft"
-QUANTIZATIONS = ("int8",)
-BLOCK_SIZE = 32  # int8 blocks along the input dimension, as llama.cpp's q8_0: one fp32 scale per 32 weights
+WEIGHTS_PROP = "hass_deploy.linear_weights"  # the graph's metadata: how many linear weights of each kind
+QUANTIZATIONS = ("int8", "int4")  # int4: the GGUF's own blocks (`_Graph.blocks`)
+BLOCK_SIZE = 32  # blocks along the input dimension, as llama.cpp's q8_0 / q4_0 / q4_1: one scale per 32 weights
 # MatMulNBits accuracy level 4: activations are quantised to int8 per block too, so the inner product runs on
-# int8 dot-product instructions (VNNI), as llama.cpp's q8_0 does. The result is still a deterministic function of
-# the quantised weights, which is what losslessness is measured against.
+# int8 dot-product instructions (VNNI), as llama.cpp's q8_0 / q4_0 / q4_1 dot products quantise them to q8 blocks.
+# The result is still a deterministic function of the quantised weights, which is what losslessness is measured
+# against.
 ACCURACY_LEVEL = 4
 
 
@@ -70,8 +80,10 @@ class _Graph:
     """Nodes and initializers of one graph, with unique names."""
 
     quantization: str | None
+    blocks: Mapping[nn.Module, Blocks] = field(default_factory=dict)  # int4: a linear layer -> the GGUF's blocks
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
+    weights: Counter = field(default_factory=Counter)  # what each linear layer became: "Q4_1", "int8", "fp32", ...
     count: int = 0
 
     def name(self, hint: str) -> str:
@@ -102,33 +114,76 @@ class _Graph:
     def linear(self, x: str, layers: list[nn.Linear], hint: str, out: str | None = None) -> str:
         """x [.., in] through the linear layers side by side (one MatMul whose output is their concatenation);
         `out` names the result (a graph output)."""
-        weight = torch.cat([layer.weight.detach() for layer in layers]).float().numpy()  # [N, K]
         biases = [layer.bias for layer in layers]
         has_bias = any(b is not None for b in biases)
         named = [out] if out is not None and not has_bias else 1
-        if self.quantization == "int8":
-            y = self._int8_matmul(x, weight, hint, named)
+        parts = self._file_blocks(layers)
+        if parts is not None:
+            kinds = [p.kind for p in parts]
+            y = self._nbits_matmul(x, concat(parts), hint, named)
         else:
-            y = self.op("MatMul", [x, self.const(hint + "_w", weight.T)], hint, outputs=named)
+            weight = torch.cat([layer.weight.detach() for layer in layers]).float().numpy()  # [N, K]
+            if self.quantization == "int8":
+                kinds = ["int8"] * len(layers)
+                y = self._nbits_matmul(x, quantize_int8(weight), hint, named)
+            else:
+                kinds = ["fp32"] * len(layers)
+                y = self.op("MatMul", [x, self.const(hint + "_w", weight.T)], hint, outputs=named)
+        self.weights.update(kinds)
         if has_bias:
             bias = torch.cat([b.detach() if b is not None else torch.zeros(layer.out_features)
                               for b, layer in zip(biases, layers)]).float().numpy()
             y = self.op("Add", [y, self.const(hint + "_b", bias)], hint, outputs=[out] if out is not None else 1)
         return y
 
-    def _int8_matmul(self, x: str, weight: np.ndarray, hint: str, outputs) -> str:
-        """MatMulNBits with symmetric int8 blocks: w ~ scale * (q - 128), q uint8, one scale per BLOCK_SIZE inputs."""
-        n, k = weight.shape
-        blocks = -(-k // BLOCK_SIZE)
-        padded = np.zeros((n, blocks * BLOCK_SIZE), dtype=np.float32)
-        padded[:, :k] = weight
-        grouped = padded.reshape(n, blocks, BLOCK_SIZE)
-        scales = np.abs(grouped).max(axis=-1) / 127.0  # [N, blocks]
-        scales = np.where(scales == 0, 1.0, scales).astype(np.float32)  # an all-zero block: any scale is exact
-        quantized = (np.clip(np.rint(grouped / scales[..., None]), -127, 127) + 128).astype(np.uint8)
-        return self.op("MatMulNBits", [x, self.const(hint + "_q", quantized), self.const(hint + "_s", scales)],
-                       hint, outputs=outputs, domain=MS, K=k, N=n, bits=8, block_size=BLOCK_SIZE,
-                       accuracy_level=ACCURACY_LEVEL)
+    def _file_blocks(self, layers: list[nn.Linear]) -> list[Blocks] | None:
+        """int4: the GGUF's blocks of each layer, or None when one has none (its type is not one MatMulNBits holds as
+        it is) or their widths differ; the product is then an fp32 MatMul of the file's dequantized values."""
+        if self.quantization != "int4":
+            return None
+        parts = [self.blocks.get(layer) for layer in layers]
+        if any(p is None for p in parts) or len({p.bits for p in parts}) != 1:
+            return None
+        return parts
+
+    def _nbits_matmul(self, x: str, blocks: Blocks, hint: str, outputs) -> str:
+        """x [1, T, K] @ w^T with w = scale * (code - zero) + min, blockwise (`Blocks`): MatMulNBits, then the min."""
+        n, count, size = blocks.codes.shape
+        codes = blocks.codes
+        if blocks.bits == 4:  # two codes a byte, the earlier input in the low nibble: [N, K / 32, 16]
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        inputs = [x, self.const(hint + "_q", codes), self.const(hint + "_s", blocks.scales)]
+        if (blocks.zeros != 1 << (blocks.bits - 1)).any():  # MatMulNBits' default zero point is 2^(bits - 1)
+            zeros = blocks.zeros
+            if blocks.bits == 4:  # [N, ceil(K / 64)]: two a byte, low nibble first
+                zeros = np.pad(zeros, ((0, 0), (0, count % 2)))
+                zeros = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
+            inputs.append(self.const(hint + "_z", zeros))
+        y = self.op("MatMulNBits", inputs, hint, outputs=outputs if blocks.mins is None else 1, domain=MS,
+                    K=blocks.in_features, N=n, bits=blocks.bits, block_size=size, accuracy_level=ACCURACY_LEVEL)
+        if blocks.mins is None:
+            return y
+        # sum_k x_k * m[n, k // 32] = (x's sums over each block [1, T, K / 32]) @ m^T [K / 32, N]. MatMulNBits' own
+        # float zero points would give w = scale * (q - zp) with zp = -m / d: not m's value in fp32, and ORT 1.32's
+        # CPU kernel then dequantizes the whole weight on every call (docs/ONNX.md).
+        grouped = self.op("Reshape", [x, self.const("block_shape", np.array([0, 0, count, size], dtype=np.int64))])
+        sums = self.op("ReduceSum", [grouped, self.scalar("axis", [-1], np.int64)], hint + "_sums", keepdims=0)
+        mins = self.op("MatMul", [sums, self.const(hint + "_m", blocks.mins.T)], hint + "_min")  # [1, T, N]
+        return self.op("Add", [y, mins], hint, outputs=outputs)
+
+
+def quantize_int8(weight: np.ndarray) -> Blocks:
+    """Symmetric int8 blocks of an fp32 weight [N, K]: w ~ scale * (q - 128), q uint8, one scale per BLOCK_SIZE
+    inputs (the last block zero-padded)."""
+    n, k = weight.shape
+    count = -(-k // BLOCK_SIZE)
+    padded = np.zeros((n, count * BLOCK_SIZE), dtype=np.float32)
+    padded[:, :k] = weight
+    grouped = padded.reshape(n, count, BLOCK_SIZE)
+    scales = np.abs(grouped).max(axis=-1) / 127.0  # [N, blocks]
+    scales = np.where(scales == 0, 1.0, scales).astype(np.float32)  # an all-zero block: any scale is exact
+    codes = (np.clip(np.rint(grouped / scales[..., None]), -127, 127) + 128).astype(np.uint8)
+    return Blocks("int8", 8, codes, scales, np.full(scales.shape, 128, dtype=np.uint8), None, k)
 
 
 def _rope_tables(rotary: Rotary, positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,8 +315,15 @@ def _model(g: _Graph, name: str, inputs: list, outputs: list):
     from onnx import helper
 
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                             producer_name="hass-deploy")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="hass-deploy")
+    # What the linear layers' weights are, e.g. "210 Q4_1, 1 Q8_0", recorded in the graph for whoever reads it later.
+    helper.set_model_props(model, {WEIGHTS_PROP: weight_summary(g.weights)})
+    return model
+
+
+def weight_summary(kinds: Counter) -> str:
+    return ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
 
 
 def _check(config: ModelConfig, quantization: str | None) -> None:
@@ -273,13 +335,19 @@ def _check(config: ModelConfig, quantization: str | None) -> None:
 
 
 @torch.no_grad()
-def target_graph(model: Transformer, max_positions: int, quantization: str | None = None):
-    """The target step as an ONNX Runtime graph (onnx.ModelProto); fp32 activations and KV."""
+def target_graph(model: Transformer, max_positions: int, quantization: str | None = None,
+                 blocks: Mapping[str, Blocks] | None = None):
+    """The target step as an ONNX Runtime graph (onnx.ModelProto); fp32 activations and KV. int4 takes `blocks`,
+    the GGUF's own weights under our state-dict names (`gguf_blocks.read_blocks`)."""
     from onnx import TensorProto, helper
 
     config = model.config
     _check(config, quantization)
-    g = _Graph(quantization)
+    if quantization == "int4" and not blocks:
+        raise ConfigError("an int4 target graph is made from a GGUF's own 4-bit blocks: none were given")
+    by_module = {module: blocks[name + ".weight"] for name, module in model.named_modules()
+                 if isinstance(module, nn.Linear) and name + ".weight" in (blocks or {})}
+    g = _Graph(quantization, by_module)
     step = _Step(g, config, model.rotary, max_positions)
     residual = g.op("Gather", [g.const("embed_tokens", model.embed_tokens.weight.detach().float().numpy()),
                                "input_ids"], "embed", axis=0)  # [1, T, H]

@@ -33,6 +33,8 @@ from hass_deploy.generation import default_max_seq_len
 from hass_deploy.manifest import GraphSpec, Manifest, TensorSpec, draft_identity
 from hass_deploy.models.checkpoint import load_draft, target_identity
 from hass_deploy.models.draft import DraftHead
+from hass_deploy.models.gguf import gguf_source, read_info
+from hass_deploy.models.gguf_blocks import Blocks, check_matches, read_blocks
 from hass_deploy.models.loading import TargetModel, load_target, parse_dtype
 from hass_deploy.models.target import Rotary
 
@@ -141,15 +143,39 @@ def decompose_graph(path: Path, spec: GraphSpec) -> GraphSpec:
     return _describe(path, num_kv, spec.external_data, kv_update=spec.kv_update, quantization=spec.quantization)
 
 
+def int4_blocks(target: TargetModel) -> dict[str, Blocks]:
+    """`--target-quantization int4`: the 4-bit (and 8-bit) blocks of the GGUF file the target was converted from,
+    checked to dequantize to the target's weights bit for bit; one line for a target without such a file."""
+    source = gguf_source(target.path)
+    if source is None:
+        raise ConfigError(f"--target-quantization int4 takes the 4-bit blocks of the GGUF file a target was "
+                          f"converted from, and {target.path} is not a converted GGUF (use --target-quantization "
+                          "int8, or --target model.gguf)")
+    c = target.config
+    blocks = read_blocks(source, c.num_heads, c.num_kv_heads)
+    if not any(b.bits == 4 for b in blocks.values()):
+        raise ConfigError(f"{source}: no Q4_0 or Q4_1 weights (file type {read_info(source).file_type}), and "
+                          "--target-quantization int4 takes the file's own 4-bit blocks (use int8)")
+    weights = {name: tensor.float().numpy() for name, tensor in target.module.state_dict().items()}
+    check_matches(blocks, weights, source)
+    return blocks
+
+
 def export_fused_graphs(target_module: torch.nn.Module, draft: DraftHead | None, directory: Path,
-                        config: ExportConfig, max_seq_len: int, log: Callable[[str], None]) -> dict[str, GraphSpec]:
-    """Write the fused ONNX Runtime graphs (`target.ort.onnx`, `draft.ort.onnx`) for the runtime to run."""
+                        config: ExportConfig, max_seq_len: int, log: Callable[[str], None],
+                        blocks: dict[str, Blocks] | None = None) -> dict[str, GraphSpec]:
+    """Write the fused ONNX Runtime graphs (`target.ort.onnx`, `draft.ort.onnx`) for the runtime to run; an int4
+    target takes `blocks` (`int4_blocks`)."""
     c = target_module.config
     positions = max_seq_len + config.max_tree_tokens  # RoPE table rows: every position a target or draft row takes
     quantized = f", {config.target_quantization} weights" if config.target_quantization else ""
     log(f"writing the fused ONNX Runtime target graph{quantized}")
-    graphs = {"target_ort": _save_fused(fused.target_graph(target_module, positions, config.target_quantization),
-                                        directory / "target.ort.onnx", config,
+    model = fused.target_graph(target_module, positions, config.target_quantization, blocks)
+    if config.target_quantization == "int4":
+        kinds = {prop.key: prop.value for prop in model.metadata_props}[fused.WEIGHTS_PROP]
+        log(f"linear weights: {kinds} (the GGUF's blocks as they are; fp32: a type MatMulNBits does not hold, the "
+            "converted weights)")
+    graphs = {"target_ort": _save_fused(model, directory / "target.ort.onnx", config,
                                         (c.num_layers, c.num_kv_heads, c.head_dim), config.target_quantization)}
     if draft is not None:
         quantized = f", {config.draft_quantization} weights" if config.draft_quantization else ""
@@ -286,6 +312,7 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
             raise ConfigError(f"no fused ONNX Runtime graphs for this target: {reason}; export with --no-ort-graphs")
         log(f"no fused ONNX Runtime graphs for this target ({reason}): the runtime will run the standard graphs")
         write_fused = False
+    blocks = int4_blocks(target) if config.target_quantization == "int4" else None
     dtype = parse_dtype(config.dtype)
     target_module = _cast(target.module, dtype)
     draft_module = None if draft is None else _cast(draft, dtype)
@@ -306,7 +333,7 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
                 if name in graphs:
                     graphs[name] = decompose_graph(tmp / graphs[name].file, graphs[name])
         if write_fused:
-            graphs.update(export_fused_graphs(target.module, draft, tmp, config, max_seq_len, log))
+            graphs.update(export_fused_graphs(target.module, draft, tmp, config, max_seq_len, log, blocks))
         manifest = Manifest(
             engine="onnx", dtype=config.dtype, opset=config.opset, max_seq_len=max_seq_len,
             max_tree_tokens=config.max_tree_tokens, max_top_k=config.max_top_k, prefill_chunk=config.prefill_chunk,

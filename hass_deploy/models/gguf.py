@@ -5,7 +5,8 @@ quantization format): the weights as the file holds them, dequantized to fp32 (Q
 scales times small integers, exact in fp32), the tokenizer and chat template from the file's metadata, and the
 stop token. `resolve_target` lets every command take `--target model.gguf`: the converted directory is cached
 under the file's sha256, so a second run finds it (`hass_deploy.cache`); `convert_gguf` writes it where a user
-says (`hass-deploy convert`). No torch here: the CLI resolves `--target` before anything loads.
+says (`hass-deploy convert`); `gguf_source` leads back from a converted directory to its file (the int4 export
+reads the file's own blocks: `gguf_blocks.py`). No torch here: the CLI resolves `--target` before anything loads.
 """
 
 from __future__ import annotations
@@ -122,6 +123,25 @@ def convert_gguf(path: str | Path, out: str | Path, force: bool = False, progres
                       "architecture": info.architecture, "name": info.name, "file_type": info.file_type}
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     return out
+
+
+def gguf_source(directory: str | Path) -> Path | None:
+    """The GGUF file a converted directory was made from (its provenance), checked to be those bytes still; None
+    for a directory that was not converted from a GGUF. One line for a source that is gone or has changed."""
+    directory = Path(directory)
+    try:
+        provenance = json.loads((directory / PROVENANCE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{directory / PROVENANCE}: unreadable ({err})") from None
+    source = Path(provenance.get("source", ""))
+    if not source.is_file():
+        raise ModelLoadError(f"{directory} was converted from {source}, which is no longer there")
+    if file_sha256(source) != provenance.get("sha256"):
+        raise ModelLoadError(f"{source} has changed since {directory} was converted from it (sha256 differs): "
+                             f"convert it again (hass-deploy convert, or --target {source.name})")
+    return source
 
 
 def cached_dir(path: Path, digest: str) -> Path:

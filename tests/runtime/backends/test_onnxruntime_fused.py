@@ -1,7 +1,7 @@
 """What is particular to the fused ONNX Runtime graphs (export/fused.py; the step contract, greedy identity with
 `transformers` and the KV rows written in place are `test_contract.py`'s, over every backend): which exports get
-them, and an int8 target that decodes speculatively exactly as it decodes plainly (lossless w.r.t. the quantised
-target), close to fp32; `validate` checks them."""
+them, an int8 target and an int4 one (a GGUF's own Q4_0 / Q4_1 blocks) that decode speculatively exactly as they
+decode plainly (lossless w.r.t. the quantised target), close to fp32; `validate` checks them."""
 
 from __future__ import annotations
 
@@ -75,12 +75,43 @@ def test_int8_target_is_lossless_against_its_own_plain_decoding(arch, fusable_ta
     assert float((quantized - reference).abs().max()) < 0.05 * float(reference.abs().max())
 
 
-def test_int8_rows_do_not_depend_on_the_step_size(fusable_targets, fusable_drafts, tmp_path):
-    """What the int8 target's lossless decoding rests on (OrtTarget pads one-row steps to two): a row's logits in a
-    plain step are bit for bit those of the same row in a chain of any length, so a token accepted from a tree is
-    the token plain decoding would have produced, even at a near-tie that int8 rounding could tip."""
-    target = fusable_targets["qwen2"]
-    out = exported(tmp_path, "qwen2", target, fusable_drafts["qwen2"], INT8)
+@pytest.mark.parametrize("variant", ["tied", "untied"])
+def test_int4_target_is_lossless_against_its_own_plain_decoding(variant, int4_exports):
+    """The GGUF's own blocks (Q4_0 and Q4_1 layers, a Q8_0 or Q4_1 lm_head, an F16 weight left fp32): speculative
+    decoding equals plain decoding of the int4 graph, token for token, with trees of several shapes. Its weights are
+    the converted target's exactly; only the products' int8 activation rounding differs, so its logits stay close."""
+    target, draft, out = int4_exports[variant]
+    manifest = read_manifest(out)
+    assert manifest.target_quantization == "int4" and manifest.graphs["target_ort"].quantization == "int4"
+    assert manifest.graphs["target"].quantization is None  # the standard graphs stay the fp32 reference
+    for tree in (TREES["chain"], TREES["wide"], TREES["deep"]):
+        int4_target, int4_draft = ort(target, draft, out, tree=tree)
+        oracle = OracleDraft(target, 0, 256 + tree.draft_rows, noise=0.3)
+        for length in (3, 21):
+            ids = prompt(length, seed=500 + length)
+            config = greedy(tree, max_new_tokens=40, eos=())
+            plain = SpeculativeDecoder(int4_target, None).generate(ids, config).output_ids
+            oracle.first_token = ids[0]
+            assert SpeculativeDecoder(int4_target, int4_draft).generate(ids, config).output_ids == plain
+            assert SpeculativeDecoder(int4_target, oracle).generate(ids, config).output_ids == plain
+    ids = torch.tensor([prompt(12, seed=1)])
+    quantized = int4_target.step(ids, torch.arange(12)[None], 0, None).logits
+    reference = make_decoder(target).target.step(ids, torch.arange(12)[None], 0, None).logits
+    assert float((quantized - reference).abs().max()) < 0.05 * float(reference.abs().max())
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_rows_do_not_depend_on_the_step_size(quantization, fusable_targets, fusable_drafts, int4_exports,
+                                                       tmp_path):
+    """What a quantised target's lossless decoding rests on (OrtTarget pads one-row steps to two): a row's logits in
+    a plain step are bit for bit those of the same row in a chain of any length, so a token accepted from a tree is
+    the token plain decoding would have produced, even at a near-tie that int8 activation rounding could tip. int4:
+    the Q4_1 layers' min products too."""
+    if quantization == "int8":
+        target = fusable_targets["qwen2"]
+        out = exported(tmp_path, "qwen2", target, fusable_drafts["qwen2"], INT8)
+    else:
+        target, _, out = int4_exports["untied"]
     prefix, chain = torch.tensor([prompt(30, seed=9)]), torch.tensor([prompt(16, seed=10)])
 
     def fresh():
