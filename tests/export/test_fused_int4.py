@@ -84,7 +84,7 @@ def test_the_kernel_dequantizes_the_ggufs_blocks_to_the_converted_weights_bit_fo
         hint = next(i for i in node.input if "_q_" in i).rsplit("_q_", 1)[0]
         seen.add(hint)
         sub, k = linear_alone(model, node)
-        session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(sub.SerializeToString(), _options(ort), providers=["CPUExecutionProvider"])
         product = session.run(None, {node.input[0]: np.eye(k, dtype=np.float32)[None]})[0][0]  # [K, N] = w^T
         weight = np.concatenate([layer.weight.detach().numpy() for layer in layers_of(hint, target.module)])
         assert np.array_equal(product.T, weight), hint
@@ -111,3 +111,17 @@ def test_int4_needs_a_gguf_with_4bit_blocks(fusable_targets, fusable_dirs, tmp_p
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     one_line_error(invoke("export", "--target", fusable_dirs["llama"], "--no-draft", "--out", tmp_path / "c",
                           "--target-quantization", "int4"), "is not a converted GGUF")
+
+
+def _options(ort):
+    """Session options that work in a process whose ORT backend already made the global thread pools (the whole
+    suite) and in one where none exist yet (this file alone): the same pools the backend uses."""
+    try:
+        ort.capi._pybind_state.set_global_thread_pool_sizes(1, 1)
+    except Exception as err:
+        if "already been created" not in str(err):
+            raise
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    return options
+
