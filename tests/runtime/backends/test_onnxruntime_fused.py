@@ -48,6 +48,22 @@ def test_fused_graphs_are_written_where_ort_can_run_them(targets, fusable_target
         ort(targets["llama"], None, tmp_path / "narrow", graphs="fused")
 
 
+def assert_lossless_against_plain(target, draft, out, seed: int):
+    """Speculative decoding of an export's (quantised) fused target, with its draft and with an oracle, equals plain
+    decoding of the same graph, for three tree shapes and a short and a chunked prompt; returns the last target."""
+    for tree in (TREES["chain"], TREES["wide"], TREES["deep"]):
+        quantized_target, quantized_draft = ort(target, draft, out, tree=tree)
+        oracle = OracleDraft(target, 0, 256 + tree.draft_rows, noise=0.3)
+        for length in (3, 21):
+            ids = prompt(length, seed=seed + length)
+            config = greedy(tree, max_new_tokens=40, eos=())
+            plain = SpeculativeDecoder(quantized_target, None).generate(ids, config).output_ids
+            oracle.first_token = ids[0]
+            assert SpeculativeDecoder(quantized_target, quantized_draft).generate(ids, config).output_ids == plain
+            assert SpeculativeDecoder(quantized_target, oracle).generate(ids, config).output_ids == plain
+    return quantized_target
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_int8_target_is_lossless_against_its_own_plain_decoding(arch, fusable_targets, fusable_drafts, tmp_path):
     """Speculative decoding of the int8 target equals plain decoding of the int8 target, token for token, with
@@ -58,16 +74,7 @@ def test_int8_target_is_lossless_against_its_own_plain_decoding(arch, fusable_ta
     assert manifest.target_quantization == "int8" and manifest.graphs["target_ort"].quantization == "int8"
     assert "com.microsoft::MatMulNBits" in manifest.graphs["target_ort"].operators
     assert manifest.graphs["target"].quantization is None  # the standard graphs stay the fp32 reference
-    for tree in (TREES["chain"], TREES["wide"], TREES["deep"]):
-        int8_target, int8_draft = ort(target, draft, out, tree=tree)
-        oracle = OracleDraft(target, 0, 256 + tree.draft_rows, noise=0.3)
-        for length in (3, 21):
-            ids = prompt(length, seed=400 + length)
-            config = greedy(tree, max_new_tokens=40, eos=())
-            plain = SpeculativeDecoder(int8_target, None).generate(ids, config).output_ids
-            oracle.first_token = ids[0]
-            assert SpeculativeDecoder(int8_target, int8_draft).generate(ids, config).output_ids == plain
-            assert SpeculativeDecoder(int8_target, oracle).generate(ids, config).output_ids == plain
+    int8_target = assert_lossless_against_plain(target, draft, out, seed=400)
     ids = torch.tensor([prompt(12, seed=1)])
     quantized = int8_target.step(ids, torch.arange(12)[None], 0, None).logits
     reference = make_decoder(target).target.step(ids, torch.arange(12)[None], 0, None).logits
@@ -84,16 +91,7 @@ def test_int4_target_is_lossless_against_its_own_plain_decoding(variant, int4_ex
     manifest = read_manifest(out)
     assert manifest.target_quantization == "int4" and manifest.graphs["target_ort"].quantization == "int4"
     assert manifest.graphs["target"].quantization is None  # the standard graphs stay the fp32 reference
-    for tree in (TREES["chain"], TREES["wide"], TREES["deep"]):
-        int4_target, int4_draft = ort(target, draft, out, tree=tree)
-        oracle = OracleDraft(target, 0, 256 + tree.draft_rows, noise=0.3)
-        for length in (3, 21):
-            ids = prompt(length, seed=500 + length)
-            config = greedy(tree, max_new_tokens=40, eos=())
-            plain = SpeculativeDecoder(int4_target, None).generate(ids, config).output_ids
-            oracle.first_token = ids[0]
-            assert SpeculativeDecoder(int4_target, int4_draft).generate(ids, config).output_ids == plain
-            assert SpeculativeDecoder(int4_target, oracle).generate(ids, config).output_ids == plain
+    int4_target = assert_lossless_against_plain(target, draft, out, seed=500)
     ids = torch.tensor([prompt(12, seed=1)])
     quantized = int4_target.step(ids, torch.arange(12)[None], 0, None).logits
     reference = make_decoder(target).target.step(ids, torch.arange(12)[None], 0, None).logits
