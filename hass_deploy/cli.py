@@ -96,6 +96,17 @@ def init_draft(target: Path, out: Path = OUT, seed: int = SEED, force: bool = FO
     typer.echo(str(write_random_draft(target, out, seed, force)))
 
 
+@command("pack-draft")
+def pack_draft(draft: Path, out: Path = OUT, dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+               force: bool = FORCE) -> None:
+    """Write a draft without its copy of the target's embedding, in bf16: the smallest file that loads for its
+    target (the embedding comes from the target, as vLLM and SGLang load EAGLE drafts)."""
+    from hass_deploy.models.checkpoint import pack_draft
+    from hass_deploy.models.loading import parse_dtype
+
+    typer.echo(str(pack_draft(draft, out, parse_dtype(dtype), force)))
+
+
 @command(target=options.TARGET, draft=options.DRAFT, generation=options.GENERATION, corpus=options.CORPUS,
          runtime=options.RUNTIME)
 def generate(

@@ -6,6 +6,11 @@
     hass_deploy.json   format version, recipe, and the identity of the target it was made for
     token_map.pt       (reduced vocabulary only) its N target ids, torch-saved, as SGLang's --speculative-token-map
                        takes them for EAGLE-2 drafts
+    target_probe.safetensors  (packed drafts only) a few rows of the target's embedding, to check the pairing
+
+A packed draft (`pack_draft`, `hass-deploy pack-draft`) leaves out the frozen embedding copy, which the loader
+takes from the target as vLLM's and SGLang's EAGLE loaders do, and stores its weights in bf16: SmolLM2's HASS draft
+with an 8192-token vocabulary is 8 MB instead of 130.
 
 Published EAGLE/HASS drafts (pytorch_model.bin or model.safetensors, with or without fc.bias, with a DDP
 `module.` prefix) load as they are. Pairing a draft with a target checks hidden size, vocabulary and the
@@ -20,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from hass_deploy.atomic import check_output_dir, replacing_directory
 from hass_deploy.errors import DraftMismatchError, HassDeployError, ModelLoadError
@@ -32,6 +37,8 @@ from hass_deploy.models.target import ModelConfig
 FORMAT_VERSION = 1
 METADATA_FILE = "hass_deploy.json"
 TOKEN_MAP_FILE = "token_map.pt"
+PROBE_FILE = "target_probe.safetensors"
+PROBE_ROWS = 64  # embedding rows a packed draft keeps: enough that another model's table cannot agree by chance
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,32 @@ def save_draft(head: DraftHead, out: str | Path, metadata: DraftMetadata,
     return out
 
 
+def pack_draft(draft: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16, force: bool = False) -> Path:
+    """Write `draft` as a packed draft: no embedding copy (the target's is the same table), floating-point weights in
+    `dtype`, the token map as it was, and PROBE_ROWS rows of the embedding so that loading still refuses a draft
+    made for another target. Returns `out`."""
+    source = Path(draft)
+    if not (source / "config.json").is_file():
+        raise ModelLoadError(f"{source}: not a draft directory (no config.json)")
+    state = _draft_state(source)
+    embedding = state.pop("embed_tokens.weight", None)
+    if embedding is None:
+        raise ModelLoadError(f"{source}: the draft has no embedding copy to pack from (is it packed already?)")
+    out = check_output_dir(out, force)
+    ids = torch.linspace(0, embedding.shape[0] - 1, PROBE_ROWS).round().long().unique()
+    with replacing_directory(out) as tmp:
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = read_json(source / "config.json")
+        (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": str(dtype).removeprefix("torch.")},
+                                                    indent=2) + "\n")
+        save_file({"ids": ids, "rows": embedding[ids].to(dtype).contiguous()}, tmp / PROBE_FILE)
+        for name in (METADATA_FILE, TOKEN_MAP_FILE, "metrics.jsonl"):  # metrics: what its training measured
+            if (source / name).is_file():
+                (tmp / name).write_bytes((source / name).read_bytes())
+    return out
+
+
 def _draft_state(directory: Path) -> dict[str, torch.Tensor]:
     # EAGLE's from_pretrained tries pytorch_model.bin first, then model.safetensors; read_state_dict prefers
     # safetensors, and a directory holding both with different contents is not a format anyone writes.
@@ -179,7 +212,7 @@ def load_draft(path: str | Path, target: TargetModel | TargetHead, dtype: torch.
                      o_bias="layers.0.self_attn.o_proj.bias" in state,
                      mlp_bias="layers.0.mlp.down_proj.bias" in state, tie_word_embeddings=False)
     _check_pair(directory, config, state, target)
-    if "embed_tokens.weight" not in state:  # some exports drop the frozen copy; the target's is the same table
+    if "embed_tokens.weight" not in state:  # packed drafts and some exports drop the frozen copy: the same table
         state["embed_tokens.weight"] = target.embedding.detach()
     dtype = dtype or target.embedding.dtype
     try:
@@ -224,9 +257,16 @@ def _check_pair(directory: Path, config: ModelConfig, state: dict, target: Targe
         raise DraftMismatchError(
             f"draft {directory} has vocabulary {config.vocab_size}, target {target.path} has {t.vocab_size}")
     embed = state.get("embed_tokens.weight")
+    reference = target.embedding.detach().float()
+    if embed is None and (directory / PROBE_FILE).is_file():  # a packed draft: compare the rows it kept
+        probe = load_file(directory / PROBE_FILE)
+        ids, embed = probe["ids"], probe["rows"]
+        if not (ids.dtype == torch.int64 and ids.ndim == 1 and embed.shape == (len(ids), t.hidden_size)
+                and 0 <= ids.min() and ids.max() < t.vocab_size):
+            raise ModelLoadError(f"{directory / PROBE_FILE}: malformed target probe")
+        reference = reference[ids]
     if embed is None:
         return
-    reference = target.embedding.detach().float()
     # Tolerance covers a copy stored in fp16/bf16; a different model's table differs by O(its own scale).
     if embed.shape != reference.shape or not torch.allclose(embed.float(), reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()):
         raise DraftMismatchError(

@@ -472,3 +472,45 @@ def test_failed_swap_puts_previous_draft_back(targets, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert _snapshot(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["draft"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed drafts: no embedding copy, bf16, a probe of the target's rows
+
+
+def test_packed_draft_is_small_and_computes_what_the_draft_does_in_bf16(targets, tmp_path):
+    target = targets["a"]
+    head = init_draft(target, seed=3, vocabulary=torch.arange(0, 512, 3))
+    _randomise_norm(head)
+    full = save_draft(head, tmp_path / "full", _metadata(target))
+    packed = checkpoint.pack_draft(full, tmp_path / "packed")
+    stored = load_file(packed / "model.safetensors")
+    assert "embed_tokens.weight" not in stored and set(stored) == EAGLE_KEYS - {"embed_tokens.weight"} | {"d2t", "t2d"}
+    assert {v.dtype for k, v in stored.items() if k not in ("d2t", "t2d")} == {torch.bfloat16}
+    assert torch.equal(stored["d2t"], load_file(full / "model.safetensors")["d2t"])  # the token map stays exact
+    assert json.loads((packed / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (packed / checkpoint.TOKEN_MAP_FILE).read_bytes() == (full / checkpoint.TOKEN_MAP_FILE).read_bytes()
+    assert (packed / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size / 2
+
+    loaded, metadata = load_draft(packed, target, dtype=torch.float32)
+    assert metadata == _metadata(target)
+    assert torch.equal(loaded.embed_tokens.weight, target.embedding)  # taken from the target
+    assert torch.equal(loaded.vocabulary(), head.vocabulary())
+    rounded = init_draft(target, seed=3, vocabulary=torch.arange(0, 512, 3))
+    rounded.load_state_dict({k: v.to(torch.bfloat16).float() if k != "embed_tokens.weight" and v.is_floating_point()
+                             else v for k, v in head.state_dict().items()})
+    torch.testing.assert_close(_outputs(loaded), _outputs(rounded), rtol=0, atol=0)
+
+
+def test_packed_draft_still_refuses_another_target(draft_a, targets, tmp_path):
+    packed = checkpoint.pack_draft(draft_a, tmp_path / "packed")
+    load_draft(packed, targets["a"])
+    with pytest.raises(DraftMismatchError, match="made for a different target"):
+        load_draft(packed, targets["b"])
+    with pytest.raises(ModelLoadError, match="is it packed already"):
+        checkpoint.pack_draft(packed, tmp_path / "again")
+    with pytest.raises(HassDeployError, match="not empty|exists"):
+        checkpoint.pack_draft(draft_a, packed)
+    save_file({"ids": torch.tensor([0, 9999]), "rows": torch.zeros(2, 64)}, packed / checkpoint.PROBE_FILE)
+    with pytest.raises(ModelLoadError, match="malformed target probe"):
+        load_draft(packed, targets["a"])
