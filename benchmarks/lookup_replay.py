@@ -10,8 +10,9 @@ the decoder would measure with the same drafter.
     python benchmarks/lookup_replay.py --target T --prompts W/corpus/heldout_prompts.jsonl \
         --prompts ../shared/data/prompts/mt_bench.jsonl ... --max-prompts 20 --new-tokens 128 [--outputs greedy.json]
 
-`recent` is the drafter before n-gram counts (docs/RESULTS.md §9): the continuations of the trailing n-gram's
-most recent occurrences, longest n-gram first, merged into a trie up to the budget.
+`recent` is the drafter before n-gram counts (docs/RESULTS.md, "Prompt lookup and hybrid drafting"): the
+continuations of the trailing n-gram's most recent occurrences, longest n-gram first, merged into a trie up to the
+budget.
 """
 
 from __future__ import annotations

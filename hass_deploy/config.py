@@ -58,9 +58,10 @@ class LookupConfig:
 
     Sized for a few CPU cores like TreeConfig: verifying T rows costs more than one row there (`cpu-notes.md` §2),
     so the tree stays at the scale of llama.cpp's prompt lookup (8 drafted tokens or fewer). Chosen by replaying
-    the quickstart target's greedy outputs (docs/RESULTS.md §9): tau rose with the depth up to the budget (a
-    confident match is worth a long chain), n-grams up to 4 were within 0.06 tau of 3 and 5 (4 is llama.cpp's),
-    and 2 branches per node gave the same tau as 4 within 8 nodes (4 leaves room for larger budgets).
+    the quickstart target's greedy outputs (docs/RESULTS.md, "Prompt lookup and hybrid drafting"): tau rose with the
+    depth up to the budget (a confident match is worth a long chain), n-grams up to 4 were within 0.06 tau of 3 and
+    5 (4 is llama.cpp's), and 2 branches per node gave the same tau as 4 within 8 nodes (4 leaves room for larger
+    budgets).
     """
 
     tokens: int = option(8, "Prompt lookup: tree nodes verified per round, root included.")  # TreeConfig's too
@@ -86,8 +87,8 @@ class HybridConfig:
     `draft_cost` is what growing the draft head's tree costs, in verify steps of this tree, and `row_cost` what
     each row of its context pass costs: the draft runs in a round only when the tokens it is expected to add pay
     for that. `--tree auto` measures both (bench); the defaults are what it measured for the quickstart's draft on
-    2 CPU cores (docs/RESULTS.md §1: 0.71 for its 6-node chain, in the loop, and 0.0101 a row, in verify steps of
-    8 nodes).
+    2 CPU cores (docs/RESULTS.md, History, 2026-11-29: 0.71 for its 6-node chain, in the loop, and 0.0101 a row,
+    in verify steps of 8 nodes).
     """
 
     tokens: int = option(8, "Hybrid (draft + lookup): tree nodes verified per round, root included.")

@@ -2,8 +2,9 @@
 
 The standard graphs (`onnx.py`, `steps.py`) are the reference and the TensorRT source: about 340 standard
 operators per target step. On a few CPU cores ONNX Runtime pays a thread-pool dispatch for each of them, which
-for a small model costs more than the arithmetic of a T = 1 step (docs/RESULTS.md §4). These graphs are for the
-ONNX Runtime backend only and are written node by node from our own modules' weights:
+for a small model costs more than the arithmetic of a T = 1 step (docs/RESULTS.md, History, 2026-11-28, fused
+ORT graphs). These graphs are for the ONNX Runtime backend only and are written node by node from our own
+modules' weights:
 
     per layer: RMSNormalization -> MatMul(q|k|v) -> GroupQueryAttention (RoPE, causal + tree bias,
                KV rows written in place) -> MatMul(o) -> SkipSimplifiedLayerNorm (residual add + norm)

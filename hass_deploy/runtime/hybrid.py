@@ -28,9 +28,10 @@ its own ratio beats it, so the draft runs when gain / cost > R, R being the requ
 step (decayed, with the draft's costs in it): comparing the gain with this round's E_n + 1 instead (what lookup
 would give without the draft) ran the draft in every round where lookup had little, at 0.7 steps for 2 tokens,
 below the 3.5-5.5 tokens a step that lookup makes on average on those requests: hybrid was 0.87x lookup
-(docs/RESULTS.md §9). R is a blend of the request's recent rounds and a prior (`HybridConfig.tokens_per_step`),
-because the rate that counts is the whole request's, and its first rounds (new text, before it repeats anything
-lookup can use) understate it; a request whose rounds stay below the prior pulls R down and turns the draft on.
+(docs/RESULTS.md, History, 2026-11-28, the first hybrid planner). R is a blend of the request's recent rounds
+and a prior (`HybridConfig.tokens_per_step`), because the rate that counts is the whole request's, and its first
+rounds (new text, before it repeats anything lookup can use) understate it; a request whose rounds stay below the
+prior pulls R down and turns the draft on.
 
 Its cost is `draft_cost` plus a catch-up: while it does not run, the verified features it has not seen accumulate
 (`decoder.py`), and its next context pass takes them all at once (so its KV cache stays exactly what the target

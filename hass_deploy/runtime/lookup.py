@@ -11,10 +11,11 @@ becomes a deep chain and an uncertain one spends the budget on alternatives; sib
 exact rejection sampling (`sampling.accept_sampling`) needs.
 
 Chosen by replaying the quickstart target's greedy outputs (20 prompts x 128 tokens on each of the held-out set and
-the four shared prompt sets; docs/RESULTS.md §9): with 8 nodes, counts and best-first growth raised tau from 4.36 to
-5.44 on held-out source and from 3.24 to 3.55 on MT-bench over copying the most recent occurrences' continuations
-(most of it from depth: the budget goes to one long chain when the statistics agree); n-grams 1..4 were within 0.06
-of 1..3 and 1..5, and 2 branches per node within 0.02 of 4 (`benchmarks/lookup_replay.py`).
+the four shared prompt sets; docs/RESULTS.md, "Prompt lookup and hybrid drafting"): with 8 nodes, counts and
+best-first growth raised tau from 4.36 to 5.44 on held-out source and from 3.24 to 3.55 on MT-bench over copying
+the most recent occurrences' continuations (most of it from depth: the budget goes to one long chain when the
+statistics agree); n-grams 1..4 were within 0.06 of 1..3 and 1..5, and 2 branches per node within 0.02 of 4
+(`benchmarks/lookup_replay.py`).
 
 The proposal depends only on the committed history, never on the verifier's random draws, so sampling stays exact
 (algorithm.md §4.7: candidates must not depend on U).

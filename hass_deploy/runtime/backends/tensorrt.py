@@ -17,7 +17,7 @@ its position (`cache_len`) is data. A capture that fails leaves that shape eager
 Every TensorRT call is in `_Engine` (trt-notes §2). Everything around it (profiles, padding, buffer layout, staging,
 the KV writes, the manifest check) is tested on the CPU, with an engine that runs the same ONNX graphs in ONNX
 Runtime (tests/ort_artifacts.py) in the backend contract suite. The TensorRT calls themselves have not run in this
-project's own testing yet (docs/RESULTS.md §8).
+project's own testing yet (docs/RESULTS.md, "The GPU half: what has run where").
 """
 
 from __future__ import annotations
