@@ -285,7 +285,8 @@ def quickstart(
     device: str = typer.Option("cpu", help="Where the target and drafts are trained and the data extracted (cpu "
                                "or cuda); export, validation and bench run on ONNX Runtime's CPU provider."),
 ) -> None:
-    """The whole job on a target built here: data, HASS and EAGLE-2 drafts, ONNX export, validation, benchmark."""
+    """The whole job on a target built here: data, HASS and EAGLE-2 drafts, ONNX export, validation, benchmark
+    (beside the drafts the package ships for the target, when it has them)."""
     from hass_deploy.quickstart import render_summary, run_quickstart
 
     summary = run_quickstart(workdir or Path("hass-deploy-quickstart") / preset, preset, tuple(prompts), progress,

@@ -82,3 +82,20 @@ def test_another_target_setting_is_refused_in_one_line(exports, tmp_path):
     manifest = export_artifacts(exports["target"], exports["drafts"]["second"], tmp_path / "k2",
                                 replace(CONFIG, max_top_k=2), target_from=exports["out"]["first"])
     assert manifest.max_top_k == 2
+
+
+def test_cli_export_target_from(exports, tmp_path):
+    from typer.testing import CliRunner
+
+    from hass_deploy.cli import app
+
+    out = tmp_path / "cli"
+    args = ["export", "--target", exports["target"], "--draft", exports["drafts"]["second"], "--out", out,
+            "--target-from", exports["out"]["first"], "--max-seq-len", 128, "--max-tree-tokens", 8, "--max-top-k", 4,
+            "--prefill-chunk", 16, "--draft-quantization", "int8"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "linking the target graphs of" in result.output
+    assert (out / "target.onnx").stat().st_ino == (exports["out"]["first"] / "target.onnx").stat().st_ino
+    result = CliRunner().invoke(app, [str(96 if a == 128 else a) for a in args] + ["--force"])
+    assert result.exit_code == 1 and "error: --target-from" in result.output and "max_seq_len" in result.output
