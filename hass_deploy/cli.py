@@ -184,11 +184,14 @@ def data(target: Path, config: DataConfig,
 @command(target=options.TARGET, draft=options.DRAFT, config=options.EXPORT)
 def export(target: Path, draft: Optional[Path], config: ExportConfig,
            out: Path = typer.Option(..., help="Artifacts directory to write (graphs + manifest.json)."),
-           force: bool = FORCE) -> None:
+           force: bool = FORCE,
+           target_from: Optional[Path] = typer.Option(None, help="An export of this target with the same settings: "
+                                                      "link its target graphs instead of exporting them again.")
+           ) -> None:
     """Export the target and draft step graphs (ONNX, static KV buffers, tree-mask inputs) with a manifest."""
     from hass_deploy.export.onnx import export_artifacts
 
-    export_artifacts(target, draft, out, config, force, log=_log)
+    export_artifacts(target, draft, out, config, force, log=_log, target_from=target_from)
     typer.echo(str(out))
 
 
@@ -282,7 +285,8 @@ def quickstart(
     device: str = typer.Option("cpu", help="Where the target and drafts are trained and the data extracted (cpu "
                                "or cuda); export, validation and bench run on ONNX Runtime's CPU provider."),
 ) -> None:
-    """The whole job on a target built here: data, HASS and EAGLE-2 drafts, ONNX export, validation, benchmark."""
+    """The whole job on a target built here: data, HASS and EAGLE-2 drafts, ONNX export, validation, benchmark
+    (beside the drafts the package ships for the target, when it has them)."""
     from hass_deploy.quickstart import render_summary, run_quickstart
 
     summary = run_quickstart(workdir or Path("hass-deploy-quickstart") / preset, preset, tuple(prompts), progress,

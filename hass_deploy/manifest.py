@@ -70,6 +70,9 @@ class Manifest:
     # TensorRT plans built from the standard graphs (`export/tensorrt.py`): version, GPU, compute capability,
     # precision, profiles and a rebuild key per plan; None for an ONNX-only export.
     tensorrt: dict | None = None
+    # The settings the target graphs were made with besides the target (`export/shared.py`): an export of the same
+    # target with equal settings may link this one's target graphs. None in manifests from before it was recorded.
+    target_settings: dict | None = None
     notes: dict = field(default_factory=dict)  # free-form: how the KV buffers are meant to be bound, etc.
 
     def write(self, directory: Path) -> Path:

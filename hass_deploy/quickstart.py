@@ -9,17 +9,24 @@
               stdlib files the target never saw -> draft training text + benchmark prompts
     data      the target's hidden states over the draft text (`hass-deploy data`)
     train     a HASS draft and an EAGLE-2 draft on the same data, epochs and learning rate (`hass-deploy train`)
-    export    both drafts with the target as ONNX step graphs, int8 draft weights (`hass-deploy export`)
+    export    the target once as ONNX step graphs, then each draft's graphs (int8 weights) beside a link to them
+              (`hass-deploy export --target-from`): the quickstart's two drafts and the preset's shipped ones
     validate  each export against PyTorch, graph by graph and end to end (`hass-deploy validate`)
-    bench     plain vs EAGLE-2 vs HASS decoding on ONNX Runtime, greedy, same prompts and tree, with prompt lookup
-              (no draft) and hybrid drafting (HASS + lookup in one tree) beside them (`hass-deploy bench`)
+    bench     plain vs EAGLE-2 vs HASS decoding on ONNX Runtime, greedy, same prompts and tree, the shipped drafts,
+              prompt lookup (no draft) and hybrid drafting (HASS + lookup in one tree) beside them (`hass-deploy
+              bench`)
+
+Shipped drafts: a preset may name drafts the project trained with `hass-deploy train` on a larger budget than a
+quickstart's and ships packed (`hass-deploy pack-draft`) under `hass_deploy/drafts/`. They are exported,
+validated and benchmarked beside the quickstart's own, so the table shows what the budget buys; an install
+without them says so in one line and benchmarks the quickstart's own drafts.
 
 Everything goes under one work directory, and `quickstart.json` there records each finished stage with a key
 of what it was made from: the settings and the content hashes of its inputs (a draft's key is its data's key, an
 export's key its draft's weights), so a stage is redone exactly when something it depends on changed. A rerun
 skips a stage whose key still matches and whose outputs are intact, and resumes the interruptible ones (data
 shards, training epochs) where they stopped. The greedy outputs of both drafts are compared with plain decoding
-over the whole prompt set: any difference fails the run.
+over the whole prompt set (the shipped drafts' too): any difference fails the run.
 """
 
 from __future__ import annotations
@@ -54,7 +61,10 @@ from hass_deploy.training.decontaminate import Blocklist, benchmark_files
 
 STATE_FILE = "quickstart.json"
 SUMMARY_FILE = "summary.json"
-DRAFTS = ("hass", "eagle2")  # the draft benchmarked first, then the baseline
+DRAFTS = ("hass", "eagle2")  # the quickstart's own: the draft benchmarked first, then the baseline
+# Their methods in the bench (`hass-deploy bench`'s keys, which summaries have always used) and their rows.
+METHODS = {"hass": ("draft", "HASS draft"), "eagle2": ("baseline", "EAGLE-2 draft")}
+TARGET_EXPORT = "target"  # the target-only export every draft's export links its target graphs from
 Log = Callable[[str], None]
 
 
@@ -85,7 +95,7 @@ class ChatCorpus:
     is benchmarked on its first `per_set` prompts."""
 
     dataset: str = "sharegpt"
-    records: int = 600
+    records: int = 160  # a budget that trains in minutes on two cores: the shipped drafts show what more buys
     prompts: int = 20
     prompt_chars: int = 1_500  # a held-out prompt's most characters: questions, not pasted documents
     prompt_sets: tuple[str, ...] = PROMPT_SETS
@@ -104,6 +114,19 @@ class ChatCorpus:
 
 
 @dataclass(frozen=True)
+class ShippedDraft:
+    """A draft the project trained on a larger budget and ships packed in the package (`hass_deploy/drafts/`)."""
+
+    key: str  # its method in the bench and the summary, and its export's directory: onnx/<key>
+    label: str  # its row in the tables
+    directory: Path  # under hass_deploy/drafts/ (an absolute path is taken as it is)
+
+    @property
+    def path(self) -> Path:
+        return Path(__file__).with_name("drafts") / self.directory
+
+
+@dataclass(frozen=True)
 class QuickstartPreset:
     """One quickstart: its target, corpus and every budget after them (each default defined once, here)."""
 
@@ -114,11 +137,22 @@ class QuickstartPreset:
     # Equal budget for both recipes: the same data, epochs and schedule (the paper's comparison). The draft scores
     # the 8192 most frequent tokens of its data (FR-Spec): SmolLM2's 576 x 49152 head is most of a draft's cost.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        phases=(Phase(epochs=2, lr=2e-3, topk_weight=1.0),), batch_size=8, max_length=768, draft_vocab=8192))
+        phases=(Phase(epochs=1, lr=2e-3, topk_weight=1.0),), batch_size=8, max_length=768, draft_vocab=8192))
     max_new_tokens: int = 64
     tree: TreeConfig | None = field(default_factory=lambda: TreeConfig(tokens=8, depth=4, top_k=4))  # None: auto
     export: ExportConfig = field(default_factory=lambda: ExportConfig(max_seq_len=2048, max_tree_tokens=32,
                                                                       max_top_k=8, draft_quantization="int8"))
+    # SmolLM2-135M-Instruct's drafts as `hass-deploy train` makes them with a larger budget (their README.md says
+    # which): benchmarked beside the quickstart's own when the install has them.
+    shipped: tuple[ShippedDraft, ...] = (
+        ShippedDraft("hass-shipped", "HASS draft (shipped)", Path("smollm2-hass")),
+        ShippedDraft("eagle2-shipped", "EAGLE-2 draft (shipped)", Path("smollm2-eagle2")))
+
+    def __post_init__(self) -> None:
+        keys = [d.key for d in self.shipped]
+        taken = {*DRAFTS, TARGET_EXPORT, *(key for key, _ in METHODS.values())}
+        if len(set(keys)) != len(keys) or taken & set(keys):
+            raise HassDeployError(f"shipped drafts need keys of their own, unique and none of {sorted(taken)}: {keys}")
 
 
 PRESETS = {
@@ -130,14 +164,14 @@ PRESETS = {
         target="default", corpus=StdlibCorpus(),
         data=DataConfig(format="text", max_length=640, eval_fraction=0.05),
         train=TrainConfig(phases=(Phase(epochs=2, lr=2e-3, topk_weight=1.0),), batch_size=8, max_length=640),
-        max_new_tokens=128, tree=None,
+        max_new_tokens=128, tree=None, shipped=(),
         # int8 draft graphs: speedup 0.97x -> 1.08x on this CPU at the same tau, the fp32 target's output all the same.
         export=ExportConfig(max_seq_len=1024, max_tree_tokens=32, max_top_k=8, draft_quantization="int8")),
     "tiny": QuickstartPreset(
         target="tiny", corpus=StdlibCorpus(draft_chars=160_000, record_chars=1_000, prompts=6, prompt_chars=300),
         data=DataConfig(format="text", max_length=256, eval_fraction=0.1),
         train=TrainConfig(phases=(Phase(epochs=2, lr=3e-3, topk_weight=1.0),), batch_size=8, max_length=256),
-        max_new_tokens=48, tree=TreeConfig(tokens=6, depth=3, top_k=2),
+        max_new_tokens=48, tree=TreeConfig(tokens=6, depth=3, top_k=2), shipped=(),
         export=ExportConfig(max_seq_len=512, max_tree_tokens=16, max_top_k=4, draft_quantization="int8")),
 }
 
@@ -315,6 +349,7 @@ def _summary_record(report) -> dict:
         "speedup": {key: s.speedup for key, s in overall.items() if s.speedup is not None},
         "depth_acceptance": {key: list(s.depth_acceptance) for key, s in overall.items() if s.tau is not None},
         "lossless": report.lossless, "lossless_check": report.lossless_line(),
+        "labels": {m.key: m.label for m in report.methods if m.path is not None},  # the drafts' rows, in order
         "prompts": overall["plain"].prompts, "max_new_tokens": report.config.max_new_tokens,
         "machine": report.machine,
     }
@@ -332,7 +367,17 @@ class Job:
     device: str
     progress: bool
     log: Log
+    shipped: tuple[ShippedDraft, ...] = ()  # the preset's shipped drafts this install has
     _fingerprints: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def drafts(self) -> tuple[str, ...]:
+        """Every draft exported, validated and benchmarked: the quickstart's own, then the shipped ones."""
+        return (*DRAFTS, *(d.key for d in self.shipped))
+
+    def draft_dir(self, draft: str) -> Path:
+        """A draft's directory: the quickstart's own under the work directory, a shipped one in the package."""
+        return next((d.path for d in self.shipped if d.key == draft), self.layout.draft(draft))
 
     @property
     def target_key(self) -> str:
@@ -352,9 +397,9 @@ class Job:
                            runtime=RuntimeConfig(backend="onnxruntime"))
 
     def fingerprint(self, draft: str) -> str:
-        """The trained draft's fingerprint, read once per run (the stages that need it all come after training)."""
+        """A draft's fingerprint, read once per run (the stages that need it all come after training)."""
         if draft not in self._fingerprints:
-            self._fingerprints[draft] = _draft_fingerprint(self.layout.draft(draft))
+            self._fingerprints[draft] = _draft_fingerprint(self.draft_dir(draft))
         return self._fingerprints[draft]
 
 
@@ -399,11 +444,19 @@ def _export_key(job: Job, draft: str) -> str:
     return _key(job.target_key, job.fingerprint(draft), asdict(job.preset.export))
 
 
+def _export_target(job: Job) -> dict:
+    out = job.layout.artifacts(TARGET_EXPORT)
+    onnx_export.export_artifacts(job.target, None, out, job.preset.export, force=True, log=job.log)
+    return {"path": str(out)}
+
+
 def _export_stage(draft: str) -> Stage:
+    """A draft's export: its own draft graphs, the target's linked from the target export (made once)."""
+
     def work(job: Job) -> dict:
         out = job.layout.artifacts(draft)
-        onnx_export.export_artifacts(job.target, job.layout.draft(draft), out, job.preset.export, force=True,
-                                     log=job.log)
+        onnx_export.export_artifacts(job.target, job.draft_dir(draft), out, job.preset.export, force=True,
+                                     log=job.log, target_from=job.layout.artifacts(TARGET_EXPORT))
         return {"path": str(out)}
 
     return Stage(f"export {draft}", lambda job: _export_key(job, draft), work,
@@ -416,7 +469,7 @@ def _validate_stage(draft: str) -> Stage:
 
     def work(job: Job) -> dict:
         out = job.layout.artifacts(draft)
-        report = parity.validate_artifacts(out, job.target, job.layout.draft(draft))
+        report = parity.validate_artifacts(out, job.target, job.draft_dir(draft))
         (out / "validation.txt").write_text(report.render() + "\n")
         if not report.passed:
             raise HassDeployError(f"validation of the {draft} export FAILED; see {out / 'validation.txt'}")
@@ -427,46 +480,56 @@ def _validate_stage(draft: str) -> Stage:
 
 
 def _bench_key(job: Job) -> str:
+    # The shipped drafts by content and row, and only when there are some: without, the key is as it always was.
+    shipped = [(asdict(d), job.fingerprint(d.key)) for d in job.shipped]
     return _key(job.target_key, {name: job.fingerprint(name) for name in DRAFTS},
-                [file_sha256(p) for p in job.prompt_files], asdict(job.bench_config))
+                [file_sha256(p) for p in job.prompt_files], asdict(job.bench_config), *([shipped] if shipped else []))
 
 
 def _bench(job: Job) -> dict:
     layout = job.layout
-    report = runner.run_bench(job.target, layout.draft("hass"), job.prompt_files, job.bench_config,
-                       baseline_draft=layout.draft("eagle2"), artifacts=layout.artifacts("hass"),
-                       baseline_artifacts=layout.artifacts("eagle2"), out=layout.bench, log=job.log)
+    own = [(*METHODS[name], layout.draft(name), layout.artifacts(name)) for name in DRAFTS]
+    shipped = [(d.key, d.label, d.path, layout.artifacts(d.key)) for d in job.shipped]
+    drafts = [runner.BenchDraft(key, path, artifacts, label) for key, label, path, artifacts in own + shipped]
+    report = runner.run_drafts(job.target, drafts, job.prompt_files, job.bench_config, layout.bench, job.log)
     if report.lossless is False:
         raise HassDeployError(report.lossless_line() + f"; the runs are in {layout.bench / 'bench.json'}")
     return _summary_record(report)
 
 
-# The quickstart after its target, in order; a stage's key may read what the stages before it made.
-STAGES: tuple[Stage, ...] = (
-    Stage("corpus", lambda job: _key(job.preset.corpus.source_key(job), type(job.preset.corpus).__name__,
-                                     asdict(job.preset.corpus)),
-          lambda job: job.preset.corpus.write(job),
-          intact=lambda job: job.layout.corpus.is_file() and all(p.is_file() for p in job.prompt_files)),
-    Stage("data", _data_key, _make_data, outputs=lambda job: job.layout.data,
-          intact=lambda job: (job.layout.data / "manifest.json").is_file()),
-    *(_train_stage(name) for name in DRAFTS),
-    *(_export_stage(name) for name in DRAFTS),
-    *(_validate_stage(name) for name in DRAFTS),
-    Stage("bench", _bench_key, _bench, outputs=lambda job: job.layout.bench,
-          intact=lambda job: (job.layout.bench / "bench.json").is_file()),
-)
-STEPS = ("target", *dict.fromkeys(stage.name.split()[0] for stage in STAGES))  # the numbered progress lines
+def stages(drafts: tuple[str, ...]) -> tuple[Stage, ...]:
+    """The quickstart after its target, in order, for `drafts` (`Job.drafts`: the own ones are trained here, and
+    every one is exported, validated and benchmarked); a stage's key may read what the stages before it made."""
+    return (
+        Stage("corpus", lambda job: _key(job.preset.corpus.source_key(job), type(job.preset.corpus).__name__,
+                                         asdict(job.preset.corpus)),
+              lambda job: job.preset.corpus.write(job),
+              intact=lambda job: job.layout.corpus.is_file() and all(p.is_file() for p in job.prompt_files)),
+        Stage("data", _data_key, _make_data, outputs=lambda job: job.layout.data,
+              intact=lambda job: (job.layout.data / "manifest.json").is_file()),
+        *(_train_stage(name) for name in DRAFTS),
+        Stage(f"export {TARGET_EXPORT}", lambda job: _key(job.target_key, asdict(job.preset.export)), _export_target,
+              outputs=lambda job: job.layout.artifacts(TARGET_EXPORT),
+              intact=lambda job: _artifacts_intact(job.layout.artifacts(TARGET_EXPORT))),
+        *(_export_stage(name) for name in drafts),
+        *(_validate_stage(name) for name in drafts),
+        Stage("bench", _bench_key, _bench, outputs=lambda job: job.layout.bench,
+              intact=lambda job: (job.layout.bench / "bench.json").is_file()),
+    )
+
+
+STEPS = ("target", *dict.fromkeys(stage.name.split()[0] for stage in stages(DRAFTS)))  # the numbered progress lines
 
 
 def _run_stages(job: Job, state: _State, seconds: dict[str, float]) -> dict[str, dict]:
-    """Run or reuse each of `STAGES` in order; returns each one's record.
+    """Run or reuse each of the job's `stages` in order; returns each one's record.
 
     A stage that was interrupted has no record: its `work` resumes it. One that was finished from other inputs,
     or whose outputs were damaged since, is forgotten and its outputs removed first, so that an interruption of
     the redo resumes the redo.
     """
     records: dict[str, dict] = {}
-    for stage in STAGES:
+    for stage in stages(job.drafts):
         step = f"[{STEPS.index(stage.name.split()[0]) + 1}/{len(STEPS)}] {stage.name}"
         key = stage.key(job)
         record = state.done(stage.name, key) if stage.intact(job) else None
@@ -518,6 +581,11 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
     for file in extra_prompts:
         read_prompt_file(file)  # a missing or malformed file fails now, not after ten minutes of training
     config = PRESETS[preset]
+    shipped = tuple(d for d in config.shipped if (d.path / "config.json").is_file())
+    missing = [d for d in config.shipped if d not in shipped]
+    if missing:  # a source checkout before the drafts were added, or a build without package data: not an error
+        log(f"shipped drafts: {', '.join(d.label for d in missing)} not in this install ({missing[0].path}); "
+            f"benchmarking {'the quickstart' if not shipped else 'the rest and the quickstart'}'s own drafts")
     layout = Layout(Path(workdir))
     layout.root.mkdir(parents=True, exist_ok=True)
     state = _State(layout.root / STATE_FILE)
@@ -529,7 +597,7 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
     target, target_report = open_target(config.target, progress, device, log)
     seconds["target"] = time.perf_counter() - begin
     job = Job(config, layout, target, target_report, (*config.corpus.prompt_files(layout), *extra_prompts), device,
-              progress, log)
+              progress, log, shipped)
     records = _run_stages(job, state, seconds)
 
     seconds["total"] = time.perf_counter() - started
@@ -540,11 +608,13 @@ def run_quickstart(workdir: str | Path, preset: str = "default", extra_prompts: 
                    "recipe": target_report["recipe"]},
         "corpus": records["corpus"], "data": records["data"],
         "drafts": {name: {"path": str(layout.draft(name)), **records[f"train {name}"]} for name in DRAFTS},
+        "shipped": {d.key: {"label": d.label, "path": str(d.path)} for d in shipped},
+        "shipped_missing": [d.label for d in missing],
         "bench": records["bench"],
         "export": {"dtype": config.export.dtype, "draft_quantization": config.export.draft_quantization},
         "artifacts": {"work_dir": str(layout.root), "target": str(target), "data": str(layout.data),
                       **{f"draft_{n}": str(layout.draft(n)) for n in DRAFTS},
-                      **{f"onnx_{n}": str(layout.artifacts(n)) for n in DRAFTS},
+                      **{f"onnx_{n}": str(layout.artifacts(n)) for n in (TARGET_EXPORT, *job.drafts)},
                       "prompts": [str(p) for p in job.prompt_files], "bench": str(layout.bench),
                       "summary": str(layout.root / SUMMARY_FILE)},
         "seconds_this_run": seconds,
@@ -558,9 +628,10 @@ def render_summary(summary: dict) -> str:
     bench = summary["bench"]
     tau, speed, speedup = bench["tau"], bench["tokens_per_s"], bench["speedup"]
     tree = bench["tree"]
-    rows = [("plain decoding", "1.00", speed.get("plain"), 1.0), ("EAGLE-2 draft", tau.get("baseline"),
-            speed.get("baseline"), speedup.get("baseline")), ("HASS draft", tau.get("draft"), speed.get("draft"),
-                                                              speedup.get("draft"))]
+    # Every draft's row (the quickstart's own, then the shipped ones); records from before labels had these two.
+    labels = bench.get("labels") or {"baseline": "EAGLE-2 draft", "draft": "HASS draft"}
+    rows = [("plain decoding", "1.00", speed.get("plain"), 1.0),
+            *((label, tau.get(key), speed.get(key), speedup.get(key)) for key, label in labels.items())]
     if "lookup" in speed:  # summaries from before prompt lookup was benchmarked have no such row
         rows.append(("prompt lookup (no draft)", tau.get("lookup"), speed["lookup"], speedup.get("lookup")))
     if "hybrid" in speed:  # nor this one from before hybrid drafting
@@ -575,6 +646,11 @@ def render_summary(summary: dict) -> str:
     lines += [f"| {name} | {fmt(t)} | {fmt(s, 1)} | {fmt(x)}x |" for name, t, s, x in rows]
     if tau.get("draft") and tau.get("baseline"):
         lines.append(f"\ntau(HASS) / tau(EAGLE-2) = {tau['draft'] / tau['baseline']:.3f}")
+    shipped = summary.get("shipped") or {}
+    if shipped:
+        lines.append(f"{' and '.join(d['label'] for d in shipped.values())}: the project's own, trained by `hass-deploy "
+                     "train` on a larger budget than this run's (their README.md says which), in "
+                     f"{Path(next(iter(shipped.values()))['path']).parent}")
     lines.append(bench["lossless_check"])
     loss = summary["target"]["validation_loss"]
     lines.append((f"target validation loss {loss:.3f} nats/token; " if loss is not None else "")

@@ -8,6 +8,7 @@ real `tiny` preset end to end (`.ci/run`).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ import pytest
 from hass_deploy import quickstart
 from hass_deploy.bench.config import BenchConfig
 from hass_deploy.bench.metrics import Spread
-from hass_deploy.bench.results import OVERALL, MethodSummary
+from hass_deploy.bench.results import HYBRID, LOOKUP, OVERALL, PLAIN, Method, MethodSummary
 from hass_deploy.config import TreeConfig
 from hass_deploy.errors import HassDeployError
 
@@ -40,7 +41,7 @@ class Fakes:
     """Stand-ins for the stages' library calls: they write what the real ones write (enough for the checks
     between stages) and count their calls."""
 
-    def __init__(self, tmp_path: Path, monkeypatch):
+    def __init__(self, tmp_path: Path, monkeypatch, real_onnx: bool = False):
         self.calls: list[str] = []
         self.devices: dict[str, str] = {}  # stage -> the device it was asked to run on
         self.lossless = True
@@ -51,7 +52,7 @@ class Fakes:
         for i in range(6):
             (source / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(200)))
         self.target = tmp_path / "target"
-        self.target.mkdir()
+        self.target.mkdir(exist_ok=True)  # a real model's directory already, with `real_onnx`
         (self.target / "hass_deploy_target.json").write_text(json.dumps({
             "weights_sha256": "abc", "validation_loss": 3.0, "recipe": {},
             "draft_files": [str(source / f"m{i}.py") for i in range(4)],
@@ -66,10 +67,12 @@ class Fakes:
         monkeypatch.setattr(demo, "cached_target", self.cached_target)
         monkeypatch.setattr(extract, "generate_data", self.generate_data)
         monkeypatch.setattr(trainer, "train", self.train)
-        monkeypatch.setattr(onnx_export, "export_artifacts", self.export)
-        monkeypatch.setattr(parity, "validate_artifacts", self.validate)
-        monkeypatch.setattr(runner, "run_bench", self.bench)
-        monkeypatch.setattr(quickstart, "_artifacts_intact", lambda out: (out / "graph").is_file())
+        self.real_onnx = real_onnx
+        if not real_onnx:  # else the real exports, validations and bench run on the tiny target's real drafts
+            monkeypatch.setattr(onnx_export, "export_artifacts", self.export)
+            monkeypatch.setattr(parity, "validate_artifacts", self.validate)
+            monkeypatch.setattr(runner, "run_drafts", self.bench)
+            monkeypatch.setattr(quickstart, "_artifacts_intact", lambda out: (out / "graph").is_file())
 
     def _call(self, name: str) -> None:
         self.calls.append(name)
@@ -90,6 +93,14 @@ class Fakes:
     def train(self, target, data_dir, out, config, resume=False, progress=True, device="cpu"):
         self.devices[f"train {config.recipe}"] = device
         self._call(f"train {config.recipe}")
+        if self.real_onnx:
+            from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, save_draft, target_identity
+            from hass_deploy.models.loading import load_target
+
+            model = load_target(target)
+            save_draft(init_draft(model, seed=len(self.calls)), out, DraftMetadata(FORMAT_VERSION, config.recipe,
+                                                                                    target_identity(model)))
+            return {"eval_expected_tau": 1.0, "eval_acceptance": [0.0]}
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"recipe": config.recipe}))
         # The same weights each time unless a test says training is not reproducible.
@@ -97,33 +108,39 @@ class Fakes:
                                                if self.nondeterministic else config.recipe)
         return {"eval_expected_tau": 2.0, "eval_acceptance": [0.5]}
 
-    def export(self, target, draft, out, config, force=False, log=None):
-        self._call(f"export {draft.name}")
+    def export(self, target, draft, out, config, force=False, log=None, target_from=None):
+        self._call(f"export {out.name}")
+        # The target once, target-only; every draft's export beside it, linking its target graphs.
+        assert (draft is None) == (out.name == "target") and (target_from is None) == (draft is None)
+        assert target_from is None or (target_from.name == "target" and (target_from / "graph").is_file())
         out.mkdir(parents=True, exist_ok=True)
         (out / "graph").write_text("g")
 
     def validate(self, artifacts, target, draft):
-        self._call(f"validate {draft.name}")
+        self._call(f"validate {artifacts.name}")
         return SimpleNamespace(passed=True, checks=[1, 2], render=lambda: "ok")
 
-    def bench(self, target, draft, prompts, config, baseline_draft=None, artifacts=None, baseline_artifacts=None,
-              out=None, log=None):
+    def bench(self, target, drafts, prompts, config, out=None, log=None):
         self._call("bench")
+        self.benched = drafts
         assert config.runtime.backend == "onnxruntime" and config.sampling.greedy
         assert config.lookup is not None and config.hybrid is not None  # benchmarked beside the drafts
-        assert Path(artifacts).name == "hass" and Path(baseline_artifacts).name == "eagle2"
+        assert [(d.key, Path(d.artifacts).name) for d in drafts[:2]] == [("draft", "hass"), ("baseline", "eagle2")]
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "bench.json").write_text("{}")
         summaries = {OVERALL: {"plain": _summary("plain", None, 10.0), "draft": _summary("draft", 2.5, 15.0),
                                "baseline": _summary("baseline", 2.2, 13.0, self.lossless),
+                               **{d.key: _summary(d.key, 3.5, 20.0) for d in drafts[2:]},
                                "lookup": _summary("lookup", 1.4, 11.0), "hybrid": _summary("hybrid", 3.0, 18.0)}}
+        methods = (Method(PLAIN, "plain decoding", None), *(Method(d.key, d.label, str(d.path)) for d in drafts),
+                   Method(LOOKUP, "prompt lookup", None), Method(HYBRID, "hybrid", None))
         return SimpleNamespace(summaries=summaries, tree=TreeConfig(), tree_choice=None, config=BenchConfig(),
-                               machine={}, lossless=self.lossless,
+                               machine={}, lossless=self.lossless, methods=methods,
                                lossless_line=lambda: "lossless check: PASSED" if self.lossless else "LOSSLESS CHECK FAILED")
 
 
-STAGES = ["data", "train hass", "train eagle2", "export hass", "export eagle2", "validate hass", "validate eagle2",
-          "bench"]
+STAGES = ["data", "train hass", "train eagle2", "export target", "export hass", "export eagle2", "validate hass",
+          "validate eagle2", "bench"]
 
 
 @pytest.fixture
@@ -165,7 +182,7 @@ def test_an_interrupted_stage_resumes_and_finished_ones_are_kept(fakes, tmp_path
         _run(tmp_path / "work")
     fakes.interrupt, fakes.calls = None, []
     _run(tmp_path / "work")
-    assert fakes.calls == STAGES[3:]
+    assert fakes.calls == STAGES[4:]
 
 
 def test_a_damaged_stage_is_redone_and_what_depends_on_its_new_output(fakes, tmp_path):
@@ -260,3 +277,105 @@ def test_the_default_preset_is_the_real_model_on_sharegpt():
     assert [p.stem for p in preset.corpus.prompt_files(quickstart.Layout(Path("w")))] == [
         "sharegpt_heldout", "mt_bench", "humaneval", "gsm8k", "alpaca"]
     assert quickstart.PRESETS["tiny"].target == "tiny" and quickstart.PRESETS["demo"].target == "default"
+
+
+def _packed(target, directory: Path, recipe: str, seed: int) -> Path:
+    """A shipped draft as the project makes one: trained (here: initialised) for `target`, then packed."""
+    from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, pack_draft, save_draft, target_identity
+
+    full = save_draft(init_draft(target, seed=seed), directory.with_name(directory.name + "-full"),
+                      DraftMetadata(FORMAT_VERSION, recipe, target_identity(target)))
+    return pack_draft(full, directory, force=True)
+
+
+def _shipped_preset(monkeypatch, directories: dict[str, Path], base: str = "tiny") -> str:
+    shipped = tuple(quickstart.ShippedDraft(f"{recipe}-shipped", f"{label} draft (shipped)", path)
+                    for (recipe, label), path in zip((("hass", "HASS"), ("eagle2", "EAGLE-2")), directories.values()))
+    monkeypatch.setitem(quickstart.PRESETS, "with-drafts", replace(quickstart.PRESETS[base], shipped=shipped))
+    return "with-drafts"
+
+
+SHIPPED_STAGES = ["data", "train hass", "train eagle2", "export target", "export hass", "export eagle2",
+                  "export hass-shipped", "export eagle2-shipped", "validate hass", "validate eagle2",
+                  "validate hass-shipped", "validate eagle2-shipped", "bench"]
+
+
+def test_shipped_drafts_are_exported_validated_and_benched_beside_the_own(fakes, targets, monkeypatch, tmp_path):
+    packed = {name: _packed(targets["llama"], tmp_path / "drafts" / name, name, seed)
+              for name, seed in (("hass", 1), ("eagle2", 2))}
+    preset = _shipped_preset(monkeypatch, packed)
+    lines = []
+    summary = quickstart.run_quickstart(tmp_path / "work", preset, progress=False, log=lines.append)
+    assert fakes.calls == SHIPPED_STAGES and not any("not in this install" in line for line in lines)
+    assert [(d.key, Path(d.path), Path(d.artifacts).name) for d in fakes.benched[2:]] == [
+        ("hass-shipped", packed["hass"], "hass-shipped"), ("eagle2-shipped", packed["eagle2"], "eagle2-shipped")]
+    rendered = quickstart.render_summary(summary)
+    for row in ("| HASS draft | 2.50 | 15.0 | 1.50x |", "| EAGLE-2 draft | 2.20 | 13.0 | 1.30x |",
+                "| HASS draft (shipped) | 3.50 | 20.0 | 2.00x |", "| EAGLE-2 draft (shipped) | 3.50 | 20.0 | 2.00x |"):
+        assert row in rendered
+    assert "HASS draft (shipped) and EAGLE-2 draft (shipped): the project's own" in rendered
+    assert summary["shipped"]["hass-shipped"]["path"] == str(packed["hass"]) and summary["shipped_missing"] == []
+    assert summary["artifacts"]["onnx_eagle2-shipped"] == str(tmp_path / "work" / "onnx" / "eagle2-shipped")
+    fakes.calls.clear()
+    quickstart.run_quickstart(tmp_path / "work", preset, progress=False, log=lambda line: None)
+    assert fakes.calls == []
+    _packed(targets["llama"], packed["hass"], "hass", seed=5)  # a new shipped draft: its stages and the bench again
+    quickstart.run_quickstart(tmp_path / "work", preset, progress=False, log=lambda line: None)
+    assert fakes.calls == ["export hass-shipped", "validate hass-shipped", "bench"]
+
+
+def test_shipped_drafts_missing_from_the_install_are_one_line_and_the_own_are_benched(fakes, monkeypatch, tmp_path):
+    preset = _shipped_preset(monkeypatch, {"hass": tmp_path / "none-hass", "eagle2": tmp_path / "none-eagle2"})
+    lines = []
+    summary = quickstart.run_quickstart(tmp_path / "work", preset, progress=False, log=lines.append)
+    notes = [line for line in lines if "not in this install" in line]
+    assert len(notes) == 1 and "HASS draft (shipped), EAGLE-2 draft (shipped)" in notes[0]
+    assert "benchmarking the quickstart's own drafts" in notes[0]
+    assert fakes.calls == STAGES and [d.key for d in fakes.benched] == ["draft", "baseline"]
+    assert summary["shipped"] == {} and summary["shipped_missing"] == ["HASS draft (shipped)", "EAGLE-2 draft (shipped)"]
+    assert "(shipped)" not in quickstart.render_summary(summary)
+
+
+def test_the_default_preset_ships_smollm2_drafts_in_the_package():
+    preset = quickstart.PRESETS["default"]
+    package = Path(quickstart.__file__).parent / "drafts"
+    assert [(d.key, d.path) for d in preset.shipped] == [("hass-shipped", package / "smollm2-hass"),
+                                                          ("eagle2-shipped", package / "smollm2-eagle2")]
+    assert preset.corpus.records == 160 and [p.epochs for p in preset.train.phases] == [1]
+    assert quickstart.PRESETS["tiny"].shipped == () and quickstart.PRESETS["demo"].shipped == ()
+    with pytest.raises(HassDeployError, match="keys of their own"):
+        replace(preset, shipped=(quickstart.ShippedDraft("hass", "x", Path("x")),))
+
+
+@pytest.mark.slow
+def test_shipped_drafts_through_the_real_export_validation_and_bench(fusable_dirs, monkeypatch, tmp_path):
+    """The tiny preset on a tiny random target with real ONNX stages: the target exported once, each draft's
+    export linking it, every export validated, and the bench of plain, four drafts, lookup and hybrid lossless."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import shutil
+
+    from hass_deploy.models.loading import load_target
+
+    shutil.copytree(fusable_dirs["llama"], tmp_path / "target")
+    target = load_target(tmp_path / "target")
+    packed = {name: _packed(target, tmp_path / "drafts" / name, name, seed) for name, seed in (("hass", 11), ("eagle2", 12))}
+    fakes = Fakes(tmp_path, monkeypatch, real_onnx=True)
+    preset = _shipped_preset(monkeypatch, packed)
+    monkeypatch.setitem(quickstart.PRESETS, preset, replace(
+        quickstart.PRESETS[preset], max_new_tokens=12,
+        corpus=replace(quickstart.PRESETS[preset].corpus, prompts=2, prompt_chars=120),
+        export=replace(quickstart.PRESETS[preset].export, max_seq_len=256)))
+    summary = quickstart.run_quickstart(tmp_path / "work", preset, progress=False, log=lambda line: None)
+    assert fakes.calls == ["data", "train hass", "train eagle2"]
+    onnx = tmp_path / "work" / "onnx"
+    for name in ("hass", "eagle2", "hass-shipped", "eagle2-shipped"):
+        assert (onnx / name / "target.onnx").stat().st_ino == (onnx / "target" / "target.onnx").stat().st_ino
+        assert (onnx / name / "validation.txt").is_file()
+    bench = summary["bench"]
+    assert bench["lossless"] is True and list(bench["labels"]) == ["draft", "baseline", "hass-shipped", "eagle2-shipped"]
+    assert set(bench["tokens_per_s"]) == {"plain", "draft", "baseline", "hass-shipped", "eagle2-shipped", "lookup",
+                                          "hybrid"}
+    rendered = quickstart.render_summary(summary)
+    assert "| HASS draft (shipped) |" in rendered and "| HASS draft |" in rendered
+    assert "| HASS draft (shipped) |" in (tmp_path / "work" / "bench" / "bench.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -11,6 +12,10 @@ from pathlib import Path
 
 from hass_deploy.bench.results import HYBRID, OVERALL, PLAIN, BenchReport, MethodSummary
 from hass_deploy.atomic import check_output_dir
+
+# Plain decoding grey, then matplotlib's tab10 (a method per colour up to ten, then around again).
+COLORS = ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+          "#17becf")
 
 
 def _version(package: str) -> str | None:
@@ -134,7 +139,7 @@ def _auto_section(report: BenchReport) -> list[str]:
              ""]
     if outcome is not None:
         lines += ["| | predicted tok/s | measured tok/s (mean over prompts) |", "|---|---:|---:|",
-                  f"| {report.label('draft')} | {outcome.predicted_tokens_per_s:.1f} (with the bench's τ: "
+                  f"| {report.label(report.drafts[0])} | {outcome.predicted_tokens_per_s:.1f} (with the bench's τ: "
                   f"{outcome.predicted_with_bench_tau:.1f}) | {outcome.measured_tokens_per_s:.1f} (runtime "
                   f"efficiency {outcome.efficiency:.2f}) |",
                   f"| plain decoding | {outcome.predicted_plain_tokens_per_s:.1f} | "
@@ -156,6 +161,16 @@ def _auto_section(report: BenchReport) -> list[str]:
     return lines
 
 
+def _legend_columns(entries: int) -> int:
+    return min(entries, 2 if entries <= 4 else 3)
+
+
+def _headroom(entries: int) -> float:
+    """The factor on a bar panel's height that leaves its legend room: 1.2 for one row of labels, 1.35 for two."""
+    rows = -(-entries // _legend_columns(entries)) if entries else 1
+    return 1.2 if rows == 1 else 1.15 + 0.1 * rows
+
+
 def render_png(report: BenchReport, path: Path) -> None:
     """Three panels: per-depth acceptance of each draft (and prompt lookup); tok/s per prompt set and method
     (median, IQR bars); speedup over plain decoding per prompt set and speculative method (the paper's ratio of
@@ -166,7 +181,7 @@ def render_png(report: BenchReport, path: Path) -> None:
     keys = [m.key for m in report.methods]
     drafts = [k for k in keys if k != PLAIN]
     groups = list(report.summaries)
-    colors = {key: color for key, color in zip(keys, ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"))}
+    colors = dict(zip(keys, itertools.cycle(COLORS)))
     figure = Figure(figsize=(15, 4.6), layout="constrained")
     FigureCanvasAgg(figure)
     ax_depth, ax_speed, ax_ratio = figure.subplots(1, 3, width_ratios=(1, 1.4, 1.2))
@@ -195,9 +210,9 @@ def render_png(report: BenchReport, path: Path) -> None:
     ax_speed.set(title=f"Tokens/s per prompt (median, IQR) — {report.config.runtime.backend}", ylabel="tokens/s")
     ax_speed.set_xticks(list(positions), groups, rotation=20, ha="right")
     ax_speed.grid(axis="y", alpha=0.3)
-    # Headroom for the legend; two columns keep four methods' labels inside the panel.
-    ax_speed.set_ylim(0, ax_speed.get_ylim()[1] * (1.2 if len(keys) <= 2 else 1.35))
-    ax_speed.legend(fontsize=8, loc="upper left", ncols=min(len(keys), 2))
+    # Headroom for the legend: a tenth of the panel per row of labels, two or three to a row.
+    ax_speed.set_ylim(0, ax_speed.get_ylim()[1] * _headroom(len(keys)))
+    ax_speed.legend(fontsize=8, loc="upper left", ncols=_legend_columns(len(keys)))
 
     width = 0.8 / max(len(drafts), 1)
     highest = 1.0
@@ -209,10 +224,10 @@ def render_png(report: BenchReport, path: Path) -> None:
         ax_ratio.bar_label(bars, fmt="%.2f×", fontsize=7)
     ax_ratio.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax_ratio.set(title="Speedup over plain decoding (ratio of mean tok/s)", ylabel="×",
-                 ylim=(0, highest * (1.3 if len(drafts) <= 2 else 1.45)))
+                 ylim=(0, highest * (0.1 + _headroom(len(drafts)))))
     ax_ratio.set_xticks(list(positions), groups, rotation=20, ha="right")
     ax_ratio.grid(axis="y", alpha=0.3)
-    ax_ratio.legend(fontsize=8, loc="upper left", ncols=min(len(drafts), 2))
+    ax_ratio.legend(fontsize=8, loc="upper left", ncols=_legend_columns(len(drafts)))
     lossless = report.lossless
     verdict = {True: "greedy outputs identical to plain decoding", False: "LOSSLESS CHECK FAILED",
                None: "sampling: identity not checked"}[lossless]

@@ -21,7 +21,7 @@ OVERALL = "overall"
 
 @dataclass(frozen=True)
 class Method:
-    key: str  # "plain", "draft", "baseline", "lookup" or "hybrid"
+    key: str  # "plain", "lookup", "hybrid", or a draft's ("draft" and "baseline" from `run_bench`)
     label: str  # what tables and plots call it, e.g. "HASS (drafts/hass)"
     path: str | None  # the draft directory (None for plain decoding and prompt lookup)
 
@@ -125,7 +125,7 @@ class BenchReport:
     config: BenchConfig
     sources: dict  # target, drafts, prompt files, artifacts
     methods: tuple[Method, ...]
-    tree: TreeConfig  # used by the draft and the baseline (prompt lookup's is `config.lookup`)
+    tree: TreeConfig  # used by every draft (prompt lookup's is `config.lookup`)
     hybrid: HybridConfig | None  # as run (with --tree auto, its draft cost measured); None without the method
     tree_choice: TreeChoice | None  # with --tree auto
     auto_outcome: AutoOutcome | None
@@ -154,6 +154,11 @@ class BenchReport:
 
     def label(self, key: str) -> str:
         return next(m.label for m in self.methods if m.key == key)
+
+    @property
+    def drafts(self) -> tuple[str, ...]:
+        """The draft methods' keys, in order: the first is the one `--tree auto` and hybrid drafting ran."""
+        return tuple(m.key for m in self.methods if m.path is not None)
 
     def lossless_line(self) -> str:
         if self.lossless is None:

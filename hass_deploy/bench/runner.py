@@ -1,15 +1,16 @@
-"""`run_bench`: plain decoding, the draft, the baseline draft and prompt lookup on the same prompts, in one
-process.
+"""`run_bench`: plain decoding, any number of drafts and prompt lookup on the same prompts, in one process.
 
 Protocol (DESIGN §4, the paper's algorithm.md §5 adapted to one CPU process):
     * the target is loaded once; plain decoding, each draft and prompt lookup are decoders over its backend (an
-      ONNX Runtime baseline draft has its own export, and so its own target session; prompt lookup needs no draft
-      and shares the draft's target session);
+      ONNX Runtime draft after the first has its own export, and so its own target session; prompt lookup needs
+      no draft and shares the first draft's target session);
     * `warmup` untimed generations per method on the first prompt (the paper's 3), then every prompt runs
       every method back to back, the method order rotating from one prompt to the next so that no method
       always runs first (or right after another) — slow drift on shared cores cancels in the paired ratios;
     * prompt i of the run decodes with seed `seed + i` for every method (the paper seeds per question);
     * greedy runs are compared with plain decoding token for token, on every prompt.
+
+`run_bench` is the CLI's form (a draft and an optional baseline draft); `run_drafts` takes a list of `BenchDraft`.
 """
 
 from __future__ import annotations
@@ -156,8 +157,18 @@ def summarise_runs(runs: Sequence[PromptRun], set_names: Sequence[str], keys: Se
     return out
 
 
-def _label(metadata, path: Path) -> str:
-    return f"{RECIPE_NAMES.get(getattr(metadata, 'recipe', None), 'draft')} ({path.name})"
+@dataclass(frozen=True)
+class BenchDraft:
+    """One draft the bench runs as a method of its own."""
+
+    key: str  # its method key in the report: "draft" and "baseline" for `run_bench`, any other name for callers
+    path: str | Path  # the draft directory
+    artifacts: str | Path | None = None  # its `hass-deploy export`, for a backend that runs exports
+    label: str | None = None  # what tables and plots call it; None: its recipe and directory, e.g. "HASS (hass)"
+
+    def method(self, metadata) -> Method:
+        recipe = RECIPE_NAMES.get(getattr(metadata, "recipe", None), "draft")
+        return Method(self.key, self.label or f"{recipe} ({Path(self.path).name})", str(self.path))
 
 
 def _calibration_prompts(sets: Sequence[PromptSet], encoded: Sequence[EncodedSet], count: int, encode_one
@@ -175,6 +186,7 @@ def _calibration_prompts(sets: Sequence[PromptSet], encoded: Sequence[EncodedSet
 
 
 def _check_inputs(draft, baseline_draft, spec: BackendSpec, baseline_artifacts) -> None:
+    """`run_bench`'s arguments, in the CLI's words."""
     for path, what in ((draft, "draft"), (baseline_draft, "baseline draft")):
         if path is not None and not Path(path).is_dir():
             raise ModelLoadError(f"{path}: no such {what} directory")
@@ -184,6 +196,22 @@ def _check_inputs(draft, baseline_draft, spec: BackendSpec, baseline_artifacts) 
     if spec.needs_export and baseline_draft is not None and baseline_artifacts is None:
         raise ConfigError(f"with --backend {spec.name} the baseline draft needs its own export: "
                           "--baseline-artifacts DIR")
+
+
+def _check_drafts(drafts: Sequence[BenchDraft], spec: BackendSpec) -> None:
+    """`run_drafts`'s: unique keys beside the other methods', directories that exist, an export each where the
+    backend runs exports (the first draft's is checked by the backend, which names --artifacts)."""
+    keys = [d.key for d in drafts]
+    if not drafts or len(set(keys)) != len(keys) or set(keys) & {PLAIN, LOOKUP, HYBRID}:
+        raise ConfigError(f"the drafts' method keys must be unique and none of {PLAIN}, {LOOKUP}, {HYBRID}; got "
+                          f"{keys or 'none'}")
+    for draft in drafts:
+        if not Path(draft.path).is_dir():
+            raise ModelLoadError(f"{draft.path}: no such draft directory ({draft.key})")
+    for draft in drafts[1:]:
+        if (draft.artifacts is None) == spec.needs_export:
+            raise ConfigError(f"the {draft.key} draft: with --backend {spec.name} a draft "
+                              + ("needs its own export" if spec.needs_export else "runs without an export"))
 
 
 def _envelope(config: BenchConfig, artifacts: Artifacts | None) -> TreeConfig:
@@ -198,33 +226,34 @@ def _envelope(config: BenchConfig, artifacts: Artifacts | None) -> TreeConfig:
     return grid_envelope(grid)
 
 
-def _open_decoders(target, draft, baseline_draft, runtime, envelope: TreeConfig, artifacts: Artifacts | None,
-                   baseline_artifacts, lookup: LookupConfig | None = None, hybrid: HybridConfig | None = None):
-    """The target loaded once; plain decoding, the draft, the baseline draft and prompt lookup as decoders over it
-    (hybrid drafting is added once its draft cost is known: `run_bench`)."""
+def _open_decoders(target, drafts: Sequence[BenchDraft], runtime, envelope: TreeConfig, artifacts: Artifacts | None,
+                   lookup: LookupConfig | None = None, hybrid: HybridConfig | None = None):
+    """The target loaded once (with the first draft); plain decoding, every draft and prompt lookup as decoders
+    over it (hybrid drafting is added once its draft cost is known: `run_drafts`)."""
     # `lookup` and `hybrid` in the load config: an export's tree budget is checked against their trees too, up
     # front (without hybrid, its check is lookup's own).
     if hybrid is None and lookup is not None:
         hybrid = HybridConfig(tokens=lookup.tokens)
-    pipe = Pipeline.load(target, draft, runtime, GenerationConfig(tree=envelope, lookup=lookup,
-                                                                  hybrid=hybrid or HybridConfig()), artifacts)
+    first, *others = drafts
+    pipe = Pipeline.load(target, first.path, runtime, GenerationConfig(tree=envelope, lookup=lookup,
+                                                                       hybrid=hybrid or HybridConfig()), artifacts)
     plain = SpeculativeDecoder(pipe.decoder.target, None)
-    decoders: dict[str, Decoder] = {PLAIN: plain, "draft": pipe.decoder}
-    methods = [Method(PLAIN, "plain decoding", None), Method("draft", _label(pipe.draft_metadata, Path(draft)), str(draft))]
-    if baseline_draft is not None:
-        head, metadata = load_draft(baseline_draft, pipe.target)
-        spec, options, rows = backend_spec(runtime.backend), BackendOptions.of(runtime), envelope.draft_rows
+    decoders: dict[str, Decoder] = {PLAIN: plain, first.key: pipe.decoder}
+    methods = [Method(PLAIN, "plain decoding", None), first.method(pipe.draft_metadata)]
+    spec, options, rows = backend_spec(runtime.backend), BackendOptions.of(runtime), envelope.draft_rows
+    for other in others:
+        head, metadata = load_draft(other.path, pipe.target)
         if spec.needs_export:  # its own export, so its own sessions or engines
-            exported = spec.artifacts(baseline_artifacts)
+            exported = spec.artifacts(other.artifacts)
             exported.check_target(pipe.target)
-            exported.check_draft(head)
+            exported.check_draft(head, f"the {other.key} draft")
             exported.check_request(pipe.max_seq_len)
-            decoders["baseline"] = SpeculativeDecoder(*spec.open(pipe.target, head, options, exported, pipe.max_seq_len,
-                                                                 rows))
+            decoders[other.key] = SpeculativeDecoder(*spec.open(pipe.target, head, options, exported,
+                                                                pipe.max_seq_len, rows))
         else:  # share the target backend: one KV cache, the same weights
-            _, baseline_backend = spec.open(pipe.target, head, options, None, pipe.max_seq_len, rows)
-            decoders["baseline"] = SpeculativeDecoder(pipe.decoder.target, baseline_backend)
-        methods.append(Method("baseline", _label(metadata, Path(baseline_draft)), str(baseline_draft)))
+            _, backend = spec.open(pipe.target, head, options, None, pipe.max_seq_len, rows)
+            decoders[other.key] = SpeculativeDecoder(pipe.decoder.target, backend)
+        methods.append(other.method(metadata))
     if lookup is not None:
         decoders[LOOKUP] = LookupDecoder(plain, lookup)
         methods.append(Method(LOOKUP, "prompt lookup", None))
@@ -257,7 +286,7 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
               artifacts: str | Path | None = None, baseline_artifacts: str | Path | None = None,
               out: str | Path | None = None, log: Log = lambda line: None) -> BenchReport:
     """Benchmark a draft (and a baseline draft, and prompt lookup unless `config.lookup` is None) against plain
-    decoding of the same target; see the module doc.
+    decoding of the same target: `hass-deploy bench`, the methods keyed "draft" and "baseline" (`run_drafts`).
 
     Args:
         target, draft, baseline_draft: model directories (Hugging Face target; EAGLE/HASS drafts).
@@ -267,14 +296,32 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
         out: when given, bench.json, bench.md and bench.png are written there.
         log: progress and the tree-auto choice, one line at a time.
     """
+    _check_inputs(draft, baseline_draft, backend_spec(config.runtime.backend), baseline_artifacts)
+    drafts = [BenchDraft("draft", draft, artifacts)]
+    if baseline_draft is not None:
+        drafts.append(BenchDraft("baseline", baseline_draft, baseline_artifacts))
+    return run_drafts(target, drafts, prompts, config, out, log)
+
+
+def run_drafts(target: str | Path, drafts: Sequence[BenchDraft], prompts: Sequence[str | Path],
+               config: BenchConfig = BenchConfig(), out: str | Path | None = None,
+               log: Log = lambda line: None) -> BenchReport:
+    """Benchmark every draft (and prompt lookup unless `config.lookup` is None, and hybrid drafting with the first
+    draft unless `config.hybrid` is None) against plain decoding of the same target; see the module doc.
+
+    The first draft is the one the target is loaded with: `--tree auto` searches the tree for it, hybrid drafting
+    runs it, and `drafts[0].artifacts` is the export prompt lookup and plain decoding run on. Every draft's
+    greedy output is checked against plain decoding's.
+    """
     started = time.perf_counter()
     sets = load_prompt_sets(prompts, config.max_prompts)  # bad files fail before any model loads
     spec = backend_spec(config.runtime.backend)
-    _check_inputs(draft, baseline_draft, spec, baseline_artifacts)
-    exported = spec.artifacts(artifacts)  # opened once: the tree grid's limits, then the pipeline's checks
+    _check_drafts(drafts, spec)
+    main = drafts[0]
+    exported = spec.artifacts(main.artifacts)  # opened once: the tree grid's limits, then the pipeline's checks
     envelope = _envelope(config, exported)
-    pipe, decoders, methods = _open_decoders(target, draft, baseline_draft, config.runtime, envelope, exported,
-                                             baseline_artifacts, config.lookup, config.hybrid)
+    pipe, decoders, methods = _open_decoders(target, drafts, config.runtime, envelope, exported, config.lookup,
+                                             config.hybrid)
     encode_one = _Encoder(pipe.target, pipe.max_seq_len, config)
     encoded = [EncodedSet(s.name, tuple((p, encode_one(p)) for p in s.prompts)) for s in sets]
     truncated = encode_one.truncated
@@ -312,7 +359,7 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
         + f", {config.warmup} warm-up runs each")
     runs = bench_decoders(encoded, decoders, config, tree, eos, log)
     summaries = summarise_runs(runs, [s.name for s in encoded], list(decoders), config.sampling.greedy)
-    outcome = None if choice is None else _auto_outcome(choice, runs, summaries)
+    outcome = None if choice is None else _auto_outcome(choice, runs, summaries, main.key)
     if outcome is not None:
         # Two separate errors: the calibration prompts' tau against the benchmark's (acceptance varies by prompt),
         # and the cost model's at the benchmark's own tau (the runtime's efficiency, measured / predicted).
@@ -322,12 +369,8 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
             f"{outcome.efficiency:.2f}; plain predicted {outcome.predicted_plain_tokens_per_s:.1f}, measured "
             f"{outcome.measured_plain_tokens_per_s:.1f}")
     report = BenchReport(
-        config=config, sources={"target": str(target), "draft": str(draft),
-                                "baseline_draft": None if baseline_draft is None else str(baseline_draft),
-                                "prompts": [str(p) for p in prompts],
-                                "artifacts": None if artifacts is None else str(artifacts),
-                                "baseline_artifacts": None if baseline_artifacts is None else str(baseline_artifacts)},
-        methods=methods, tree=tree, hybrid=hybrid if HYBRID in decoders else None, tree_choice=choice, auto_outcome=outcome,
+        config=config, sources=_sources(target, drafts, prompts), methods=methods, tree=tree,
+        hybrid=hybrid if HYBRID in decoders else None, tree_choice=choice, auto_outcome=outcome,
         prompt_sets=tuple(s.name for s in encoded), prompt_encoding=", ".join(sorted(encode_one.encodings)),
         truncated_prompts=truncated, runs=runs, summaries=summaries,
         machine=machine_info(config.runtime.backend), seconds=time.perf_counter() - started)
@@ -337,14 +380,26 @@ def run_bench(target: str | Path, draft: str | Path, prompts: Sequence[str | Pat
     return report
 
 
-def _auto_outcome(choice: TreeChoice, runs: Sequence[PromptRun], summaries) -> AutoOutcome:
-    """Predictions at the benchmark's own mean prompt and output lengths, next to the measured speeds."""
-    draft_runs = [r for r in runs if r.method == "draft"]
+def _sources(target, drafts: Sequence[BenchDraft], prompts) -> dict:
+    """What was benchmarked, for bench.json: every draft by its key, and (as before there were more than two) the
+    first draft and the one keyed "baseline" under their own names."""
+    paths = {d.key: {"path": str(d.path), "artifacts": None if d.artifacts is None else str(d.artifacts)}
+             for d in drafts}
+    baseline = paths.get("baseline", {"path": None, "artifacts": None})
+    return {"target": str(target), "draft": paths[drafts[0].key]["path"], "baseline_draft": baseline["path"],
+            "prompts": [str(p) for p in prompts], "artifacts": paths[drafts[0].key]["artifacts"],
+            "baseline_artifacts": baseline["artifacts"], "drafts": paths}
+
+
+def _auto_outcome(choice: TreeChoice, runs: Sequence[PromptRun], summaries, key: str) -> AutoOutcome:
+    """Predictions at the benchmark's own mean prompt and output lengths, next to the measured speeds of the draft
+    the tree was chosen for (`key`)."""
+    draft_runs = [r for r in runs if r.method == key]
     plain_runs = [r for r in runs if r.method == PLAIN]
     prompt_tokens = statistics.fmean(r.prompt_tokens for r in draft_runs)
     new_tokens = statistics.fmean(r.new_tokens for r in draft_runs)
     overall = summaries[OVERALL]
-    bench_tau = overall["draft"].tau or 1.0
+    bench_tau = overall[key].tau or 1.0
 
     def predict(tree, tau):
         return predict_generation_tokens_per_s(tree, tau, choice.curve, choice.overhead, prompt_tokens, new_tokens)
@@ -352,7 +407,7 @@ def _auto_outcome(choice: TreeChoice, runs: Sequence[PromptRun], summaries) -> A
     return AutoOutcome(
         predicted_tokens_per_s=predict(choice.tree, choice.tau),
         predicted_with_bench_tau=predict(choice.tree, bench_tau),
-        measured_tokens_per_s=overall["draft"].tokens_per_s.mean,
+        measured_tokens_per_s=overall[key].tokens_per_s.mean,
         predicted_plain_tokens_per_s=predict_generation_tokens_per_s(
             None, 1.0, choice.curve, choice.overhead, statistics.fmean(r.prompt_tokens for r in plain_runs),
             statistics.fmean(r.new_tokens for r in plain_runs)),

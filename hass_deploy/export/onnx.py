@@ -8,7 +8,8 @@
 
 The graphs are our own modules through `torch.onnx.export(dynamo=True)`, checked with `onnx.checker` and
 against TensorRT's operator table. Everything is written into a temporary directory next to `out` and renamed
-into place at the end, so a failed export leaves no half-written directory behind.
+into place at the end, so a failed export leaves no half-written directory behind. An export may take its target
+graphs from an earlier one of the same target and settings instead of exporting them again (`shared.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from hass_deploy.atomic import check_output_dir, replacing_directory
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
-from hass_deploy.export import fused, steps, tensorrt_ops
+from hass_deploy.export import fused, shared, steps, tensorrt_ops
 from hass_deploy.export.config import ExportConfig
 from hass_deploy.export.decompose import decompose
 from hass_deploy.export.tensorrt import build_engines
@@ -163,20 +164,22 @@ def int4_blocks(target: TargetModel) -> dict[str, Blocks]:
 
 def export_fused_graphs(target_module: torch.nn.Module, draft: DraftHead | None, directory: Path,
                         config: ExportConfig, max_seq_len: int, log: Callable[[str], None],
-                        blocks: dict[str, Blocks] | None = None) -> dict[str, GraphSpec]:
+                        blocks: dict[str, Blocks] | None = None, with_target: bool = True) -> dict[str, GraphSpec]:
     """Write the fused ONNX Runtime graphs (`target.ort.onnx`, `draft.ort.onnx`) for the runtime to run; an int4
-    target takes `blocks` (`int4_blocks`)."""
+    target takes `blocks` (`int4_blocks`). `with_target` False: the draft's only (the target's is shared)."""
     c = target_module.config
     positions = max_seq_len + config.max_tree_tokens  # RoPE table rows: every position a target or draft row takes
-    quantized = f", {config.target_quantization} weights" if config.target_quantization else ""
-    log(f"writing the fused ONNX Runtime target graph{quantized}")
-    model = fused.target_graph(target_module, positions, config.target_quantization, blocks)
-    if config.target_quantization == "int4":
-        kinds = {prop.key: prop.value for prop in model.metadata_props}[fused.WEIGHTS_PROP]
-        log(f"linear weights: {kinds} (the GGUF's blocks as they are; fp32: a type MatMulNBits does not hold, the "
-            "converted weights)")
-    graphs = {"target_ort": _save_fused(model, directory / "target.ort.onnx", config,
-                                        (c.num_layers, c.num_kv_heads, c.head_dim), config.target_quantization)}
+    graphs = {}
+    if with_target:
+        quantized = f", {config.target_quantization} weights" if config.target_quantization else ""
+        log(f"writing the fused ONNX Runtime target graph{quantized}")
+        model = fused.target_graph(target_module, positions, config.target_quantization, blocks)
+        if config.target_quantization == "int4":
+            kinds = {prop.key: prop.value for prop in model.metadata_props}[fused.WEIGHTS_PROP]
+            log(f"linear weights: {kinds} (the GGUF's blocks as they are; fp32: a type MatMulNBits does not hold, "
+                "the converted weights)")
+        graphs["target_ort"] = _save_fused(model, directory / "target.ort.onnx", config,
+                                           (c.num_layers, c.num_kv_heads, c.head_dim), config.target_quantization)
     if draft is not None:
         quantized = f", {config.draft_quantization} weights" if config.draft_quantization else ""
         log(f"writing the fused ONNX Runtime draft graph{quantized}")
@@ -279,7 +282,8 @@ def _versions() -> dict[str, str]:
 
 
 def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, config: ExportConfig = ExportConfig(),
-                force: bool = False, log: Callable[[str], None] = lambda _: None) -> Manifest:
+                force: bool = False, log: Callable[[str], None] = lambda _: None,
+                target_from: str | Path | None = None) -> Manifest:
     """Export a target (and its draft head) as ONNX step graphs into `out`, atomically.
 
     Args:
@@ -289,6 +293,8 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
         config: dtype, S_max, tree budget, top-k, opset.
         force: replace a non-empty `out`.
         log: receives one line per stage.
+        target_from: an earlier export of this target with the same target settings (`shared.target_settings`)
+            whose target graphs `out` links instead of exporting its own; refused (one line) when they differ.
 
     Returns:
         The manifest written to `out/manifest.json`.
@@ -312,14 +318,21 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
             raise ConfigError(f"no fused ONNX Runtime graphs for this target: {reason}; export with --no-ort-graphs")
         log(f"no fused ONNX Runtime graphs for this target ({reason}): the runtime will run the standard graphs")
         write_fused = False
-    blocks = int4_blocks(target) if config.target_quantization == "int4" else None
+    settings = shared.target_settings(config, max_seq_len, write_fused)
+    reused = None if target_from is None else shared.shared_target_graphs(Path(target_from), identity, settings)
+    blocks = int4_blocks(target) if config.target_quantization == "int4" and reused is None else None
     dtype = parse_dtype(config.dtype)
-    target_module = _cast(target.module, dtype)
+    target_module = _cast(target.module, dtype)  # its lm_head is in the draft graphs too
     draft_module = None if draft is None else _cast(draft, dtype)
 
     with replacing_directory(out) as tmp:
-        log(f"exporting the target step graph ({config.dtype}, opset {config.opset})")
-        graphs = {"target": export_target_graph(target_module, tmp / "target.onnx", config, max_seq_len)}
+        if reused is None:
+            log(f"exporting the target step graph ({config.dtype}, opset {config.opset})")
+            graphs = {"target": export_target_graph(target_module, tmp / "target.onnx", config, max_seq_len)}
+        else:
+            log(f"linking the target graphs of {target_from} (the same target and settings)")
+            shared.link_graphs(Path(target_from), reused, tmp)
+            graphs = dict(reused)
         if draft_module is not None:
             log("exporting the draft step graph")
             graphs["draft"] = export_draft_graph(draft_module, target_module.lm_head, tmp / "draft.onnx", config,
@@ -329,17 +342,18 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
                 graphs["draft"] = quantize_draft_graph(tmp / "draft.onnx", graphs["draft"])
         if config.attention == "decomposed":
             log("expanding RMSNormalization and RotaryEmbedding into plain operators (--attention decomposed)")
-            for name in ("target", "draft"):
+            for name in ("draft",) if reused is not None else ("target", "draft"):  # a linked one is already
                 if name in graphs:
                     graphs[name] = decompose_graph(tmp / graphs[name].file, graphs[name])
         if write_fused:
-            graphs.update(export_fused_graphs(target.module, draft, tmp, config, max_seq_len, log, blocks))
+            graphs.update(export_fused_graphs(target.module, draft, tmp, config, max_seq_len, log, blocks,
+                                              with_target=reused is None))
         manifest = Manifest(
             engine="onnx", dtype=config.dtype, opset=config.opset, max_seq_len=max_seq_len,
             max_tree_tokens=config.max_tree_tokens, max_top_k=config.max_top_k, prefill_chunk=config.prefill_chunk,
             target=identity, draft=head_identity, graphs=graphs, versions=_versions(),
             draft_quantization=config.draft_quantization if draft is not None else None,
-            target_quantization=config.target_quantization, attention=config.attention,
+            target_quantization=config.target_quantization, attention=config.attention, target_settings=settings,
             notes={"kv": "past_* inputs are read-only KV buffers [1, H_kv, S, D] of which rows < cache_len are valid; "
                          "new_* outputs are the step's rows, to be written at cache_len.. by the runtime"})
         manifest.write(tmp)
@@ -348,19 +362,19 @@ def export_onnx(target: TargetModel, draft: DraftHead | None, out: str | Path, c
 
 def export_artifacts(target_dir: str | Path, draft_dir: str | Path | None, out: str | Path,
                      config: ExportConfig = ExportConfig(), force: bool = False,
-                     log: Callable[[str], None] = lambda _: None) -> Manifest:
+                     log: Callable[[str], None] = lambda _: None, target_from: str | Path | None = None) -> Manifest:
     """`hass-deploy export`: check the cheap things first (engine, output directory), then load and export.
 
     Args:
         target_dir: the target's Hugging Face directory.
         draft_dir: the draft head's directory, or None for a target-only export.
-        out, config, force, log: as for `export_onnx`.
+        out, config, force, log, target_from: as for `export_onnx`.
     """
     _require_onnx()
     check_output_dir(Path(out), force)
     target = load_target(target_dir, "fp32", tokenizer=False)
     head = None if draft_dir is None else load_draft(draft_dir, target)[0]
-    manifest = export_onnx(target, head, out, config, force, log)
+    manifest = export_onnx(target, head, out, config, force, log, target_from)
     # The fused graphs are ONNX Runtime's by design; only the standard graphs are meant for TensorRT.
     unsupported = sorted({op for graph in manifest.graphs.values() if graph.kv_update == "runtime"
                           for op in graph.tensorrt_unsupported})

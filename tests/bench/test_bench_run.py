@@ -9,7 +9,7 @@ import pytest
 from conftest import OracleDraft
 from hass_deploy.bench import BenchConfig, TreeSearchConfig, bench_decoders, run_bench
 from hass_deploy.bench.results import OVERALL
-from hass_deploy.bench.runner import EncodedSet, LookupDecoder, summarise_runs
+from hass_deploy.bench.runner import BenchDraft, EncodedSet, LookupDecoder, run_drafts, summarise_runs
 from hass_deploy.config import HybridConfig, LookupConfig, SamplingConfig, TreeConfig
 from hass_deploy.errors import ConfigError
 from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, save_draft, target_identity
@@ -26,7 +26,7 @@ def bench_inputs(hf_dirs, targets, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     target = targets["llama"]
     drafts = {}
-    for name, recipe, seed in (("hass", "hass", 1), ("eagle2", "eagle2", 2)):
+    for name, recipe, seed in (("hass", "hass", 1), ("eagle2", "eagle2", 2), ("shipped", "hass", 3)):
         drafts[name] = root / name
         save_draft(init_draft(target, seed=seed), drafts[name], DraftMetadata(FORMAT_VERSION, recipe, target_identity(target)))
     questions = root / "questions.jsonl"
@@ -74,6 +74,32 @@ def test_bench_writes_three_files_and_checks_lossless(bench_inputs, tmp_path):
     assert "| **overall** | hybrid: the draft and prompt lookup in one tree |" in markdown
     assert "| prompt lookup | " in markdown  # its per-depth acceptance row
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_of_three_drafts_reports_each_and_checks_all(bench_inputs, tmp_path):
+    """Any number of drafts side by side: each is a method with its label in the table, the JSON and the plot,
+    hybrid drafting runs the first, and every one is in the lossless check."""
+    drafts = bench_inputs["drafts"]
+    chosen = [BenchDraft("hass", drafts["hass"]), BenchDraft("eagle2", drafts["eagle2"]),
+              BenchDraft("hass_shipped", drafts["shipped"], label="HASS (shipped)")]
+    out = tmp_path / "out"
+    report = run_drafts(bench_inputs["target"], chosen, bench_inputs["prompts"][:1], replace(FAST, warmup=0), out)
+    keys = ["plain", "hass", "eagle2", "hass_shipped", "lookup", "hybrid"]
+    assert [m.key for m in report.methods] == keys and report.drafts == ("hass", "eagle2", "hass_shipped")
+    assert [report.label(k) for k in report.drafts] == ["HASS (hass)", "EAGLE-2 (eagle2)", "HASS (shipped)"]
+    assert len(report.runs) == 2 * len(keys) and report.lossless is True
+    assert sum(r.matches_plain is True for r in report.runs) == 2 * (len(keys) - 1)  # every method but plain
+    data = json.loads((out / "bench.json").read_text())
+    assert set(data["summaries"]["overall"]) == set(keys)
+    assert data["sources"]["drafts"]["hass_shipped"] == {"path": str(drafts["shipped"]), "artifacts": None}
+    assert data["sources"]["draft"] == str(drafts["hass"]) and data["sources"]["baseline_draft"] is None
+    markdown = (out / "bench.md").read_text()
+    for label in ("HASS (hass)", "EAGLE-2 (eagle2)", "HASS (shipped)"):
+        assert f"| **overall** | {label} |" in markdown and f"| {label} | " in markdown  # and its depth row
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="unique and none of plain"):
+        run_drafts(bench_inputs["target"], [chosen[0], BenchDraft("lookup", drafts["eagle2"])],
+                   bench_inputs["prompts"][:1], FAST)
 
 
 def test_bench_without_prompt_lookup(bench_inputs, tmp_path):
