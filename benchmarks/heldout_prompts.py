@@ -16,7 +16,7 @@ import random
 
 from hass_deploy.packages import DATASETS, named
 from hass_deploy.training.chat import read_records
-from hass_deploy.training.data import HiddenStateDataset
+from hass_deploy.training.data import trained_conversations
 from hass_deploy.training.decontaminate import Blocklist, benchmark_files
 
 
@@ -31,12 +31,10 @@ def main() -> None:
     args = parser.parse_args()
 
     records, _ = read_records(named(args.dataset, DATASETS), "sharegpt", False, Blocklist.of_files(benchmark_files()))
-    by_index = {r.index: r for r in records}
-    used = {by_index[i].conversation or i for d in args.data for split in ("train", "eval")
-            for i in HiddenStateDataset(d, split).record_indices()}
+    used = {c for d in args.data for c in trained_conversations(d)}
     firsts: dict = {}
     for record in records:  # a conversation's first part opens it
-        firsts.setdefault(record.conversation or record.index, record)
+        firsts.setdefault(record.conversation or str(record.index), record)
     candidates = [(c, r) for c, r in firsts.items() if c not in used]
     random.Random(args.seed).shuffle(candidates)
     lines = []

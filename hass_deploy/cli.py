@@ -98,13 +98,17 @@ def init_draft(target: Path, out: Path = OUT, seed: int = SEED, force: bool = FO
 
 @command("pack-draft")
 def pack_draft(draft: Path, out: Path = OUT, dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+               data: Optional[Path] = typer.Option(None, help="Its training data: record which dataset "
+                                                   "conversations it drew on (held-out prompts avoid them)."),
                force: bool = FORCE) -> None:
     """Write a draft without its copy of the target's embedding, in bf16: the smallest file that loads for its
     target (the embedding comes from the target, as vLLM and SGLang load EAGLE drafts)."""
     from hass_deploy.models.checkpoint import pack_draft
     from hass_deploy.models.loading import parse_dtype
+    from hass_deploy.training.data import trained_conversations
 
-    typer.echo(str(pack_draft(draft, out, parse_dtype(dtype), force)))
+    conversations = None if data is None else trained_conversations(data)
+    typer.echo(str(pack_draft(draft, out, parse_dtype(dtype), force, conversations)))
 
 
 @command(target=options.TARGET, draft=options.DRAFT, generation=options.GENERATION, corpus=options.CORPUS,

@@ -52,6 +52,7 @@ from hass_deploy.export import onnx as onnx_export, parity
 from hass_deploy.export.config import ExportConfig
 from hass_deploy.cache import file_sha256, json_key
 from hass_deploy.models import gguf
+from hass_deploy.models.checkpoint import CONVERSATIONS_FILE
 from hass_deploy.packages import DATASETS, MODELS, named
 from hass_deploy.prompts import PROMPT_SETS, prompt_set_path, read_prompt_file
 from hass_deploy.training import extract, trainer
@@ -107,10 +108,10 @@ class ChatCorpus:
                 *(prompt_set_path(n) for n in self.prompt_sets))
 
     def source_key(self, job: "Job") -> str:
-        return file_sha256(named(self.dataset, DATASETS))
+        return _key(file_sha256(named(self.dataset, DATASETS)), sorted(job.shipped_conversations))
 
     def write(self, job: "Job") -> dict:
-        return write_chat_corpus(self, job.layout)
+        return write_chat_corpus(self, job.layout, job.shipped_conversations)
 
 
 @dataclass(frozen=True)
@@ -276,13 +277,14 @@ def write_corpus(target_report: dict, preset: StdlibCorpus, layout: Layout) -> d
     return {"records": len(records), "characters": sum(map(len, records)), "prompts": len(prompts)}
 
 
-def write_chat_corpus(corpus: ChatCorpus, layout: Layout) -> dict:
+def write_chat_corpus(corpus: ChatCorpus, layout: Layout, avoid: frozenset[str] = frozenset()) -> dict:
     """Draft training conversations and held-out prompts from a packaged chat dataset, disjoint by conversation.
 
     The dataset's usable records (benchmark prompts excluded, as `hass-deploy data` excludes them) are grouped by
     conversation (ShareGPT's `ID_N` parts), the conversations shuffled with the seed; held-out prompts come first
     (a conversation's first user turn, at most `prompt_chars`), then training conversations until `records`
-    records. Deterministic given the dataset and the settings.
+    records. No prompt comes from a conversation in `avoid` (the shipped drafts trained on them). Deterministic
+    given the dataset and the settings.
     """
     path = named(corpus.dataset, DATASETS)
     records, skipped = read_records(path, "sharegpt", False, Blocklist.of_files(benchmark_files()))
@@ -297,7 +299,7 @@ def write_chat_corpus(corpus: ChatCorpus, layout: Layout) -> dict:
     for group in groups:
         first = next((m["content"] for m in group[0].messages if m["role"] == "user"), "")
         if len(prompts) < corpus.prompts:
-            if first.strip() and len(first) <= corpus.prompt_chars:
+            if first.strip() and len(first) <= corpus.prompt_chars and group[0].conversation not in avoid:
                 prompts.append({"prompt": first, "id": group[0].conversation or group[0].index})
             continue  # a held-out conversation is never trained on, whether or not it gave a prompt
         if len(chosen) >= corpus.records:
@@ -374,6 +376,13 @@ class Job:
     def drafts(self) -> tuple[str, ...]:
         """Every draft exported, validated and benchmarked: the quickstart's own, then the shipped ones."""
         return (*DRAFTS, *(d.key for d in self.shipped))
+
+    @property
+    def shipped_conversations(self) -> frozenset[str]:
+        """The dataset conversations the shipped drafts' data drew on (their CONVERSATIONS_FILE): no held-out
+        prompt may come from one."""
+        files = [d.path / CONVERSATIONS_FILE for d in self.shipped]
+        return frozenset(line for f in files if f.is_file() for line in f.read_text().split())
 
     def draft_dir(self, draft: str) -> Path:
         """A draft's directory: the quickstart's own under the work directory, a shipped one in the package."""

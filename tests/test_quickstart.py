@@ -268,6 +268,11 @@ def test_the_chat_corpus_keeps_held_out_conversations_and_benchmarks_out_of_trai
     assert layout.corpus.read_bytes() == before
     with pytest.raises(HassDeployError, match="fewer than the preset's"):
         quickstart.write_chat_corpus(quickstart.ChatCorpus(dataset=str(dataset), records=500, prompt_sets=()), layout)
+    # Conversations a shipped draft trained on give no held-out prompt: the next ones do.
+    avoid = frozenset(p["id"] for p in prompts[:2])
+    quickstart.write_chat_corpus(corpus, layout, avoid)
+    again = [json.loads(line)["id"] for line in prompt_file.read_text().splitlines()]
+    assert len(again) == 5 and not avoid & set(again) and again[:3] == [p["id"] for p in prompts[2:]]
 
 
 def test_the_default_preset_is_the_real_model_on_sharegpt():

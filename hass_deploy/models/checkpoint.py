@@ -7,6 +7,8 @@
     token_map.pt       (reduced vocabulary only) its N target ids, torch-saved, as SGLang's --speculative-token-map
                        takes them for EAGLE-2 drafts
     target_probe.safetensors  (packed drafts only) a few rows of the target's embedding, to check the pairing
+    conversations.txt  (packed with --data) the dataset conversations its data drew on, one id a line: prompts held
+                       out from it (the quickstart's) avoid them
 
 A packed draft (`pack_draft`, `hass-deploy pack-draft`) leaves out the frozen embedding copy, which the loader
 takes from the target as vLLM's and SGLang's EAGLE loaders do, and stores its weights in bf16: SmolLM2's HASS draft
@@ -38,6 +40,7 @@ FORMAT_VERSION = 1
 METADATA_FILE = "hass_deploy.json"
 TOKEN_MAP_FILE = "token_map.pt"
 PROBE_FILE = "target_probe.safetensors"
+CONVERSATIONS_FILE = "conversations.txt"
 PROBE_ROWS = 64  # embedding rows a packed draft keeps: enough that another model's table cannot agree by chance
 
 
@@ -162,10 +165,12 @@ def save_draft(head: DraftHead, out: str | Path, metadata: DraftMetadata,
     return out
 
 
-def pack_draft(draft: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16, force: bool = False) -> Path:
+def pack_draft(draft: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16, force: bool = False,
+               conversations: list[str] | None = None) -> Path:
     """Write `draft` as a packed draft: no embedding copy (the target's is the same table), floating-point weights in
     `dtype`, the token map as it was, and PROBE_ROWS rows of the embedding so that loading still refuses a draft
-    made for another target. Returns `out`."""
+    made for another target; `conversations` (`data.trained_conversations` of its data) go in CONVERSATIONS_FILE.
+    Returns `out`."""
     source = Path(draft)
     if not (source / "config.json").is_file():
         raise ModelLoadError(f"{source}: not a draft directory (no config.json)")
@@ -182,6 +187,8 @@ def pack_draft(draft: str | Path, out: str | Path, dtype: torch.dtype = torch.bf
         (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": str(dtype).removeprefix("torch.")},
                                                     indent=2) + "\n")
         save_file({"ids": ids, "rows": embedding[ids].to(dtype).contiguous()}, tmp / PROBE_FILE)
+        if conversations is not None:
+            (tmp / CONVERSATIONS_FILE).write_text("".join(c + "\n" for c in conversations))
         for name in (METADATA_FILE, TOKEN_MAP_FILE, "metrics.jsonl"):  # metrics: what its training measured
             if (source / name).is_file():
                 (tmp / name).write_bytes((source / name).read_bytes())

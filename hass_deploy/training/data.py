@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
+from hass_deploy.cache import file_sha256
 from hass_deploy.config import DTYPES
 from hass_deploy.errors import HassDeployError
 from hass_deploy.models.loading import target_fingerprint
 from hass_deploy.training import shards as fmt
+from hass_deploy.training.chat import read_records
 
 MANIFEST = "manifest.json"
 
@@ -251,3 +253,17 @@ def frequent_tokens(counts: torch.Tensor, n: int) -> torch.Tensor:
     order = torch.sort(-counts, stable=True).indices  # [V], most frequent first, ties by ascending id
     return order[:n].sort().values
 
+
+
+def trained_conversations(directory: str | Path) -> list[str]:
+    """The dataset conversations (ShareGPT ids without the `_N` part; a record's index where it has none) that the
+    data in `directory` drew a record from, either split: what a prompt held out from its drafts must avoid."""
+    manifest = DataManifest.read(directory)
+    path = Path(manifest.dataset["path"])
+    if not path.is_file() or file_sha256(path) != manifest.dataset["sha256"]:
+        raise HassDeployError(f"{directory}: its dataset {path} is gone or changed since; cannot tell which "
+                              "conversations it trained on")
+    records, _ = read_records(path, manifest.dataset["format"], False)
+    conversation = {r.index: r.conversation or str(r.index) for r in records}
+    return sorted({conversation[i] for split in ("train", "eval")
+                   for i in HiddenStateDataset(directory, split).record_indices()})

@@ -503,7 +503,8 @@ def test_packed_draft_is_small_and_computes_what_the_draft_does_in_bf16(targets,
 
 
 def test_packed_draft_still_refuses_another_target(draft_a, targets, tmp_path):
-    packed = checkpoint.pack_draft(draft_a, tmp_path / "packed")
+    packed = checkpoint.pack_draft(draft_a, tmp_path / "packed", conversations=["x1", "y2"])
+    assert (packed / checkpoint.CONVERSATIONS_FILE).read_text() == "x1\ny2\n"
     load_draft(packed, targets["a"])
     with pytest.raises(DraftMismatchError, match="made for a different target"):
         load_draft(packed, targets["b"])

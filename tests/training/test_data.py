@@ -24,7 +24,7 @@ from hass_deploy.errors import ConfigError, HassDeployError
 from hass_deploy.models.loading import load_target, load_target_head
 from hass_deploy.prompts import Prompt, encode
 from hass_deploy.training import extract
-from hass_deploy.training.data import DataManifest, HiddenStateDataset, check_data_matches_target
+from hass_deploy.training.data import DataManifest, HiddenStateDataset, check_data_matches_target, trained_conversations
 from hass_deploy.training.extract import DataConfig, generate_data
 
 # The last assistant turn alone gets an empty <think> block, as Qwen3's template does: not prefix-stable.
@@ -604,3 +604,17 @@ def test_data_command(word_target, tmp_path):
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
         assert [line for line in result.stderr.splitlines() if line.strip()] == [
             "error: --device cuda: this torch sees no CUDA device"]
+
+
+def test_trained_conversations_names_every_conversation_the_data_drew_on(word_target, tmp_path):
+    records = [{"id": f"c{i // 2}_{i % 2}", **conv(("human", f"hi {i}"), ("gpt", f"hello {i}"))} for i in range(10)]
+    records.append(conv(("human", "no id"), ("gpt", "yes")))  # a record without an id: named by its index
+    dataset = tmp_path / "chat.json"
+    dataset.write_text(json.dumps(records))
+    run(word_target, dataset, tmp_path / "data", format="sharegpt", max_samples=6, eval_fraction=0.3, seed=3)
+    indices = [i for split in ("train", "eval") for i in HiddenStateDataset(tmp_path / "data", split).record_indices()]
+    expected = sorted({f"c{i // 2}" if i < 10 else str(i) for i in indices})
+    assert trained_conversations(tmp_path / "data") == expected and 0 < len(expected) < 7
+    dataset.write_text(json.dumps(records[:-1]))
+    with pytest.raises(HassDeployError, match="gone or changed"):
+        trained_conversations(tmp_path / "data")
