@@ -23,14 +23,17 @@ stage)
     half=$(( $(stat -c %s "$gguf") / 2 ))
     head -c "$half" "$gguf" > "$stage/a/model.gguf.0"
     tail -c +"$(( half + 1 ))" "$gguf" > "$stage/b/model.gguf.1"
-    # The whole file, xz'd (about a quarter); the data command stops cleanly at the dataset's cut-off last record.
-    xz -T2 -6 -c "$sharegpt" > "$stage/b/sharegpt.json.xz"
+    # Its first 40 MB (about 6,000 conversations), xz'd: the data command stops cleanly at the cut-off last record.
+    head -c 40000000 "$sharegpt" | xz -T2 -6 -c > "$stage/b/sharegpt.json.xz"
+    # The pure-Python dependencies a bare CUDA machine may lack (no network there): installed only where missing.
+    pip download --no-deps -q -d "$stage/a/wheels" gguf accelerate typer rich shellingham markdown-it-py mdurl pygments
     du -sh "$stage"/a "$stage"/b
     ;;
 run)
     out=${2:?usage: gpu_drafts.sh run OUT [device] [records] [epochs]}
     device=${3:-cuda} records=${4:-4000} epochs=${5:-4}
-    command -v hass-deploy >/dev/null || pip install --no-deps --no-build-isolation -e . >/dev/null
+    pip install -q --no-index --find-links "$stage/a/wheels" gguf accelerate typer rich
+    command -v hass-deploy >/dev/null || pip install -q --no-deps --no-build-isolation -e .
     work=$stage/work && mkdir -p "$work" "$out"
     [ -f "$work/model.gguf" ] || cat "$stage"/a/model.gguf.0 "$stage"/b/model.gguf.1 > "$work/model.gguf"
     [ -f "$work/sharegpt.json" ] || xz -dc "$stage/b/sharegpt.json.xz" > "$work/sharegpt.json"
@@ -42,7 +45,7 @@ run)
         hass-deploy train --target "$work/model.gguf" --data "$work/data" --out "$work/$recipe" --recipe "$recipe" \
             --epochs "$epochs" --lr 2e-3 --batch-size 8 --max-length 2048 --draft-vocab 8192 --seed 0 \
             --device "$device" --no-progress --resume 2>&1 | tail -1 | tee "$out/train-$recipe.json"
-        hass-deploy pack-draft "$work/$recipe" --out "$work/packed-$recipe" --force >/dev/null
+        hass-deploy pack-draft "$work/$recipe" --data "$work/data" --out "$work/packed-$recipe" --force >/dev/null
         tar -C "$work/packed-$recipe" -cf "$out/$recipe.tar" .
     done
     ;;
