@@ -50,6 +50,12 @@ class TreeConfig:
         """Draft KV rows a round needs beyond the committed context: one block of top_k per level after the first."""
         return (self.depth - 1) * self.top_k
 
+    def chain(self) -> "TreeConfig":
+        """This tree's depth as a chain (top-k 1, one node per level): what a target whose tree rows are not plain
+        decoding's verifies (`TargetBackend.tree_rows_exact`)."""
+        depth = max(1, min(self.depth, self.tokens - 1))
+        return TreeConfig(tokens=min(self.tokens, depth + 1), depth=depth, top_k=1)
+
 
 @dataclass(frozen=True)
 class LookupConfig:

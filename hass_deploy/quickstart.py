@@ -96,7 +96,7 @@ class ChatCorpus:
     is benchmarked on its first `per_set` prompts."""
 
     dataset: str = "sharegpt"
-    records: int = 160  # a budget that trains in minutes on two cores: the shipped drafts show what more buys
+    records: int = 128  # a budget that trains in minutes on two cores: the shipped drafts show what more buys
     prompts: int = 20
     prompt_chars: int = 1_500  # a held-out prompt's most characters: questions, not pasted documents
     prompt_sets: tuple[str, ...] = PROMPT_SETS
@@ -139,8 +139,11 @@ class QuickstartPreset:
     # the 8192 most frequent tokens of its data (FR-Spec): SmolLM2's 576 x 49152 head is most of a draft's cost.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         phases=(Phase(epochs=1, lr=2e-3, topk_weight=1.0),), batch_size=8, max_length=768, draft_vocab=8192))
-    max_new_tokens: int = 64
-    tree: TreeConfig | None = field(default_factory=lambda: TreeConfig(tokens=8, depth=4, top_k=4))  # None: auto
+    # 7 methods x 100 prompts (4 drafts, lookup, hybrid, plain): 32 tokens each keeps the bench under 10 minutes.
+    max_new_tokens: int = 32
+    # What `--tree auto` chose for the shipped drafts on this CPU (docs/RESULTS.md), without its 70 s search; None:
+    # auto. At τ 1.5 a deeper tree costs draft levels that are rarely accepted.
+    tree: TreeConfig | None = field(default_factory=lambda: TreeConfig(tokens=6, depth=2, top_k=4))
     export: ExportConfig = field(default_factory=lambda: ExportConfig(max_seq_len=2048, max_tree_tokens=32,
                                                                       max_top_k=8, draft_quantization="int8"))
     # SmolLM2-135M-Instruct's drafts as `hass-deploy train` makes them with a larger budget (their README.md says

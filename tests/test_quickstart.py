@@ -346,7 +346,7 @@ def test_the_default_preset_ships_smollm2_drafts_in_the_package():
     package = Path(quickstart.__file__).parent / "drafts"
     assert [(d.key, d.path) for d in preset.shipped] == [("hass-shipped", package / "smollm2-hass"),
                                                           ("eagle2-shipped", package / "smollm2-eagle2")]
-    assert preset.corpus.records == 160 and [p.epochs for p in preset.train.phases] == [1]
+    assert preset.corpus.records == 128 and [p.epochs for p in preset.train.phases] == [1]
     assert quickstart.PRESETS["tiny"].shipped == () and quickstart.PRESETS["demo"].shipped == ()
     with pytest.raises(HassDeployError, match="keys of their own"):
         replace(preset, shipped=(quickstart.ShippedDraft("hass", "x", Path("x")),))

@@ -327,6 +327,10 @@ def run_drafts(target: str | Path, drafts: Sequence[BenchDraft], prompts: Sequen
     truncated = encode_one.truncated
     eos = pipe.target.eos_token_ids
     choice, tree = None, config.tree
+    if not pipe.decoder.target.tree_rows_exact and not config.auto_tree and tree != tree.chain():
+        tree = tree.chain()  # what the decoder verifies on this target, reported as such
+        log(f"bench: this target's tree rows are not plain decoding's (a quantised graph): it verifies chains, "
+            f"depth {tree.depth}")
     if config.auto_tree:
         lengths = [len(ids) for s in encoded for _, ids in s.prompts]
         context = min(int(statistics.median(lengths)) + config.max_new_tokens // 2,

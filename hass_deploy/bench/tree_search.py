@@ -53,8 +53,9 @@ def effective_tree(tree: TreeConfig) -> TreeConfig:
 
 
 def candidate_grid(search: TreeSearchConfig, max_tokens: int | None = None, max_top_k: int | None = None,
-                   max_draft_rows: int | None = None) -> tuple[TreeConfig, ...]:
-    """Distinct effective trees of the grid: chains of `chain_depths`, and tokens x depths x top_ks.
+                   max_draft_rows: int | None = None, chains_only: bool = False) -> tuple[TreeConfig, ...]:
+    """Distinct effective trees of the grid: chains of `chain_depths`, and tokens x depths x top_ks (or, with
+    `chains_only`, the chains among them).
 
     A beam wider than the tree (top_k > tokens - 1) only adds draft cost and is left out; the limits are a
     backend's (an export's tree budget and top-k, the draft's KV rows for tree levels).
@@ -64,7 +65,7 @@ def candidate_grid(search: TreeSearchConfig, max_tokens: int | None = None, max_
             for k in search.top_ks if n >= 2]
     grid = set()
     for tree in map(effective_tree, raw):
-        if tree.top_k > tree.tokens - 1:
+        if tree.top_k > tree.tokens - 1 or (chains_only and tree.top_k > 1):
             continue
         if max_tokens is not None and tree.tokens > max_tokens:
             continue
@@ -243,8 +244,9 @@ def search_tree(target: TargetBackend, draft: DraftBackend, prompts: Sequence[li
     """
     started = time.perf_counter()
     search = config.search
+    # A target whose tree rows are not plain decoding's verifies chains only (`TargetBackend.tree_rows_exact`).
     grid = candidate_grid(search, getattr(target, "max_tree_tokens", None), getattr(draft, "max_top_k", None),
-                          draft.max_len - target.max_len)
+                          draft.max_len - target.max_len, chains_only=not target.tree_rows_exact)
     if not grid:
         raise ConfigError("--tree auto: no candidate tree fits this backend's limits (tree budget, top-k)")
     log(f"tree auto: measuring step costs at a {context}-token context")

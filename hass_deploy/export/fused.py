@@ -51,7 +51,8 @@ BLOCK_SIZE = 32  # blocks along the input dimension, as llama.cpp's q8_0 / q4_0 
 # MatMulNBits accuracy level 4: activations are quantised to int8 per block too, so the inner product runs on
 # int8 dot-product instructions (VNNI), as llama.cpp's q8_0 / q4_0 / q4_1 dot products quantise them to q8 blocks.
 # The result is still a deterministic function of the quantised weights, which is what losslessness is measured
-# against.
+# against; but the activation rounding amplifies the attention's own rounding, so such a target verifies chains only
+# (`TargetBackend.tree_rows_exact`).
 ACCURACY_LEVEL = 4
 
 

@@ -335,11 +335,18 @@ def compare_fused(graph: str, artifacts: Path, manifest: Manifest, module: torch
                   f"{argmax_same}/{count} steps identical")]
 
 
-def end_to_end(artifacts: Artifacts, target_fp32, head_fp32, reference_module, prompts: list[list[int]],
+def reference_outputs(reference_module, prompts: list[list[int]], config: GenerationConfig,
+                      max_len: int) -> list[list[int]]:
+    """PyTorch plain decoding's greedy outputs: what every graph kind's end-to-end check compares against."""
+    decoder = SpeculativeDecoder(TorchTarget(reference_module, max_len), None)
+    return [decoder.generate(ids, config).output_ids for ids in prompts]
+
+
+def end_to_end(artifacts: Artifacts, target_fp32, head_fp32, references: list[list[int]], prompts: list[list[int]],
                config: GenerationConfig, tolerance: Tolerance, max_len: int, graphs: str = "standard") -> list[Check]:
-    """Greedy outputs: ORT speculative vs ORT plain (must match) and vs PyTorch plain (must match in fp32, unless
-    the graphs run a quantised target: then how far its output follows fp32 is reported, not required). The
-    models were checked against `artifacts` already (`validate_artifacts`)."""
+    """Greedy outputs: ORT speculative vs ORT plain (must match) and vs PyTorch plain (`references`, must match in
+    fp32, unless the graphs run a quantised target: then how far its output follows fp32 is reported, not required).
+    The models were checked against `artifacts` already (`validate_artifacts`)."""
     ort_target, ort_draft = BACKENDS["onnxruntime"].open(target_fp32, head_fp32, BackendOptions(ort_graphs=graphs),
                                                          artifacts, max_len, config.tree.draft_rows)
     quantization = artifacts.manifest.target_quantization
@@ -347,10 +354,8 @@ def end_to_end(artifacts: Artifacts, target_fp32, head_fp32, reference_module, p
     label = "ORT" if graphs == "standard" else "ORT fused" + (f" {quantization}" if quantized else "")
     ort_plain = SpeculativeDecoder(ort_target, None)
     ort_spec = SpeculativeDecoder(ort_target, ort_draft) if ort_draft is not None else None
-    torch_plain = SpeculativeDecoder(TorchTarget(reference_module, max_len), None)
     same_torch, same_ort, first_divergence = 0, 0, []
-    for ids in prompts:
-        reference = torch_plain.generate(ids, config).output_ids
+    for ids, reference in zip(prompts, references):
         plain = ort_plain.generate(ids, config).output_ids
         ours = ort_spec.generate(ids, config).output_ids if ort_spec is not None else plain
         same_torch += ours == reference
@@ -424,9 +429,10 @@ def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir:
             continue
         compare = _fused if spec.kv_update == "in_graph" else _standard
         report.checks.extend(_running(graph, compare, graph, artifacts, manifest, module, samples, tolerance, max_len))
+    references = reference_outputs(reference.module, prompts, config, max_len)
     for graphs in ("standard", "fused") if exported.has_fused else ("standard",):
         report.checks.extend(_running(f"{graphs} graphs end to end", end_to_end, exported, target, head,
-                                      reference.module, prompts, config, tolerance, max_len, graphs))
+                                      references, prompts, config, tolerance, max_len, graphs))
     return report
 
 

@@ -12,7 +12,9 @@ reads the file's own blocks: `gguf_blocks.py`). No torch here: the CLI resolves 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from hass_deploy.atomic import check_output_dir, replacing_directory
@@ -91,24 +93,40 @@ def convert_gguf(path: str | Path, out: str | Path, force: bool = False, progres
     info = read_info(path)
     check_output_dir(out, force)
     digest = digest or file_sha256(path)
-    # transformers is imported only when a file is converted (start-up time of every other command).
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with nullcontext() if progress else _transformers_bars_off():
+        _convert(path, out, info, digest)
+    return out
+
+
+@contextmanager
+def _transformers_bars_off():
+    """transformers' progress bars off: its logging ones (saving), and its GGUF loader's, a tqdm of its own that the
+    logging switch does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
     from transformers.utils import logging as hf_logging
 
-    if not progress:
-        hf_logging.disable_progress_bar()
+    bar = gguf_loader.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_loader.tqdm = partial(bar, disable=True)
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        except Exception as err:
-            raise ModelLoadError(f"{path}: transformers cannot convert this GGUF ({type(err).__name__}: {err})") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        except Exception:  # a GGUF without tokenizer metadata: the target takes --prompt-ids, as a random one does
-            tokenizer = None
+        yield
     finally:
-        if not progress:
-            hf_logging.enable_progress_bar()
+        gguf_loader.tqdm = bar
+        hf_logging.enable_progress_bar()
+
+
+def _convert(path: Path, out: Path, info: GGUFInfo, digest: str) -> None:
+    # transformers is imported only when a file is converted (start-up time of every other command).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"{path}: transformers cannot convert this GGUF ({type(err).__name__}: {err})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except Exception:  # a GGUF without tokenizer metadata: the target takes --prompt-ids, as a random one does
+        tokenizer = None
     # The weights are dequantized now; transformers' GGUF quantizer record (on the model and in its config) would
     # make save_pretrained refuse, and make a later load look for the GGUF file.
     model.hf_quantizer = None
@@ -122,7 +140,6 @@ def convert_gguf(path: str | Path, out: str | Path, force: bool = False, progres
         provenance = {"source": str(path.resolve()), "sha256": digest, "size": path.stat().st_size,
                       "architecture": info.architecture, "name": info.name, "file_type": info.file_type}
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-    return out
 
 
 def gguf_source(directory: str | Path) -> Path | None:

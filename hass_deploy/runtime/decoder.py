@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -162,13 +162,18 @@ class SpeculativeDecoder:
             root_only: the request's root-only proposer, plain decoding's.
         """
         device = self.target.device
+        # A target whose tree rows are not plain decoding's verifies chains (`TargetBackend.tree_rows_exact`): the
+        # draft's beam is one node wide, lookup expands one continuation per node, and a hybrid round keeps the
+        # merged tree's best path.
+        chain = not self.target.tree_rows_exact
         lookup = (None if config.lookup is None else
-                  LookupProposer(config.lookup, device, self.corpus, [*prompt_ids, root_id]))
+                  LookupProposer(replace(config.lookup, branches=1) if chain else config.lookup, device, self.corpus,
+                                 [*prompt_ids, root_id]))
         draft = (None if self.draft is None else
-                 DraftProposer(self.draft, config.tree, self.target.vocab_size, device, self.tree_on_device,
-                               features, next_tokens))
+                 DraftProposer(self.draft, config.tree.chain() if chain else config.tree, self.target.vocab_size,
+                               device, self.tree_on_device, features, next_tokens))
         if lookup is not None and draft is not None:
-            return HybridProposer(lookup, draft, config.hybrid)
+            return HybridProposer(lookup, draft, config.hybrid, chain)
         return lookup if lookup is not None else draft if draft is not None else root_only
 
     def _check_request(self, prompt_ids: list[int], config: GenerationConfig) -> None:

@@ -192,8 +192,9 @@ class HybridProposer:
     """Both drafters' candidates in one tree (`hybrid.py`): lookup's every round, the draft head's when the planner
     expects it to pay for its steps, reranked together with each drafter's calibration."""
 
-    def __init__(self, lookup: LookupProposer, draft: DraftProposer, config: HybridConfig):
-        self.lookup, self.draft, self.config = lookup, draft, config
+    def __init__(self, lookup: LookupProposer, draft: DraftProposer, config: HybridConfig, chain: bool = False):
+        """chain: verify the merged tree's best path only (two drafters' chains still branch where they differ)."""
+        self.lookup, self.draft, self.config, self.chain = lookup, draft, config, chain
         self.planner = HybridPlanner(config)
         # The proposed round, for the planner once it is verified: (merged tree, lookup's candidates, whether the
         # draft ran, its catch-up rows); None when the loop verified the root alone instead.
@@ -206,7 +207,10 @@ class HybridProposer:
         draft_ran = self.planner.wants_draft(found, catch_up, tokens_left)
         if draft_ran:
             drafted = trees.pool_candidates(root, *self.draft.grow(root, budget))
-            merged = trees.merge_candidates([drafted, found], self.planner.offsets(), budget)
+            offsets = self.planner.offsets()
+            merged = trees.merge_candidates([drafted, found], offsets, budget)
+            if self.chain:
+                merged = trees.merged_path(merged, offsets)
         else:  # without the draft's candidates the merge is lookup's own tree: no trie, no rerank
             merged = trees.merged_alone(found, sources=2, source=LOOKUP)
         self.round = (merged, found, draft_ran, catch_up)

@@ -278,6 +278,42 @@ def merged_alone(found: Candidates, sources: int, source: int) -> MergedTree:
                       source_scores=[own if s == source else missing for s in range(sources)])
 
 
+def best_path(parents: Sequence[int], ranks: Sequence[float]) -> list[int]:
+    """The tree's best chain: from the root, the best-ranked child of each node in turn (ties: the lower node id).
+
+    A verification step that must be a chain (a target whose tree rows are not plain decoding's, `TargetBackend.
+    tree_rows_exact`) takes this path of a drafter's tree: with path scores that only fall along a path, it is the
+    greedy choice of the chain most likely to be accepted.
+
+    Args:
+        parents: per node, its parent's id (-1 at node 0, the root; parents before children).
+        ranks: per node, the score its rank goes by.
+
+    Returns:
+        Node ids root..leaf, increasing.
+    """
+    best: dict[int, int] = {}  # parent -> its best child so far
+    for node in range(1, len(parents)):
+        parent = parents[node]
+        if parent not in best or ranks[node] > ranks[best[parent]]:
+            best[parent] = node
+    path = [0]
+    while path[-1] in best:
+        path.append(best[path[-1]])
+    return path
+
+
+def merged_path(merged: MergedTree, offsets: Sequence[float]) -> MergedTree:
+    """A merged tree cut to its best chain, ranked as `merge_candidates` ranks: a node by its best source score plus
+    that source's offset."""
+    ranks = [max(scores[node] + offset for scores, offset in zip(merged.source_scores, offsets))
+             for node in range(len(merged.tokens))]
+    path = best_path(merged.parents, ranks)
+    return MergedTree(tokens=[merged.tokens[node] for node in path], parents=list(range(-1, len(path) - 1)),
+                      sources=[merged.sources[node] for node in path],
+                      source_scores=[[scores[node] for node in path] for scores in merged.source_scores])
+
+
 def build_tree(
     root_token: torch.Tensor,
     pool_tokens: torch.Tensor,

@@ -40,6 +40,8 @@ def test_candidate_grid_is_distinct_effective_and_within_limits():
     assert len(grid) == len(set(grid)) > 10
     assert all(effective_tree(t) == t and t.top_k <= t.tokens - 1 for t in grid)
     assert {TreeConfig(d + 1, d, 1) for d in search.chain_depths} <= set(grid)
+    chains = candidate_grid(search, chains_only=True)
+    assert set(chains) == {t for t in grid if t.top_k == 1} and {t.depth for t in chains} >= set(search.chain_depths)
     limited = candidate_grid(search, max_tokens=6, max_top_k=2, max_draft_rows=6)
     assert limited and all(t.tokens <= 6 and t.top_k <= 2 and t.draft_rows <= 6 for t in limited)
     envelope = grid_envelope(limited)

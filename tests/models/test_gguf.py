@@ -76,6 +76,18 @@ def test_resolve_target_converts_once_and_reuses_the_cache(gguf_file, tmp_path, 
     assert gguf_targets.resolve_target(first) == first  # a directory is its own target
 
 
+def test_no_progress_means_no_bars_from_transformers_either(gguf_file, tmp_path, capfd):
+    """The GGUF loader's own tqdm and the shard writer's bar are off with progress=False, and back on after."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+    from transformers.utils import logging as hf_logging
+
+    loader_bar = gguf_loader.tqdm
+    gguf_targets.convert_gguf(gguf_file, tmp_path / "quiet", progress=False)
+    captured = capfd.readouterr()
+    assert "GGUF tensors" not in captured.err + captured.out and "shards" not in captured.err + captured.out
+    assert gguf_loader.tqdm is loader_bar and hf_logging.is_progress_bar_enabled()
+
+
 def test_a_damaged_cache_entry_is_converted_again(gguf_file, tmp_path, monkeypatch):
     monkeypatch.setenv("HASS_DEPLOY_HOME", str(tmp_path))
     entry = gguf_targets.resolve_target(gguf_file, progress=False)

@@ -261,3 +261,51 @@ def test_lookup_tree_larger_than_a_fixed_verify_budget_is_refused_before_any_ste
     decoder = SpeculativeDecoder(BudgetedTarget(target.module, 64), None)
     with pytest.raises(ConfigError, match="--lookup-tokens 8 .*tree budget \\(4\\)"):
         decoder.generate([1, 2, 3], replace(greedy(), lookup=LookupConfig(tokens=8)))
+
+
+class RecordingTarget(TorchTarget):
+    """A target that says whether its tree rows are plain decoding's (`TargetBackend.tree_rows_exact`; a quantised
+    graph's are not) and counts the verify steps that were not chains (a row not seeing every row before it)."""
+
+    def __init__(self, module, max_len, tree_rows_exact: bool):
+        super().__init__(module, max_len)
+        self.tree_rows_exact = tree_rows_exact
+        self.steps = self.branched = 0
+
+    def step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False):
+        if tree_mask is not None:
+            steps = input_ids.shape[1]
+            self.steps += 1
+            self.branched += not torch.equal(tree_mask[0], torch.ones(steps, steps, dtype=torch.bool).tril())
+        return super().step(input_ids, position_ids, cache_len, tree_mask, last_only)
+
+
+def test_tree_config_as_a_chain():
+    assert TreeConfig(tokens=60, depth=6, top_k=10).chain() == TreeConfig(tokens=7, depth=6, top_k=1)
+    assert TreeConfig(tokens=4, depth=6, top_k=3).chain() == TreeConfig(tokens=4, depth=3, top_k=1)
+    assert TreeConfig(tokens=1, depth=3, top_k=2).chain() == TreeConfig(tokens=1, depth=1, top_k=1)
+    assert TREES["chain"].chain() == TREES["chain"]
+
+
+@pytest.mark.parametrize("source", ["draft", "lookup", "hybrid"])
+def test_a_target_with_inexact_tree_rows_verifies_chains_only(source, targets, random_drafts):
+    """Every drafter's proposals reach such a target as chains (the draft's beam one wide, lookup one continuation
+    per node, a hybrid round's best path), still accepted, still plain decoding's tokens."""
+    from hass_deploy.config import HybridConfig
+
+    target, tree = targets["llama"], TREES["wide"]
+    ids = repetitive_prompt(seed=5)
+    config = greedy(tree, max_new_tokens=48, eos=())
+    plain = make_decoder(target).generate(ids, config).output_ids
+    draft = None if source == "lookup" else OracleDraft(target, ids[0], 256 + tree.draft_rows, noise=0.3, seed=2)
+    if source != "draft":
+        config = replace(config, lookup=LOOKUPS["wide"], hybrid=HybridConfig(tokens=12, tokens_per_step=1.0))
+    chains, trees = RecordingTarget(target.module, 256, False), RecordingTarget(target.module, 256, True)
+    result = SpeculativeDecoder(chains, draft).generate(ids, config)
+    assert result.output_ids == plain
+    assert chains.steps == result.rounds and chains.branched == 0
+    assert max(result.accept_lengths) >= 2
+    if source == "hybrid":
+        assert result.draft_rounds > 0
+    # The same drafters on an exact target do branch, so the chains above are the target's doing.
+    assert SpeculativeDecoder(trees, draft).generate(ids, config).output_ids == plain and trees.branched > 0

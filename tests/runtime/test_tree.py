@@ -10,10 +10,12 @@ import torch
 from hass_deploy.runtime.tree import (
     Candidates,
     DraftTree,
+    best_path,
     build_tree,
     build_tree_on_device,
     merge_candidates,
     merged_alone,
+    merged_path,
     pool_candidates,
     root_only,
     select_beam,
@@ -487,3 +489,28 @@ def test_pool_candidates_renumber_the_pool_under_the_root():
     assert found.tokens == [9, 4, 5, 6] and found.parents == [-1, 0, 0, 1]
     assert found.scores == [0.0, -0.5, -1.0, -0.5]  # the child's -0.25 clamped to its parent's -0.5
     assert found.expected_accepted == pytest.approx(2 * math.exp(-0.5) + math.exp(-1.0))
+
+
+def test_best_path_follows_the_best_child_and_breaks_ties_by_node_order():
+    #        0
+    #      /   \
+    #     1     2          ranks: 1: -0.5, 2: -0.2 -> 2; under 2: 3 (-1.0) and 4 (-0.9) -> 4; 5 under 1 is off the path
+    #    /     / \
+    #   5     3   4
+    parents, ranks = [-1, 0, 0, 2, 2, 1], [0.0, -0.5, -0.2, -1.0, -0.9, -0.3]
+    assert best_path(parents, ranks) == [0, 2, 4]
+    assert best_path(parents, [0.0, -0.5, -0.5, -1.0, -1.0, -0.6]) == [0, 1, 5]  # ties: the lower id
+    assert best_path([-1], [0.0]) == [0]
+    assert best_path([-1, 0, 1], [0.0, -math.inf, -math.inf]) == [0, 1, 2]
+
+
+def test_merged_path_ranks_by_the_best_source_with_its_offset():
+    draft = Candidates([0, 5, 6, 9], [-1, 0, 1, 0], [0.0, LOG(0.6), LOG(0.3), LOG(0.3)])
+    lookup = Candidates([0, 5, 7, 8], [-1, 0, 1, 2], [0.0, LOG(0.9), LOG(0.8), LOG(0.7)])
+    merged = merge_candidates([draft, lookup], [0.0, 0.0], num_nodes=10)  # the tree drawn in the merge test above
+    chain = merged_path(merged, [0.0, 0.0])
+    assert chain.tokens == [0, 5, 7, 8] and chain.parents == [-1, 0, 1, 2] and chain.sources == [0, 3, 2, 2]
+    assert chain.source_scores[1] == pytest.approx([-math.inf, LOG(0.9), LOG(0.8), LOG(0.7)])
+    # The draft's scores doubled and lookup's halved: under 5, the draft's 6 (0.6) beats lookup's 7 (0.4).
+    moved = merged_path(merged, [LOG(2.0), LOG(0.5)])
+    assert moved.tokens == [0, 5, 6] and moved.parents == [-1, 0, 1] and moved.sources == [0, 3, 1]

@@ -40,6 +40,13 @@ class TargetBackend(ABC):
     vocab_size: int
     max_len: int  # rows in the static KV buffers
     max_tree_tokens: int | None = None  # the most nodes one tree step may verify (an export's budget); None: any
+    # Whether a tree row's logits are plain decoding's for the same token and position, up to fp32 rounding. A row's
+    # attention sums its visible keys in an order that depends on where its tree siblings sit among the step's rows,
+    # so the row differs from plain decoding's (and a chain's) by ~1e-7; a flip needs a tie that close. A graph that
+    # rounds activations (int8 MatMulNBits blocks) amplifies that: one tipped rounding moves SmolLM2's logits by up
+    # to 0.5, and greedy output diverges (docs/RESULTS.md). Where False the decoder verifies chains, whose rows sit
+    # where plain decoding's do and are its bit for bit (test_onnxruntime_fused.py).
+    tree_rows_exact: bool = True
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,
              tree_mask: torch.Tensor | None, last_only: bool = False) -> TargetOutput:

@@ -322,9 +322,10 @@ class OrtTarget(TargetBackend):
     KV row, past the committed ones, is overwritten later). ORT's int8 MatMulNBits kernel computes a row of a
     one-row product slightly differently (~1e-6) from the same row of a longer one, and int8 activation rounding
     can turn that into a different token at a near-tie: plain decoding (one-row steps) would then not be the
-    model that verifies trees. From two rows on, a row's result does not depend on how many rows the step has
-    (tests/runtime/backends/test_onnxruntime_fused.py), so plain and speculative decoding compute bit for bit the
-    same quantised model.
+    model that verifies trees. From two rows on, a chain row's result does not depend on how many rows the step has
+    (tests/runtime/backends/test_onnxruntime_fused.py). A tree row's does depend on where its siblings sit, and the
+    same rounding amplifies that, so a quantised target verifies chains (`tree_rows_exact`): then plain and
+    speculative decoding compute bit for bit the same quantised model.
     """
 
     def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "target"):
@@ -332,6 +333,7 @@ class OrtTarget(TargetBackend):
         self.manifest, self.graph = manifest, graph
         self.dtype = parse_dtype(manifest.dtype)
         self.pad_single_rows = spec.quantization is not None
+        self.tree_rows_exact = spec.quantization is None  # quantised rows: chains only (`TargetBackend`)
         # The padded copy's KV row may sit one past the last usable row.
         self.stepper = _Stepper(session, spec, self.dtype, device, max_len + self.pad_single_rows,
                                 manifest.prefill_chunk)

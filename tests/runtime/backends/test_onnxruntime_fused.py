@@ -46,6 +46,7 @@ def test_fused_graphs_are_written_where_ort_can_run_them(targets, fusable_target
         ExportConfig(target_quantization="int8", ort_graphs=False)
     with pytest.raises(ConfigError, match="no fused"):
         ort(targets["llama"], None, tmp_path / "narrow", graphs="fused")
+    assert ort(fusable_targets["qwen3"], None, fused_artifacts["qwen3"])[0].tree_rows_exact  # fp32: trees
 
 
 def assert_lossless_against_plain(target, draft, out, seed: int):
@@ -75,6 +76,7 @@ def test_int8_target_is_lossless_against_its_own_plain_decoding(arch, fusable_ta
     assert "com.microsoft::MatMulNBits" in manifest.graphs["target_ort"].operators
     assert manifest.graphs["target"].quantization is None  # the standard graphs stay the fp32 reference
     int8_target = assert_lossless_against_plain(target, draft, out, seed=400)
+    assert not int8_target.tree_rows_exact  # it verifies chains (test_decoder.py), whose rows are exact (below)
     ids = torch.tensor([prompt(12, seed=1)])
     quantized = int8_target.step(ids, torch.arange(12)[None], 0, None).logits
     reference = make_decoder(target).target.step(ids, torch.arange(12)[None], 0, None).logits
@@ -92,6 +94,7 @@ def test_int4_target_is_lossless_against_its_own_plain_decoding(variant, int4_ex
     assert manifest.target_quantization == "int4" and manifest.graphs["target_ort"].quantization == "int4"
     assert manifest.graphs["target"].quantization is None  # the standard graphs stay the fp32 reference
     int4_target = assert_lossless_against_plain(target, draft, out, seed=500)
+    assert not int4_target.tree_rows_exact
     ids = torch.tensor([prompt(12, seed=1)])
     quantized = int4_target.step(ids, torch.arange(12)[None], 0, None).logits
     reference = make_decoder(target).target.step(ids, torch.arange(12)[None], 0, None).logits
