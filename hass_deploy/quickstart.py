@@ -96,7 +96,7 @@ class ChatCorpus:
     is benchmarked on its first `per_set` prompts."""
 
     dataset: str = "sharegpt"
-    records: int = 128  # a budget that trains in minutes on two cores: the shipped drafts show what more buys
+    records: int = 96  # a budget that trains in minutes on two cores: the shipped drafts show what more buys
     prompts: int = 20
     prompt_chars: int = 1_500  # a held-out prompt's most characters: questions, not pasted documents
     prompt_sets: tuple[str, ...] = PROMPT_SETS
@@ -144,6 +144,9 @@ class QuickstartPreset:
     # What `--tree auto` chose for the shipped drafts on this CPU (docs/RESULTS.md), without its 70 s search; None:
     # auto. At τ 1.5 a deeper tree costs draft levels that are rarely accepted.
     tree: TreeConfig | None = field(default_factory=lambda: TreeConfig(tokens=6, depth=2, top_k=4))
+    # New tokens per prompt in validation's end-to-end checks (4 random-token prompts, each graph kind); the bench
+    # then checks every output token for token on the real prompts.
+    validation_tokens: int = 16
     export: ExportConfig = field(default_factory=lambda: ExportConfig(max_seq_len=2048, max_tree_tokens=32,
                                                                       max_top_k=8, draft_quantization="int8"))
     # SmolLM2-135M-Instruct's drafts as `hass-deploy train` makes them with a larger budget (their README.md says
@@ -481,7 +484,8 @@ def _validate_stage(draft: str) -> Stage:
 
     def work(job: Job) -> dict:
         out = job.layout.artifacts(draft)
-        report = parity.validate_artifacts(out, job.target, job.draft_dir(draft))
+        report = parity.validate_artifacts(out, job.target, job.draft_dir(draft),
+                                           max_new_tokens=job.preset.validation_tokens)
         (out / "validation.txt").write_text(report.render() + "\n")
         if not report.passed:
             raise HassDeployError(f"validation of the {draft} export FAILED; see {out / 'validation.txt'}")

@@ -116,8 +116,9 @@ class Fakes:
         out.mkdir(parents=True, exist_ok=True)
         (out / "graph").write_text("g")
 
-    def validate(self, artifacts, target, draft):
+    def validate(self, artifacts, target, draft, max_new_tokens):
         self._call(f"validate {artifacts.name}")
+        assert max_new_tokens == quickstart.QuickstartPreset().validation_tokens
         return SimpleNamespace(passed=True, checks=[1, 2], render=lambda: "ok")
 
     def bench(self, target, drafts, prompts, config, out=None, log=None):
@@ -346,7 +347,7 @@ def test_the_default_preset_ships_smollm2_drafts_in_the_package():
     package = Path(quickstart.__file__).parent / "drafts"
     assert [(d.key, d.path) for d in preset.shipped] == [("hass-shipped", package / "smollm2-hass"),
                                                           ("eagle2-shipped", package / "smollm2-eagle2")]
-    assert preset.corpus.records == 128 and [p.epochs for p in preset.train.phases] == [1]
+    assert preset.corpus.records == 96 and [p.epochs for p in preset.train.phases] == [1]
     assert quickstart.PRESETS["tiny"].shipped == () and quickstart.PRESETS["demo"].shipped == ()
     with pytest.raises(HassDeployError, match="keys of their own"):
         replace(preset, shipped=(quickstart.ShippedDraft("hass", "x", Path("x")),))
