@@ -282,15 +282,17 @@ def serve(target: Path, draft: Optional[Path], config: EngineConfig, corpus: Opt
 @command()
 def quickstart(
     workdir: Optional[Path] = typer.Option(None, help="Work directory (default: ./hass-deploy-quickstart/PRESET)."),
-    preset: str = typer.Option("default", help="default (about 15 min on 2 CPU cores, target included) or "
-                                               "tiny (under a minute)."),
+    preset: str = typer.Option("default", help="default (SmolLM2-135M-Instruct from its GGUF, ShareGPT, the shipped "
+                                               "drafts beside its own: under 20 min on 2 CPU cores from an empty "
+                                               "cache), demo (the 15.7 M stdlib target, about 15 min) or tiny (under "
+                                               "a minute)."),
     prompts: list[Path] = typer.Option([], help="More JSONL prompt sets to benchmark beside the held-out text."),
     progress: bool = PROGRESS,
     device: str = typer.Option("cpu", help="Where the target and drafts are trained and the data extracted (cpu "
                                "or cuda); export, validation and bench run on ONNX Runtime's CPU provider."),
 ) -> None:
-    """The whole job on a target built here: data, HASS and EAGLE-2 drafts, ONNX export, validation, benchmark
-    (beside the drafts the package ships for the target, when it has them)."""
+    """The whole job on a real chat model (or the demo target): data, HASS and EAGLE-2 drafts, ONNX export,
+    validation, benchmark (beside the drafts the package ships for the target, when it has them)."""
     from hass_deploy.quickstart import render_summary, run_quickstart
 
     summary = run_quickstart(workdir or Path("hass-deploy-quickstart") / preset, preset, tuple(prompts), progress,
