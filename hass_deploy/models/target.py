@@ -76,6 +76,39 @@ class ReadOnlyKV:
         raise NotImplementedError
 
 
+class PackedKV:
+    """Several sequences' rows in one step (a batched target step, `TargetBackend.step_batch`).
+
+    x's rows are the sequences' rows one after another, `sizes[i]` of them for sequence i, which has its own KV store
+    (its rows written at its own `cache_lens[i]`) and its own tree mask. The weight products run over all the rows
+    at once, which is where a batch pays: a row's product does not depend on the rows beside it. Attention runs per
+    sequence, over that sequence's own buffers and mask, exactly as its step alone would run it.
+
+    An ordinary class, like ReadOnlyKV: attention branches on `isinstance`.
+    """
+
+    def __init__(self, stores: list[KVStore], cache_lens: list[int], sizes: list[int],
+                 tree_masks: list[torch.Tensor | None]):
+        if not len(stores) == len(cache_lens) == len(sizes) == len(tree_masks):
+            raise ValueError("a packed step needs one store, cache length, size and tree mask per sequence")
+        self.stores, self.cache_lens, self.sizes, self.tree_masks = stores, cache_lens, sizes, tree_masks
+
+    def masks(self, position_ids: torch.Tensor, sliding_window: int | None) -> list[torch.Tensor]:
+        """Each sequence's attention mask [1, 1, T_i, cache_len_i + T_i] (`step_attention_mask`)."""
+        masks = []
+        for cache_len, positions, tree_mask in zip(self.cache_lens, position_ids.split(self.sizes, dim=1),
+                                                   self.tree_masks):
+            steps = positions.shape[1]
+            tree_mask = causal_tree_mask(steps, positions.device) if tree_mask is None else tree_mask
+            masks.append(step_attention_mask(cache_len, tree_mask, cache_len + steps, positions, sliding_window))
+        return masks
+
+    def update(self, layer: int, sequence: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence `sequence`'s new rows k, v [1, H_kv, T_i, D] into its store; its rows [0, cache_len_i + T_i)."""
+        cache_len = self.cache_lens[sequence]
+        return self.stores[sequence].update(layer, cache_len, k, v, cache_len + k.shape[2])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -276,6 +309,10 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, nH, T, D] over k, v [B, nKV, S, D] under mask [B, 1, T, S] -> [B, T, H] (o_proj applied)."""
+        return self.o_proj(self.heads(q, k, v, mask))
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`attend` before o_proj: the heads' outputs [B, T, nH * D]."""
         batch, _, steps, _ = q.shape
         # Grouped-query attention without repeating K/V (that would copy the whole context every step): query head
         # h uses KV head h // groups, so fold the groups into the query-row axis: [B, nKV, groups * T, D].
@@ -283,8 +320,7 @@ class Attention(nn.Module):
         q = q.reshape(batch, self.num_kv_heads, groups * steps, self.head_dim)
         mask = mask.repeat(1, 1, groups, 1)  # [B, 1, groups * T, S]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.reshape(batch, self.num_heads, steps, self.head_dim).transpose(1, 2).reshape(batch, steps, -1)
-        return self.o_proj(out)
+        return out.reshape(batch, self.num_heads, steps, self.head_dim).transpose(1, 2).reshape(batch, steps, -1)
 
     def attend_blocks(self, q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """`attend` over several K/V blocks (k, v [B, nKV, S_i, D], mask [B, 1, T, S_i]) under one softmax."""
@@ -300,11 +336,16 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-        kv: KVStore | ReadOnlyKV | None,
+        kv: KVStore | ReadOnlyKV | PackedKV | None,
         cache_len: int | torch.Tensor,
         kv_len: int,
     ) -> torch.Tensor:
         q, k, v = self.project(x, rope)
+        if isinstance(kv, PackedKV):
+            # mask is one per sequence (`PackedKV.masks`); each sequence attends over its own buffers only.
+            parts = zip(q.split(kv.sizes, dim=2), k.split(kv.sizes, dim=2), v.split(kv.sizes, dim=2), mask)
+            return self.o_proj(torch.cat([self.heads(q_i, *kv.update(self.layer, i, k_i, v_i), mask_i)
+                                          for i, (q_i, k_i, v_i, mask_i) in enumerate(parts)], dim=1))
         if isinstance(kv, ReadOnlyKV):
             # mask is the (buffer, new rows) pair from `read_only_masks`; the buffer is read, never written.
             kv.emit(self.layer, k, v)
@@ -361,8 +402,11 @@ def run_layers(
     if tree_mask is None:
         tree_mask = causal_tree_mask(steps, x.device, batch)
     kv_len = cache_len + steps if kv_len is None else kv_len
-    # Built once per step and shared by every layer: [B, 1, T, kv_len], or the (buffer, new rows) blocks.
-    if isinstance(kv, ReadOnlyKV):
+    # Built once per step and shared by every layer: [B, 1, T, kv_len], the (buffer, new rows) blocks, or one mask
+    # per packed sequence.
+    if isinstance(kv, PackedKV):
+        mask = kv.masks(position_ids, sliding_window)
+    elif isinstance(kv, ReadOnlyKV):
         mask = read_only_masks(cache_len, tree_mask, kv.committed(0)[0].shape[2], position_ids, sliding_window)
     else:
         mask = step_attention_mask(cache_len, tree_mask, kv_len, position_ids, sliding_window)
@@ -387,7 +431,7 @@ class Transformer(nn.Module):
         self.rotary = Rotary(config)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor | None = None,
-                kv: KVStore | ReadOnlyKV | None = None, cache_len: int | torch.Tensor = 0,
+                kv: KVStore | ReadOnlyKV | PackedKV | None = None, cache_len: int | torch.Tensor = 0,
                 kv_len: int | None = None) -> torch.Tensor:
         """Run T new tokens and return the post-final-norm hidden states [B, T, H] (the lm_head input, EAGLE's feature).
 
@@ -396,7 +440,9 @@ class Transformer(nn.Module):
             position_ids: [B, T] int64 RoPE positions (tree nodes share a position per depth).
             tree_mask: [B, T, M] bool over the last M rows (see `step_attention_mask`); None = causal over the T tokens.
             kv: static KV buffers to write rows cache_len.. into and attend over (`KVStore`), buffers to read whose new
-                rows are handed back (`ReadOnlyKV`, ONNX export), or None = no cache (training, extraction).
+                rows are handed back (`ReadOnlyKV`, ONNX export), several sequences' stores for rows packed one
+                sequence after another (`PackedKV`, which then holds their cache lengths and tree masks), or None = no
+                cache (training, extraction).
             cache_len: rows already committed in `kv`.
             kv_len: rows of `kv` attention reads (see `run_layers`).
         """

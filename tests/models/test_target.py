@@ -9,7 +9,7 @@ import torch
 from conftest import ARCHITECTURES, TINY
 from hass_deploy.models.loading import load_target
 from hass_deploy.models.random_target import random_hf_model
-from hass_deploy.models.target import step_attention_mask
+from hass_deploy.models.target import PackedKV, step_attention_mask
 from hass_deploy.runtime.kv import KVBuffers
 
 ROPE_SCALINGS = {
@@ -89,6 +89,33 @@ def test_tree_step_equals_each_branch_alone(arch, targets):
     for branch, nodes in (([r, a1, a2], [0, 1, 3]), ([r, b1, b2], [0, 2, 4])):
         alone = our_logits(target, torch.cat([context, torch.tensor([branch])], 1))[:, prompt_len:]
         assert (tree_logits[:, nodes] - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_sequences_compute_what_each_computes_alone(arch, targets):
+    """PackedKV: two sequences' rows in one forward (a causal block after a context, a tree on a fresh buffer),
+    each over its own KV buffers: the rows and the KV written are each sequence's own forward's."""
+    target, config = targets[arch], targets[arch].config
+
+    def buffers():
+        return KVBuffers(config.num_layers, config.num_kv_heads, config.head_dim, 64, torch.float32)
+
+    context, block, tree = ids_for(6, length=18), ids_for(7, length=5), torch.tensor([[3, 10, 11, 20]])
+    mask = torch.tensor([[[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]], dtype=torch.bool)
+    block_positions, tree_positions = torch.arange(18, 23)[None], torch.tensor([[0, 1, 1, 2]])
+    alone_kv, packed_kv = [buffers(), buffers()], [buffers(), buffers()]
+    with torch.no_grad():
+        for kv in (alone_kv[0], packed_kv[0]):
+            target.module(context, torch.arange(18)[None], None, kv, 0)
+        alone = [target.module(block, block_positions, None, alone_kv[0], 18),
+                 target.module(tree, tree_positions, mask, alone_kv[1], 0)]
+        packed = target.module(torch.cat([block, tree], 1), torch.cat([block_positions, tree_positions], 1), None,
+                               PackedKV(packed_kv, [18, 0], [5, 4], [None, mask]))
+    assert packed.shape == (1, 9, config.hidden_size)
+    torch.testing.assert_close(packed, torch.cat(alone, 1), atol=1e-5, rtol=1e-5)
+    for lone, together, used in zip(alone_kv, packed_kv, (23, 4)):
+        for got, want in zip(together.rows_in_use(used), lone.rows_in_use(used)):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_attention_mask_layout():

@@ -9,12 +9,17 @@ As in Polygraphy's `infer`/`infer_impl`: `step()` checks the call against the co
 capacity, an export's tree budget and top-k) and then calls the backend's `_step()`, so each backend implements
 only the computation, and a new backend is held to the same checks and proven by the same contract tests
 (`tests/runtime/backends/test_contract.py`). The checks read shapes only: no device synchronisation.
+
+`step_batch` takes several sequences' steps at once, each over its own fork's KV buffers (a serving slot's), so that
+one computation can serve them: the PyTorch backend packs their rows into one forward (`models.target.PackedKV`:
+each weight's product over every row, attention per sequence); the default runs them one after another. Either
+way each sequence gets what its own `step` gives, which the contract suite checks for every backend.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +38,19 @@ class DraftOutput:
     hidden: torch.Tensor  # [1, T, H] predicted next features
     logprobs: torch.Tensor  # [1, T, K] log-probabilities of the K best next tokens, descending
     tokens: torch.Tensor  # [1, T, K] their token ids
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    """One sequence's part of a batched target step (`TargetBackend.step_batch`): `step`'s arguments, and the backend
+    whose KV buffers hold the sequence (the batching backend itself or one of its forks: a serving slot)."""
+
+    backend: "TargetBackend"
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    cache_len: int
+    tree_mask: torch.Tensor | None  # [1, T, T], None: causal
+    last_only: bool = False
 
 
 class TargetBackend(ABC):
@@ -55,6 +73,11 @@ class TargetBackend(ABC):
         tree_mask [1, T, T] bool says which new rows each new row sees (None: causal); every row before
         cache_len is visible. With last_only, only the last row's logits are computed (prefill).
         """
+        self._check_target_step(input_ids, position_ids, cache_len, tree_mask)
+        return self._step(input_ids, position_ids, cache_len, tree_mask, last_only)
+
+    def _check_target_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,
+                           tree_mask: torch.Tensor | None) -> None:
         steps = check_step(input_ids, position_ids, cache_len, tree_mask, self.max_len)
         if tree_mask is not None:
             if tree_mask.shape[2] != steps:
@@ -62,7 +85,23 @@ class TargetBackend(ABC):
             if self.max_tree_tokens is not None and steps > self.max_tree_tokens:
                 raise ConfigError(f"a tree of {steps} nodes is more than the artifacts' tree budget "
                                   f"({self.max_tree_tokens})")
-        return self._step(input_ids, position_ids, cache_len, tree_mask, last_only)
+
+    def step_batch(self, batch: Sequence[SequenceStep]) -> list[TargetOutput]:
+        """Several sequences' steps, each over its own backend's KV buffers (this one or its forks), computed
+        together where the backend can: each sequence's outputs and KV rows are those its `step` alone gives.
+
+        Each part is checked as `step` checks it, and the parts must hold different KV buffers. A backend that
+        batches overrides `_step_batch`; this default runs the parts one after another.
+        """
+        if len({id(part.backend) for part in batch}) != len(batch):
+            raise ValueError("a batched step's sequences must each have their own backend (KV buffers)")
+        for part in batch:
+            part.backend._check_target_step(part.input_ids, part.position_ids, part.cache_len, part.tree_mask)
+        return self._step_batch(batch)
+
+    def _step_batch(self, batch: Sequence[SequenceStep]) -> list[TargetOutput]:
+        return [part.backend._step(part.input_ids, part.position_ids, part.cache_len, part.tree_mask, part.last_only)
+                for part in batch]
 
     @abstractmethod
     def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,

@@ -10,12 +10,15 @@ Prefill, and steps too large for a row bucket or too close to the end of the buf
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from hass_deploy.models.draft import DraftHead
-from hass_deploy.models.target import Transformer
+from hass_deploy.models.target import PackedKV, Transformer
 from hass_deploy.runtime.backends import graphs
-from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput, TargetBackend, TargetOutput
+from hass_deploy.runtime.backends.base import (DraftBackend, DraftOutput, SequenceStep, TargetBackend,
+                                               TargetOutput)
 from hass_deploy.runtime.kv import KVBuffers
 
 def _kv_for(module: torch.nn.Module, num_layers: int, max_len: int) -> KVBuffers:
@@ -69,6 +72,25 @@ class TorchTarget(TargetBackend):
 
         out = _rows(self.graphs.run(("target", rows, kv_len), feeds, compute), steps)
         return TargetOutput(logits=out["logits"], hidden=out["hidden"])
+
+    @torch.no_grad()
+    def _step_batch(self, batch: Sequence[SequenceStep]) -> list[TargetOutput]:
+        """The sequences' rows packed into one eager forward (`PackedKV`): one product per weight for every row,
+        attention per sequence over its own buffers; then one lm_head product over the rows whose logits are wanted."""
+        if any(not isinstance(part.backend, TorchTarget) or part.backend.module is not self.module for part in batch):
+            raise ValueError("a batched step's sequences must run on this backend or its forks (the same module)")
+        sizes = [part.input_ids.shape[1] for part in batch]
+        kv = PackedKV([part.backend.kv for part in batch], [part.cache_len for part in batch], sizes,
+                      [part.tree_mask for part in batch])
+        hidden = self.module(torch.cat([part.input_ids for part in batch], dim=1),
+                             torch.cat([part.position_ids for part in batch], dim=1), None, kv)  # [1, sum T, H]
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        wanted = [range(end - 1, end) if part.last_only else range(end - size, end)
+                  for part, size, end in zip(batch, sizes, ends)]
+        rows = torch.tensor([row for span in wanted for row in span], device=self.device)
+        logits = self.module.logits(hidden[:, rows]).split([len(span) for span in wanted], dim=1)
+        return [TargetOutput(logits=part_logits, hidden=part_hidden)
+                for part_logits, part_hidden in zip(logits, hidden.split(sizes, dim=1))]
 
     def compact(self, cache_len: int, keep: torch.Tensor) -> None:
         self.kv.compact(cache_len, keep)

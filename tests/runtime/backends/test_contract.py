@@ -5,7 +5,8 @@ GPU against PyTorch with and without CUDA graphs and TensorRT, over the same tin
 (hidden 64, head_dim 16: what the fused graphs need) and one export per architecture: greedy output
 token-identical to `transformers` for every architecture and tree shape, a step's values, the KV rows a
 backend holds after chunked prefill, tree steps and compaction, running into the KV capacity, the checks
-`step()` makes, and `fork()`. A new backend joins by adding a case to `open_pair`.
+`step()` makes, `fork()`, and a batched step of several forks' sequences (`step_batch`). A new backend joins by adding
+a case to `open_pair`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hass_deploy.config import TreeConfig
 from hass_deploy.errors import CacheCapacityError, ConfigError
 from hass_deploy.manifest import read_manifest
 from hass_deploy.runtime.backends import open_backends
+from hass_deploy.runtime.backends.base import SequenceStep
 from hass_deploy.runtime.backends.tensorrt import TrtDraft, TrtTarget
 from hass_deploy.runtime.backends.torch import TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
@@ -255,3 +257,47 @@ def test_a_fork_shares_the_weights_but_not_the_kv(backend, open_pair, fusable_ta
                 del streams[index]
     fresh = open_pair(backend, "llama")
     assert outputs == [SpeculativeDecoder(*fresh).generate(ids, config).output_ids for ids in prompts]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # mistral: each sequence's own sliding-window mask
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_batched_step_gives_each_sequence_what_its_step_alone_gives(backend, arch, open_pair):
+    """Three sequences in one `step_batch`, each over a fork's KV buffers: a tree after one prompt, a chain after
+    another, a third prompt's prefill (its last row's logits only). Each sequence's logits (their argmax exactly),
+    features and KV rows are those of its step alone, to rounding: a batching backend runs each weight's product
+    over every row at once, attention per sequence."""
+    target_backend, _ = open_pair(backend, arch, with_draft=False)
+    on = target_backend.device
+
+    def rows(values):
+        return torch.tensor([values], device=on)
+
+    tree = torch.tensor([[[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]]], dtype=torch.bool, device=on)
+    prompts = [prompt(12, seed=1), prompt(9, seed=2)]
+
+    def prefilled():
+        forks = [target_backend.fork() for _ in range(3)]
+        for fork, ids in zip(forks, prompts):
+            fork.step(rows(ids), torch.arange(len(ids), device=on)[None], 0, None, last_only=True)
+        return forks
+
+    def parts(forks):
+        return [SequenceStep(forks[0], rows([5, 6, 7, 8]), rows([12, 13, 13, 14]), 12, tree),
+                SequenceStep(forks[1], rows([9, 10, 11]), rows([9, 10, 11]), 9, None),
+                SequenceStep(forks[2], rows(prompt(7, seed=3)), torch.arange(7, device=on)[None], 0, None, True)]
+
+    solo, batched = prefilled(), prefilled()
+    alone = [p.backend.step(p.input_ids, p.position_ids, p.cache_len, p.tree_mask, p.last_only) for p in parts(solo)]
+    together = target_backend.step_batch(parts(batched))
+    assert [tuple(out.logits.shape) for out in together] == [tuple(out.logits.shape) for out in alone]
+    for one, many in zip(alone, together):
+        assert torch.equal(many.logits.argmax(-1), one.logits.argmax(-1))
+        torch.testing.assert_close(many.logits.cpu(), one.logits.cpu(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(many.hidden.cpu(), one.hidden.cpu(), atol=1e-5, rtol=1e-5)
+    for lone, packed, used in zip(solo, batched, (16, 12, 7)):
+        for got, want in zip(packed.kv.rows_in_use(used), lone.kv.rows_in_use(used)):
+            torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="their own backend"):
+        target_backend.step_batch([parts(batched)[0]] * 2)
+    with pytest.raises(CacheCapacityError):
+        target_backend.step_batch([SequenceStep(batched[2], rows([1]), rows([MAX_LEN]), MAX_LEN, None)])
