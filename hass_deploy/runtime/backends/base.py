@@ -10,7 +10,7 @@ capacity, an export's tree budget and top-k) and then calls the backend's `_step
 only the computation, and a new backend is held to the same checks and proven by the same contract tests
 (`tests/runtime/backends/test_contract.py`). The checks read shapes only: no device synchronisation.
 
-`step_batch` takes several sequences' steps at once, each over its own fork's KV buffers (a serving slot's), so that
+`step_batch` (target and draft) takes several sequences' steps at once, each over its own fork's KV buffers (a serving slot's), so that
 one computation can serve them: the PyTorch backend packs their rows into one forward (`models.target.PackedKV`:
 each weight's product over every row, attention per sequence); the default runs them one after another. Either
 way each sequence gets what its own `step` gives, which the contract suite checks for every backend.
@@ -51,6 +51,20 @@ class SequenceStep:
     cache_len: int
     tree_mask: torch.Tensor | None  # [1, T, T], None: causal
     last_only: bool = False
+
+
+@dataclass(frozen=True)
+class DraftSequenceStep:
+    """One sequence's part of a batched draft step (`DraftBackend.step_batch`): `DraftBackend.step`'s arguments and
+    the backend (a fork) whose KV buffers hold the sequence."""
+
+    backend: "DraftBackend"
+    features: torch.Tensor  # [1, T, H]
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    cache_len: int
+    tree_mask: torch.Tensor | None  # [1, T, M], None: causal
+    top_k: int
 
 
 class TargetBackend(ABC):
@@ -126,6 +140,24 @@ class DraftBackend(ABC):
     def step(self, features: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,
              tree_mask: torch.Tensor | None, top_k: int) -> DraftOutput:
         """Run T (feature, next token) pairs [1, T, H], [1, T]; tree_mask [1, T, M] covers the last M rows."""
+        self._check_draft_step(features, input_ids, position_ids, cache_len, tree_mask, top_k)
+        return self._step(features, input_ids, position_ids, cache_len, tree_mask, top_k)
+
+    def step_batch(self, batch: Sequence[DraftSequenceStep]) -> list[DraftOutput]:
+        """Several sequences' draft steps at once, each over its own fork's KV buffers (`TargetBackend.step_batch`)."""
+        if len({id(part.backend) for part in batch}) != len(batch):
+            raise ValueError("a batched step's sequences must each have their own backend (KV buffers)")
+        for part in batch:
+            part.backend._check_draft_step(part.features, part.input_ids, part.position_ids, part.cache_len,
+                                           part.tree_mask, part.top_k)
+        return self._step_batch(batch)
+
+    def _step_batch(self, batch: Sequence[DraftSequenceStep]) -> list[DraftOutput]:
+        return [part.backend._step(part.features, part.input_ids, part.position_ids, part.cache_len, part.tree_mask,
+                                   part.top_k) for part in batch]
+
+    def _check_draft_step(self, features: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                          cache_len: int, tree_mask: torch.Tensor | None, top_k: int) -> None:
         steps = check_step(input_ids, position_ids, cache_len, tree_mask, self.max_len)
         if features.dim() != 3 or features.shape[:2] != (1, steps):
             raise ValueError(f"draft features must be [1, T={steps}, H], got {tuple(features.shape)}")
@@ -134,7 +166,6 @@ class DraftBackend(ABC):
                              f"{tuple(tree_mask.shape)} at cache_len {cache_len}")
         if top_k < 1 or (self.max_top_k is not None and top_k > self.max_top_k):
             raise ConfigError(f"top-k {top_k} is outside the draft's range (1..{self.max_top_k or 'V'})")
-        return self._step(features, input_ids, position_ids, cache_len, tree_mask, top_k)
 
     @abstractmethod
     def _step(self, features: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,

@@ -17,8 +17,8 @@ import torch
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.target import PackedKV, Transformer
 from hass_deploy.runtime.backends import graphs
-from hass_deploy.runtime.backends.base import (DraftBackend, DraftOutput, SequenceStep, TargetBackend,
-                                               TargetOutput)
+from hass_deploy.runtime.backends.base import (DraftBackend, DraftOutput, DraftSequenceStep, SequenceStep,
+                                               TargetBackend, TargetOutput)
 from hass_deploy.runtime.kv import KVBuffers
 
 def _kv_for(module: torch.nn.Module, num_layers: int, max_len: int) -> KVBuffers:
@@ -140,6 +140,25 @@ class TorchDraft(DraftBackend):
 
         out = _rows(self.graphs.run(("draft", rows, mask.shape[2], kv_len, top_k), feeds, compute), steps)
         return DraftOutput(hidden=out["hidden"], logprobs=out["logprobs"], tokens=out["tokens"])
+
+    @torch.no_grad()
+    def _step_batch(self, batch: Sequence[DraftSequenceStep]) -> list[DraftOutput]:
+        """The sequences' rows packed into one eager forward (`PackedKV`, as `TorchTarget._step_batch`) and one
+        scoring product; each sequence's top-k from its own rows."""
+        if any(not isinstance(part.backend, TorchDraft) or part.backend.head is not self.head for part in batch):
+            raise ValueError("a batched step's sequences must run on this backend or its forks (the same head)")
+        sizes = [part.input_ids.shape[1] for part in batch]
+        kv = PackedKV([part.backend.kv for part in batch], [part.cache_len for part in batch], sizes,
+                      [part.tree_mask for part in batch])
+        features = torch.cat([part.features for part in batch], dim=1).to(self.head.fc.weight.dtype)
+        hidden = self.head(features, torch.cat([part.input_ids for part in batch], dim=1),
+                           torch.cat([part.position_ids for part in batch], dim=1), None, kv)  # [1, sum T, H]
+        logprobs = torch.log_softmax(self.scorer(hidden).float(), dim=-1)  # [1, sum T, V or N]
+        outputs = []
+        for part, part_hidden, part_logprobs in zip(batch, hidden.split(sizes, dim=1), logprobs.split(sizes, dim=1)):
+            top = torch.topk(part_logprobs, part.top_k, dim=-1)
+            outputs.append(DraftOutput(hidden=part_hidden, logprobs=top.values, tokens=self.head.target_ids(top.indices)))
+        return outputs
 
     def fork(self) -> "TorchDraft":
         return TorchDraft(self.head, self.lm_head, self.max_len, self.mode)

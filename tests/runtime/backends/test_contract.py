@@ -24,7 +24,7 @@ from hass_deploy.config import TreeConfig
 from hass_deploy.errors import CacheCapacityError, ConfigError
 from hass_deploy.manifest import read_manifest
 from hass_deploy.runtime.backends import open_backends
-from hass_deploy.runtime.backends.base import SequenceStep
+from hass_deploy.runtime.backends.base import DraftSequenceStep, SequenceStep
 from hass_deploy.runtime.backends.tensorrt import TrtDraft, TrtTarget
 from hass_deploy.runtime.backends.torch import TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
@@ -301,3 +301,49 @@ def test_a_batched_step_gives_each_sequence_what_its_step_alone_gives(backend, a
         target_backend.step_batch([parts(batched)[0]] * 2)
     with pytest.raises(CacheCapacityError):
         target_backend.step_batch([SequenceStep(batched[2], rows([1]), rows([MAX_LEN]), MAX_LEN, None)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_batched_draft_step_gives_each_sequence_what_its_step_alone_gives(backend, open_pair, fusable_targets):
+    """Draft parts in one `step_batch`: a context pass of one sequence, a tree level of another (its mask over the
+    rows of an earlier level, M > T), each with its own top-k: each gets its step alone's outputs and KV rows."""
+    target_backend, draft_backend = open_pair(backend, "llama")
+    on, hidden = draft_backend.device, fusable_targets["llama"].config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+
+    def features(rows):
+        return torch.randn(1, rows, hidden, generator=generator).to(on)
+
+    context = [(features(10), torch.tensor([prompt(10, seed=4)], device=on)),
+               (features(6), torch.tensor([prompt(6, seed=5)], device=on))]
+
+    def ready():
+        forks = [draft_backend.fork() for _ in range(2)]
+        for fork, (f, ids) in zip(forks, context):
+            fork.step(f, ids, torch.arange(ids.shape[1], device=on)[None], 0, None, top_k=2)
+        return forks
+
+    level_f, first_f = features(2), features(3)
+    level_mask = torch.tensor([[[1, 0, 1, 0], [0, 1, 0, 1]]], dtype=torch.bool, device=on)  # M = 4 > T = 2
+
+    def parts(forks):
+        return [DraftSequenceStep(forks[0], first_f, torch.tensor([[1, 2, 3]], device=on),
+                                  torch.arange(10, 13, device=on)[None], 10, None, 4),
+                DraftSequenceStep(forks[1], level_f, torch.tensor([[7, 8]], device=on),
+                                  torch.tensor([[7, 7]], device=on), 8, level_mask, 3)]
+
+    solo, batched = ready(), ready()
+    earlier = features(2)
+    for fork in (solo[1], batched[1]):  # the second sequence's earlier tree level: two rows at 6, 7
+        fork.step(earlier, torch.tensor([[5, 6]], device=on), torch.tensor([[6, 6]], device=on), 6,
+                  torch.eye(2, dtype=torch.bool, device=on)[None], top_k=2)
+    alone = [p.backend.step(p.features, p.input_ids, p.position_ids, p.cache_len, p.tree_mask, p.top_k)
+             for p in parts(solo)]
+    together = draft_backend.step_batch(parts(batched))
+    for one, many in zip(alone, together):
+        assert many.tokens.shape == one.tokens.shape and torch.equal(many.tokens, one.tokens)
+        torch.testing.assert_close(many.logprobs.cpu(), one.logprobs.cpu(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(many.hidden.cpu(), one.hidden.cpu(), atol=1e-5, rtol=1e-5)
+    for lone, packed, used in zip(solo, batched, (13, 10)):
+        for got, want in zip(packed.kv.rows_in_use(used), lone.kv.rows_in_use(used)):
+            torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
