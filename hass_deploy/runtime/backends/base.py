@@ -10,10 +10,11 @@ capacity, an export's tree budget and top-k) and then calls the backend's `_step
 only the computation, and a new backend is held to the same checks and proven by the same contract tests
 (`tests/runtime/backends/test_contract.py`). The checks read shapes only: no device synchronisation.
 
-`step_batch` (target and draft) takes several sequences' steps at once, each over its own fork's KV buffers (a serving slot's), so that
-one computation can serve them: the PyTorch backend packs their rows into one forward (`models.target.PackedKV`:
-each weight's product over every row, attention per sequence); the default runs them one after another. Either
-way each sequence gets what its own `step` gives, which the contract suite checks for every backend.
+`step_batch` (target and draft) takes several sequences' steps at once, each over its own fork's KV buffers (a
+serving slot's), so that one computation can serve them: the PyTorch backend packs their rows into one forward
+(`models.target.PackedKV`: each weight's product over every row, attention per sequence); the default runs them one
+after another. Either way each sequence gets what its own `step` gives, which the contract suite checks for every
+backend.
 """
 
 from __future__ import annotations

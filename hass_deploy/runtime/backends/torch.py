@@ -11,6 +11,7 @@ Prefill, and steps too large for a row bucket or too close to the end of the buf
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 
@@ -84,7 +85,7 @@ class TorchTarget(TargetBackend):
                       [part.tree_mask for part in batch])
         hidden = self.module(torch.cat([part.input_ids for part in batch], dim=1),
                              torch.cat([part.position_ids for part in batch], dim=1), None, kv)  # [1, sum T, H]
-        ends = torch.tensor(sizes).cumsum(0).tolist()
+        ends = list(accumulate(sizes))
         wanted = [range(end - 1, end) if part.last_only else range(end - size, end)
                   for part, size, end in zip(batch, sizes, ends)]
         rows = torch.tensor([row for span in wanted for row in span], device=self.device)
@@ -111,11 +112,17 @@ class TorchDraft(DraftBackend):
         self.kv = _kv_for(head, 1, max_len)
         self.graphs = graphs.step_graphs(steps, self.device)
 
-    def _rank(self, hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[1, T, V or N] the draft's log-probabilities over the tokens it scores."""
+        return torch.log_softmax(self.scorer(hidden).float(), dim=-1)
+
+    def _top(self, logprobs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k log-probabilities [1, T, k] and their target token ids [1, T, k]."""
-        logprobs = torch.log_softmax(self.scorer(hidden).float(), dim=-1)  # [1, T, V or N]
         top = torch.topk(logprobs, top_k, dim=-1)
         return top.values, self.head.target_ids(top.indices)
+
+    def _rank(self, hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._top(self._logprobs(hidden), top_k)
 
     @torch.no_grad()
     def _step(self, features, input_ids, position_ids, cache_len, tree_mask, top_k) -> DraftOutput:
@@ -153,12 +160,9 @@ class TorchDraft(DraftBackend):
         features = torch.cat([part.features for part in batch], dim=1).to(self.head.fc.weight.dtype)
         hidden = self.head(features, torch.cat([part.input_ids for part in batch], dim=1),
                            torch.cat([part.position_ids for part in batch], dim=1), None, kv)  # [1, sum T, H]
-        logprobs = torch.log_softmax(self.scorer(hidden).float(), dim=-1)  # [1, sum T, V or N]
-        outputs = []
-        for part, part_hidden, part_logprobs in zip(batch, hidden.split(sizes, dim=1), logprobs.split(sizes, dim=1)):
-            top = torch.topk(part_logprobs, part.top_k, dim=-1)
-            outputs.append(DraftOutput(hidden=part_hidden, logprobs=top.values, tokens=self.head.target_ids(top.indices)))
-        return outputs
+        parts = zip(batch, hidden.split(sizes, dim=1), self._logprobs(hidden).split(sizes, dim=1))
+        return [DraftOutput(part_hidden, *self._top(part_logprobs, part.top_k))
+                for part, part_hidden, part_logprobs in parts]
 
     def fork(self) -> "TorchDraft":
         return TorchDraft(self.head, self.lm_head, self.max_len, self.mode)
