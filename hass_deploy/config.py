@@ -12,6 +12,10 @@ from typing import Any
 
 from hass_deploy.errors import ConfigError
 
+# Rows of one piece of a long prompt's prefill, on every backend (`TargetBackend.prefill_chunk`): an export's
+# default, and the PyTorch backend's.
+PREFILL_CHUNK = 128
+
 DTYPES = ("fp32", "bf16", "fp16")  # the precisions a user names; torch's types for them: `models.loading.parse_dtype`
 
 

@@ -43,6 +43,7 @@ class GraphSpec:
     # (the fused ONNX Runtime graphs, `export/fused.py`).
     kv_update: str = "runtime"
     quantization: str | None = None  # "int8": this graph's MatMul weights are int8
+    slots: int | None = None  # a batched step graph: how many sequences one run computes (`export/fused.py`)
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -61,7 +62,9 @@ class Manifest:
     prefill_chunk: int  # longer causal steps run as chunks of this many rows
     target: dict  # identity of the target the graphs were exported from (checkpoint.target_identity)
     draft: dict | None  # identity of the draft head, or None for a target-only export
-    graphs: dict[str, GraphSpec]  # "target", "draft" (standard ops); "target_ort", "draft_ort" (fused, ORT only)
+    # "target", "draft" (standard ops); "target_ort", "draft_ort" (fused, ORT only); "target_ort_batch",
+    # "draft_ort_batch" (fused, several sequences' steps in one run: serving's batched steps)
+    graphs: dict[str, GraphSpec]
     versions: dict[str, str]  # exporter and library versions
     format_version: int = FORMAT_VERSION
     draft_quantization: str | None = None  # "int8": the draft graph's weights are quantised (export.onnx)
@@ -107,6 +110,12 @@ def read_manifest(directory: str | Path) -> Manifest:
         if not (directory / graph.file).exists():
             raise ModelLoadError(f"{directory}: the manifest names {graph.file} for the {name} graph, but it is missing")
     return manifest
+
+
+def batch_graph(manifest: Manifest, graph: str) -> str | None:
+    """The batched variant of the fused graph `graph` ("target_ort" -> "target_ort_batch") when it was exported."""
+    name = graph + "_batch"
+    return name if graph.endswith("_ort") and name in manifest.graphs else None
 
 
 def runtime_graph(manifest: Manifest, role: str, choice: str = "auto") -> str:

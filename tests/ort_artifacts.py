@@ -1,7 +1,8 @@
 """Tiny exported artifacts for the export, validation and ONNX Runtime backend tests, exported once per session.
 
 A prefill chunk of 8 rows makes every prompt longer than 8 tokens exercise chunked prefill, and generations
-past 64 rows exercise the re-layout of the bound KV view (`runtime.kv.MIN_BOUND_ROWS`).
+past 64 rows exercise the re-layout of the bound KV view (`runtime.kv.MIN_BOUND_ROWS`). The fused graphs come with
+their batched variants of 3 sequences a run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from hass_deploy.export.onnx import export_onnx
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-CONFIG = ExportConfig(max_seq_len=256, max_tree_tokens=64, max_top_k=16, prefill_chunk=8)
+# Batched fused graphs of 3 sequences a run (--ort-batch): serving's batched steps, and their validation.
+CONFIG = ExportConfig(max_seq_len=256, max_tree_tokens=64, max_top_k=16, prefill_chunk=8, ort_batch=3)
 # The GGUF's own 4-bit blocks in the fused target graph (a converted GGUF target), an int8 draft graph beside it.
 INT4 = ExportConfig(**{**CONFIG.__dict__, "target_quantization": "int4", "draft_quantization": "int8"})
 
@@ -68,7 +70,7 @@ class TrtExports(LazyExports):
         from hass_deploy.export.tensorrt import build_engines
 
         out = self.base / f"{arch}-trt"
-        manifest = export_onnx(self.targets[arch], self.drafts[arch], out, replace(CONFIG, engine="trt"), force=True)
+        manifest = export_onnx(self.targets[arch], self.drafts[arch], out, replace(CONFIG, engine="trt", ort_batch=0), force=True)
         build_engines(out, manifest).write(out)
         self[arch] = out
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hass_deploy.config import DTYPES, option
+from hass_deploy.config import DTYPES, PREFILL_CHUNK, option
 from hass_deploy.errors import ConfigError
 
 ENGINES = ("onnx", "trt")
@@ -29,7 +29,7 @@ class ExportConfig:
     # cpu-notes: trees of 4-16 nodes pay on a CPU.
     max_tree_tokens: int = option(64, "Tree budget: most nodes one verify step takes.")
     max_top_k: int = option(16, "K of the draft graph's in-graph top-k (a tree's top-k may not exceed it).")
-    prefill_chunk: int = option(128, "Longer prompts run as chunks of this many rows.")
+    prefill_chunk: int = option(PREFILL_CHUNK, "Longer prompts run as chunks of this many rows.")
     # The opset the dynamo exporter was measured to work at on this stack (cpu-notes §4).
     opset: int = option(23, "ONNX opset.")
     external_data: bool | None = None  # None: weights go to a side file only above the protobuf-safe size
@@ -42,6 +42,10 @@ class ExportConfig:
     # None: with fp32 exports (they run fp32 on the CPU).
     ort_graphs: bool | None = option(None, "Also write the fused ONNX Runtime graphs the runtime runs (default: with "
                                      "fp32).")
+    # Serving's batched steps (`serving/batcher.py`) on ONNX Runtime: fused graphs whose one run computes this many
+    # sequences' steps (each over its own KV buffers), as big again as the fused graphs on disk and in memory.
+    ort_batch: int = option(0, "Also write fused ONNX Runtime graphs that compute N sequences' steps in one run, "
+                            "for `serve --parallel` (0: none; they take as much room again as the fused graphs).")
     # "int8": the fused target graph's weights are int8 blocks (weight-only, as CPU users run a target). "int4": a
     # GGUF target's own Q4_0 / Q4_1 blocks, bit for bit (`models/gguf_blocks.py`). Lossless then means identical to
     # plain decoding of the quantised target; the standard graphs stay fp32.
@@ -65,6 +69,11 @@ class ExportConfig:
             raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ConfigError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
+        if self.ort_batch == 1 or self.ort_batch < 0:
+            raise ConfigError(f"--ort-batch must be 0 (none) or >= 2 sequences, got {self.ort_batch}")
+        if self.ort_batch and not self.fused:
+            raise ConfigError("--ort-batch writes batched fused ONNX Runtime graphs: export with --dtype fp32 and "
+                              "without --no-ort-graphs")
         if self.max_tree_tokens < 1 or self.max_top_k < 1 or self.prefill_chunk < 1:
             raise ConfigError("--max-tree-tokens, --max-top-k and --prefill-chunk must be >= 1")
         if self.max_seq_len is not None and self.max_tree_tokens >= self.max_seq_len:

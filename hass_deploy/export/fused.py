@@ -26,6 +26,11 @@ MatMuls of the converted weights, the file's values unchanged.
          -> logits [1, R, V], hidden [1, T, H], present_key_i / present_value_i (the same buffers, rows written)
     draft:  features [1, T, H], input_ids, position_ids, cache_len, tree_mask [1, T, M], past_key_0 / past_value_0
          -> hidden [1, T, H], top_logprobs [1, T, K], top_tokens [1, T, K], present_key_0 / present_value_0
+
+A batched variant (`slots` = N, for serving's batched steps) takes N sequences' rows at once: input_ids and
+position_ids [1, rows] (every sequence's, in order), slot_rows [N] (how many each has), and per sequence s its own
+cache_len_s{s}, tree_mask_s{s} and KV buffers past_key_i_s{s} / past_value_i_s{s}; hidden (and the draft's top-k) are
+over all the rows, logits over logits_index's. See `_Step` for why each row is what its own step gives.
 """
 
 from __future__ import annotations
@@ -195,21 +200,49 @@ def _rope_tables(rotary: Rotary, positions: int) -> tuple[np.ndarray, np.ndarray
     return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
 
 
-class _Step:
-    """What the target and draft graphs share: the attention inputs every layer reads, built once per step."""
+@dataclass(frozen=True)
+class _Sequence:
+    """One sequence's attention inputs in a step graph, built once per step and read by every layer."""
 
-    def __init__(self, g: _Graph, config: ModelConfig, rotary: Rotary, max_positions: int):
+    suffix: str  # its cache_len, tree_mask and KV names end with it: "" in a one-sequence graph, "_s{i}" in a batch
+    positions: str  # its position_ids [1, T]
+    seqlens: str  # cache_len + T - 1, int32 [1] (GroupQueryAttention's seqlens_k)
+    total: str  # cache_len + T, int32 scalar
+    bias: str  # attention_bias [1, 1, T, cache_len + T]
+
+
+class _Step:
+    """What the target and draft graphs share: the attention inputs every layer reads, built once per step.
+
+    A batched graph (`slots` sequences, each over KV buffers of its own) takes every sequence's rows in one
+    input_ids / position_ids [1, R] with `slot_rows` [N] saying how many rows each has: the weight products run over
+    all R rows at once, and each layer's attention splits the rows and runs one GroupQueryAttention per sequence over
+    its own buffers, its keys where that sequence's own step has them. A row's arithmetic is then what it is in a
+    one-sequence step of the same rows: the products' rows do not depend on the rows beside them (from two rows on,
+    `OrtTarget`), and attention is the same call on the same inputs.
+    """
+
+    def __init__(self, g: _Graph, config: ModelConfig, rotary: Rotary, max_positions: int, slots: int | None = None):
         self.g, self.config = g, config
         cos, sin = _rope_tables(rotary, max_positions)
         self.cos, self.sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
-        # total = cache_len + T rows after the step; GroupQueryAttention takes total - 1 (int32 [1]) and total.
-        steps = g.op("Shape", ["input_ids"], "steps", start=1, end=2)  # [1]: T
-        total = g.op("Add", ["cache_len", steps], "total")  # [1]
-        self.seqlens = g.op("Cast", [g.op("Sub", [total, g.scalar("one", [1], np.int64)])], "seqlens_k", to=6)
-        self.total = g.op("Cast", [g.op("Squeeze", [total])], "total_len", to=6)
-        self.bias = self._bias(steps, total)
+        if slots is None:
+            self.sequences = [self._sequence("", "position_ids")]
+        else:
+            positions = g.op("Split", ["position_ids", "slot_rows"], "slot_positions", outputs=slots, axis=1)
+            self.sequences = [self._sequence(f"_s{i}", p) for i, p in enumerate(positions)]
 
-    def _bias(self, steps: str, total: str) -> str:
+    def _sequence(self, suffix: str, positions: str) -> _Sequence:
+        # total = cache_len + T rows after the step; GroupQueryAttention takes total - 1 (int32 [1]) and total.
+        g = self.g
+        steps = g.op("Shape", [f"tree_mask{suffix}"], "steps", start=1, end=2)  # [1]: T
+        total = g.op("Add", [f"cache_len{suffix}", steps], "total")  # [1]
+        seqlens = g.op("Cast", [g.op("Sub", [total, g.scalar("one", [1], np.int64)])], "seqlens_k", to=6)
+        total_len = g.op("Cast", [g.op("Squeeze", [total])], "total_len", to=6)
+        return _Sequence(suffix, positions, seqlens, total_len, self._bias(steps, total, f"tree_mask{suffix}",
+                                                                           positions))
+
+    def _bias(self, steps: str, total: str, tree_mask: str, positions: str) -> str:
         """attention_bias [1, 1, T, total]: 0 where a row may attend, -inf elsewhere (`step_attention_mask`).
 
         Columns before the tree mask's M columns are committed context; the last M columns (ending at `total`)
@@ -218,19 +251,19 @@ class _Step:
         """
         g, int64 = self.g, np.int64
         # Every operator here runs once per step on tiny tensors: few of them, since each costs a dispatch.
-        width = g.op("Shape", ["tree_mask"], "width", start=2, end=3)  # [1]: M
+        width = g.op("Shape", [tree_mask], "width", start=2, end=3)  # [1]: M
         context = g.op("Sub", [total, width], "context")  # [1]: total - M
         shape = g.op("Concat", [g.scalar("ones", [1, 1], int64), steps, context], axis=0)  # [1, 1, T, total - M]
         past = g.op("ConstantOfShape", [shape], "past_bias",
                     value=_tensor_attr(np.zeros(1, dtype=np.float32)))  # [1, 1, T, total - M]
-        tree = g.op("Where", [g.op("Unsqueeze", ["tree_mask", g.scalar("axis", [1], int64)]),
+        tree = g.op("Where", [g.op("Unsqueeze", [tree_mask, g.scalar("axis", [1], int64)]),
                               g.scalar("zero", 0.0, np.float32), g.scalar("neg_inf", -np.inf, np.float32)])
         bias = g.op("Concat", [past, tree], "attention_bias", axis=3)  # [1, 1, T, total]
         window = self.config.sliding_window
         if window is not None:
             # Mistral: row at position p sees columns c with p - c < window (`columns_attention_mask`).
             cols = g.op("Range", [g.scalar("zero", 0, int64), g.op("Squeeze", [total]), g.scalar("one", 1, int64)])
-            distance = g.op("Sub", [g.op("Unsqueeze", ["position_ids", g.scalar("axis", [2], int64)]), cols])
+            distance = g.op("Sub", [g.op("Unsqueeze", [positions, g.scalar("axis", [2], int64)]), cols])
             inside = g.op("Less", [distance, g.scalar("window", window, int64)])  # [1, T, total]
             bias = g.op("Where", [g.op("Unsqueeze", [inside, g.scalar("axis", [1], int64)]), bias,
                                   g.scalar("neg_inf", -np.inf, np.float32)])
@@ -238,22 +271,33 @@ class _Step:
 
     def attention(self, x: str, layer: DecoderLayer, index: int) -> str:
         """Normalised x [1, T, H] -> the attention block's output (o_proj applied) [1, T, H]; writes the layer's
-        K/V rows at cache_len.. of its buffers."""
+        K/V rows at cache_len.. of its buffers (each sequence's into its own)."""
         g, attn, c = self.g, layer.self_attn, self.config
         qkv = g.linear(x, [attn.q_proj, attn.k_proj, attn.v_proj], f"l{index}_qkv")  # [1, T, (nH + 2 nKV) D]
-        q_k_v = [qkv, "", ""]  # packed
+        tensors = [qkv]  # packed
         if c.qk_norm:
             # Qwen3's per-head RMSNorm before RoPE. GroupQueryAttention's own q/k-norm inputs are CUDA/WebGPU only
             # in ORT 1.32 ("not supported" on CPU), so the norms run here on [1, T, heads, D] views.
             sizes = g.const("qkv_sizes", np.array([c.num_heads, c.num_kv_heads, c.num_kv_heads]) * c.head_dim)
             q, k, v = g.op("Split", [qkv, sizes], f"l{index}_qkv_split", outputs=3, axis=-1)
-            q_k_v = [self._head_norm(q, attn.q_norm, c.num_heads, f"l{index}_q_norm"),
-                     self._head_norm(k, attn.k_norm, c.num_kv_heads, f"l{index}_k_norm"), v]
-        inputs = [*q_k_v, f"past_key_{index}", f"past_value_{index}", self.seqlens, self.total, self.cos, self.sin,
-                  "position_ids", self.bias]
+            tensors = [self._head_norm(q, attn.q_norm, c.num_heads, f"l{index}_q_norm"),
+                       self._head_norm(k, attn.k_norm, c.num_kv_heads, f"l{index}_k_norm"), v]
+        if len(self.sequences) == 1:
+            rows = [tensors]
+        else:  # each sequence's rows of q|k|v (or of q, k and v): [1, T_i, ...]
+            pieces = [g.op("Split", [t, "slot_rows"], f"l{index}_slot_rows", outputs=len(self.sequences), axis=1)
+                      for t in tensors]
+            rows = [list(mine) for mine in zip(*pieces)]
         attrs = dict(num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0)
-        out = g.op("GroupQueryAttention", inputs, outputs=[g.name(f"l{index}_attn"), f"present_key_{index}",
-                                                            f"present_value_{index}"], domain=MS, **attrs)[0]
+        outs = []
+        for seq, q_k_v in zip(self.sequences, rows):
+            q_k_v = q_k_v if len(q_k_v) == 3 else [*q_k_v, "", ""]
+            inputs = [*q_k_v, f"past_key_{index}{seq.suffix}", f"past_value_{index}{seq.suffix}", seq.seqlens,
+                      seq.total, self.cos, self.sin, seq.positions, seq.bias]
+            outs.append(g.op("GroupQueryAttention", inputs, domain=MS, **attrs,
+                             outputs=[g.name(f"l{index}_attn"), f"present_key_{index}{seq.suffix}",
+                                      f"present_value_{index}{seq.suffix}"])[0])
+        out = outs[0] if len(outs) == 1 else g.op("Concat", outs, f"l{index}_attn", axis=1)  # [1, T, nH D]
         return g.linear(out, [attn.o_proj], f"l{index}_o")
 
     def _head_norm(self, x: str, norm_module, heads: int, hint: str) -> str:
@@ -292,25 +336,40 @@ def _tensor_attr(array: np.ndarray):
     return numpy_helper.from_array(array)
 
 
-def _kv_io(config: ModelConfig, layers: int):
+def _suffixes(slots: int | None) -> list[str]:
+    return [""] if slots is None else [f"_s{i}" for i in range(slots)]
+
+
+def _kv_io(config: ModelConfig, layers: int, slots: int | None):
     from onnx import TensorProto, helper
 
     inputs, outputs = [], []
-    for layer in range(layers):
-        for kind in ("key", "value"):
-            shape = [1, config.num_kv_heads, "S", config.head_dim]
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{layer}", TensorProto.FLOAT, shape))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{layer}", TensorProto.FLOAT, shape))
+    for suffix in _suffixes(slots):
+        for layer in range(layers):
+            for kind in ("key", "value"):
+                shape = [1, config.num_kv_heads, f"S{suffix}", config.head_dim]
+                inputs.append(helper.make_tensor_value_info(f"past_{kind}_{layer}{suffix}", TensorProto.FLOAT, shape))
+                outputs.append(helper.make_tensor_value_info(f"present_{kind}_{layer}{suffix}", TensorProto.FLOAT,
+                                                             shape))
     return inputs, outputs
 
 
-def _common_inputs(width: str):
+def _common_inputs(width: str, slots: int | None):
+    """input_ids and position_ids [1, T] (a batch: every sequence's rows, [1, R], and slot_rows [N]), then each
+    sequence's cache_len [1] and tree_mask [1, T, width]."""
     from onnx import TensorProto, helper
 
-    return [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "T"]),
-            helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "T"]),
-            helper.make_tensor_value_info("cache_len", TensorProto.INT64, [1]),
-            helper.make_tensor_value_info("tree_mask", TensorProto.BOOL, [1, "T", width])]
+    rows = "T" if slots is None else "rows"
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, rows]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, rows])]
+    if slots is not None:
+        inputs.append(helper.make_tensor_value_info("slot_rows", TensorProto.INT64, [slots]))
+    for suffix in _suffixes(slots):
+        steps = f"T{suffix}"
+        inputs += [helper.make_tensor_value_info(f"cache_len{suffix}", TensorProto.INT64, [1]),
+                   helper.make_tensor_value_info(f"tree_mask{suffix}", TensorProto.BOOL,
+                                                 [1, steps, steps if width == "T" else f"{width}{suffix}"])]
+    return inputs
 
 
 def _model(g: _Graph, name: str, inputs: list, outputs: list):
@@ -328,7 +387,9 @@ def weight_summary(kinds: Counter) -> str:
     return ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
 
 
-def _check(config: ModelConfig, quantization: str | None) -> None:
+def _check(config: ModelConfig, quantization: str | None, slots: int | None = None) -> None:
+    if slots is not None and slots < 2:
+        raise ConfigError(f"a batched step graph takes at least 2 sequences, got {slots}")
     reason = unsupported_reason(config)
     if reason is not None:
         raise ConfigError(f"no fused ONNX Runtime graphs for this model: {reason}; export with --no-ort-graphs")
@@ -338,19 +399,20 @@ def _check(config: ModelConfig, quantization: str | None) -> None:
 
 @torch.no_grad()
 def target_graph(model: Transformer, max_positions: int, quantization: str | None = None,
-                 blocks: Mapping[str, Blocks] | None = None):
+                 blocks: Mapping[str, Blocks] | None = None, slots: int | None = None):
     """The target step as an ONNX Runtime graph (onnx.ModelProto); fp32 activations and KV. int4 takes `blocks`,
-    the GGUF's own weights under our state-dict names (`gguf_blocks.read_blocks`)."""
+    the GGUF's own weights under our state-dict names (`gguf_blocks.read_blocks`). `slots`: a batched step of that
+    many sequences (`_Step`), logits_index and hidden over all their rows."""
     from onnx import TensorProto, helper
 
     config = model.config
-    _check(config, quantization)
+    _check(config, quantization, slots)
     if quantization == "int4" and not blocks:
         raise ConfigError("an int4 target graph is made from a GGUF's own 4-bit blocks: none were given")
     by_module = {module: blocks[name + ".weight"] for name, module in model.named_modules()
                  if isinstance(module, nn.Linear) and name + ".weight" in (blocks or {})}
     g = _Graph(quantization, by_module)
-    step = _Step(g, config, model.rotary, max_positions)
+    step = _Step(g, config, model.rotary, max_positions, slots)
     residual = g.op("Gather", [g.const("embed_tokens", model.embed_tokens.weight.detach().float().numpy()),
                                "input_ids"], "embed", axis=0)  # [1, T, H]
     x = step.norm(residual, model.layers[0].input_layernorm, "l0_in_norm")
@@ -364,24 +426,27 @@ def target_graph(model: Transformer, max_positions: int, quantization: str | Non
         x, residual = step.skip_norm(down, residual, next_norm, f"l{i + 1}_in_norm", "hidden" if last else None)
     rows = g.op("Gather", ["hidden", "logits_index"], "rows", axis=1)  # [1, R, H]
     g.linear(rows, [model.lm_head], "lm_head", out="logits")
-    kv_in, kv_out = _kv_io(config, config.num_layers)
-    inputs = [*_common_inputs("T"), helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["R"]), *kv_in]
+    kv_in, kv_out = _kv_io(config, config.num_layers, slots)
+    rows = "T" if slots is None else "rows"
+    inputs = [*_common_inputs("T", slots), helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["R"]),
+              *kv_in]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "R", config.vocab_size]),
-               helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "T", config.hidden_size]), *kv_out]
-    return _model(g, "target_step_ort", inputs, outputs)
+               helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, rows, config.hidden_size]), *kv_out]
+    return _model(g, "target_step_ort" if slots is None else "target_batch_ort", inputs, outputs)
 
 
 @torch.no_grad()
 def draft_graph(head: DraftHead, lm_head: nn.Linear, top_k: int, max_positions: int,
-                quantization: str | None = None):
+                quantization: str | None = None, slots: int | None = None):
     """The draft step (head + the target's lm_head + top-k of log-probabilities) as an ONNX Runtime graph. A reduced
-    draft vocabulary holds its N rows of the head and gathers the top-k's target ids from its token map."""
+    draft vocabulary holds its N rows of the head and gathers the top-k's target ids from its token map. `slots`:
+    a batched step of that many sequences (`_Step`)."""
     from onnx import TensorProto, helper
 
     config = head.config
-    _check(config, quantization)
+    _check(config, quantization, slots)
     g = _Graph(quantization)
-    step = _Step(g, config, head.rotary, max_positions)
+    step = _Step(g, config, head.rotary, max_positions, slots)
     embedded = g.op("Gather", [g.const("embed_tokens", head.embed_tokens.weight.detach().float().numpy()),
                                "input_ids"], "embed", axis=0)  # [1, T, H]
     fused = g.linear(g.op("Concat", [embedded, "features"], axis=-1), [head.fc], "fc")  # embedding first (EAGLE)
@@ -397,10 +462,11 @@ def draft_graph(head: DraftHead, lm_head: nn.Linear, top_k: int, max_positions: 
          largest=1, sorted=1)
     if vocabulary is not None:  # rows of the reduced head -> target ids
         g.op("Gather", [g.const("vocabulary", vocabulary.cpu().numpy()), ranked], outputs=["top_tokens"], axis=0)
-    kv_in, kv_out = _kv_io(config, 1)
-    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, "T", config.hidden_size]),
-              *_common_inputs("M"), *kv_in]
-    outputs = [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "T", config.hidden_size]),
-               helper.make_tensor_value_info("top_logprobs", TensorProto.FLOAT, [1, "T", top_k]),
-               helper.make_tensor_value_info("top_tokens", TensorProto.INT64, [1, "T", top_k]), *kv_out]
-    return _model(g, "draft_step_ort", inputs, outputs)
+    kv_in, kv_out = _kv_io(config, 1, slots)
+    rows = "T" if slots is None else "rows"
+    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, rows, config.hidden_size]),
+              *_common_inputs("M", slots), *kv_in]
+    outputs = [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, rows, config.hidden_size]),
+               helper.make_tensor_value_info("top_logprobs", TensorProto.FLOAT, [1, rows, top_k]),
+               helper.make_tensor_value_info("top_tokens", TensorProto.INT64, [1, rows, top_k]), *kv_out]
+    return _model(g, "draft_step_ort" if slots is None else "draft_batch_ort", inputs, outputs)

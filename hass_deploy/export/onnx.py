@@ -120,7 +120,7 @@ def _describe(path: Path, kv_shape: tuple[int, int, int], external: bool, **fiel
 
 
 def _save_fused(model, path: Path, config: ExportConfig, kv_shape: tuple[int, int, int],
-                quantization: str | None) -> GraphSpec:
+                quantization: str | None, slots: int | None = None) -> GraphSpec:
     """Save a fused ONNX Runtime graph (`fused.py`) with its weights beside it when they are large."""
     import onnx
 
@@ -128,7 +128,7 @@ def _save_fused(model, path: Path, config: ExportConfig, kv_shape: tuple[int, in
     external = config.external_data if config.external_data is not None else weights > EXTERNAL_DATA_BYTES
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
-    return _describe(path, kv_shape, external, kv_update="in_graph", quantization=quantization)
+    return _describe(path, kv_shape, external, kv_update="in_graph", quantization=quantization, slots=slots)
 
 
 def decompose_graph(path: Path, spec: GraphSpec) -> GraphSpec:
@@ -165,28 +165,35 @@ def int4_blocks(target: TargetModel) -> dict[str, Blocks]:
 def export_fused_graphs(target_module: torch.nn.Module, draft: DraftHead | None, directory: Path,
                         config: ExportConfig, max_seq_len: int, log: Callable[[str], None],
                         blocks: dict[str, Blocks] | None = None, with_target: bool = True) -> dict[str, GraphSpec]:
-    """Write the fused ONNX Runtime graphs (`target.ort.onnx`, `draft.ort.onnx`) for the runtime to run; an int4
-    target takes `blocks` (`int4_blocks`). `with_target` False: the draft's only (the target's is shared)."""
+    """Write the fused ONNX Runtime graphs (`target.ort.onnx`, `draft.ort.onnx`, and with --ort-batch their batched
+    variants `target_batch.ort.onnx`, `draft_batch.ort.onnx`) for the runtime to run; an int4 target takes `blocks`
+    (`int4_blocks`). `with_target` False: the draft's only (the target's are shared)."""
     c = target_module.config
     positions = max_seq_len + config.max_tree_tokens  # RoPE table rows: every position a target or draft row takes
+    target_kv = (c.num_layers, c.num_kv_heads, c.head_dim)
     graphs = {}
-    if with_target:
-        quantized = f", {config.target_quantization} weights" if config.target_quantization else ""
-        log(f"writing the fused ONNX Runtime target graph{quantized}")
-        model = fused.target_graph(target_module, positions, config.target_quantization, blocks)
-        if config.target_quantization == "int4":
-            kinds = {prop.key: prop.value for prop in model.metadata_props}[fused.WEIGHTS_PROP]
-            log(f"linear weights: {kinds} (the GGUF's blocks as they are; fp32: a type MatMulNBits does not hold, "
-                "the converted weights)")
-        graphs["target_ort"] = _save_fused(model, directory / "target.ort.onnx", config,
-                                           (c.num_layers, c.num_kv_heads, c.head_dim), config.target_quantization)
-    if draft is not None:
-        quantized = f", {config.draft_quantization} weights" if config.draft_quantization else ""
-        log(f"writing the fused ONNX Runtime draft graph{quantized}")
-        graph = fused.draft_graph(draft, target_module.lm_head, config.max_top_k, positions, config.draft_quantization)
-        graphs["draft_ort"] = _save_fused(graph, directory / "draft.ort.onnx", config,
-                                          (1, draft.config.num_kv_heads, draft.config.head_dim),
-                                          config.draft_quantization)
+    # (None, "") the one-sequence graphs; (N, "_batch") their batched variants (--ort-batch N)
+    variants = [(None, "")] + ([(config.ort_batch, "_batch")] if config.ort_batch else [])
+    for slots, name in variants:
+        batched = f", {slots} sequences a run" if slots else ""
+        if with_target:
+            quantized = f", {config.target_quantization} weights" if config.target_quantization else ""
+            log(f"writing the fused ONNX Runtime target graph{quantized}{batched}")
+            model = fused.target_graph(target_module, positions, config.target_quantization, blocks, slots)
+            if config.target_quantization == "int4" and slots is None:
+                kinds = {prop.key: prop.value for prop in model.metadata_props}[fused.WEIGHTS_PROP]
+                log(f"linear weights: {kinds} (the GGUF's blocks as they are; fp32: a type MatMulNBits does not "
+                    "hold, the converted weights)")
+            graphs[f"target_ort{name}"] = _save_fused(model, directory / f"target{name}.ort.onnx", config, target_kv,
+                                                      config.target_quantization, slots)
+        if draft is not None:
+            quantized = f", {config.draft_quantization} weights" if config.draft_quantization else ""
+            log(f"writing the fused ONNX Runtime draft graph{quantized}{batched}")
+            graph = fused.draft_graph(draft, target_module.lm_head, config.max_top_k, positions,
+                                      config.draft_quantization, slots)
+            draft_kv = (1, draft.config.num_kv_heads, draft.config.head_dim)
+            graphs[f"draft_ort{name}"] = _save_fused(graph, directory / f"draft{name}.ort.onnx", config, draft_kv,
+                                                     config.draft_quantization, slots)
     return graphs
 
 

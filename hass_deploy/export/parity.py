@@ -32,8 +32,8 @@ from hass_deploy.models.checkpoint import load_draft
 from hass_deploy.models.loading import load_target
 from hass_deploy.models.target import causal_tree_mask
 from hass_deploy.runtime.backends import BACKENDS, BackendOptions
-from hass_deploy.runtime.backends.base import DraftOutput, TargetOutput
-from hass_deploy.runtime.backends.onnxruntime import OrtConfig, OrtDraft, OrtTarget, open_session
+from hass_deploy.runtime.backends.base import DraftOutput, DraftSequenceStep, SequenceStep, TargetOutput
+from hass_deploy.runtime.backends.onnxruntime import OrtConfig, OrtDraft, OrtTarget, _BatchGraph, open_session
 from hass_deploy.runtime.backends.torch import TorchDraft, TorchTarget
 from hass_deploy.runtime.decoder import SpeculativeDecoder
 
@@ -335,6 +335,59 @@ def compare_fused(graph: str, artifacts: Path, manifest: Manifest, module: torch
                   f"{argmax_same}/{count} steps identical")]
 
 
+def compare_batched(graph: str, artifacts: Path, manifest: Manifest, samples: list[OrderedDict],
+                    max_len: int) -> list[Check]:
+    """A batched fused graph (--ort-batch) against its one-sequence graph: the captured steps, each on its own fork,
+    run alone and then together in batched runs of the graph's `slots`; every sequence's outputs and the K/V rows it
+    wrote must be bit for bit its own step's (what serving's losslessness under load rests on)."""
+    spec = manifest.graphs[graph]
+    solo_graph = graph.removesuffix("_batch")
+    role, cpu = solo_graph.removesuffix("_ort"), torch.device("cpu")
+    session = open_session(artifacts / manifest.graphs[solo_graph].file, cpu, OrtConfig())
+    batch = _BatchGraph(lambda: open_session(artifacts / spec.file, cpu, OrtConfig()), spec,
+                        torch.float32, cpu)
+    backend_cls = OrtTarget if role == "target" else OrtDraft
+    backend = backend_cls(session, manifest, cpu, max_len, solo_graph, batch)
+    parts = []
+    for sample in samples:
+        feeds = {k: torch.from_numpy(v) for k, v in sample.items()}
+        steps_ = feeds["input_ids"].shape[1]
+        mask = None if torch.equal(feeds["tree_mask"], causal_tree_mask(steps_)) else feeds["tree_mask"]
+        if mask is None and steps_ > manifest.prefill_chunk:
+            continue  # a prompt longer than a chunk runs alone, batched or not
+        parts.append((feeds, int(feeds["cache_len"][0]), mask))
+
+    def forks():
+        made = []
+        for feeds, cache_len, _ in parts:
+            fork = backend.fork()
+            view = fork.kv.view()
+            for layer in range(spec.num_layers):
+                view[layer, 0, :, :, :cache_len] = feeds[f"past_key_{layer}"][..., :cache_len, :]
+                view[layer, 1, :, :, :cache_len] = feeds[f"past_value_{layer}"][..., :cache_len, :]
+            made.append(fork)
+        return made
+
+    def step(fork, feeds, cache_len, mask):
+        if role == "target":
+            return SequenceStep(fork, feeds["input_ids"], feeds["position_ids"], cache_len, mask)
+        return DraftSequenceStep(fork, feeds["features"], feeds["input_ids"], feeds["position_ids"], cache_len, mask,
+                                 manifest.max_top_k)
+
+    alone_forks, batched_forks = forks(), forks()
+    alone = [f.step_batch([step(f, *part)])[0] for f, part in zip(alone_forks, parts)]
+    together = []
+    for start in range(0, len(parts), spec.slots):
+        group = list(zip(batched_forks, parts))[start:start + spec.slots]
+        together += backend.step_batch([step(f, *part) for f, part in group])
+    same = [all(torch.equal(a, b) for a, b in zip(vars(one).values(), vars(many).values()))
+            for one, many in zip(alone, together)]
+    kv_same = all(torch.equal(a.kv.view(), b.kv.view()) for a, b in zip(alone_forks, batched_forks))
+    return [Check(f"{graph} rows equal their own steps'", bool(parts) and all(same) and kv_same,
+                  f"{sum(same)}/{len(parts)} captured steps identical in batches of {spec.slots}, K/V rows "
+                  f"{'identical' if kv_same else 'differ'}")]
+
+
 def reference_outputs(reference_module, prompts: list[list[int]], config: GenerationConfig,
                       max_len: int) -> list[list[int]]:
     """PyTorch plain decoding's greedy outputs: what every graph kind's end-to-end check compares against."""
@@ -423,6 +476,11 @@ def validate_artifacts(artifacts: str | Path, target_dir: str | Path, draft_dir:
     # Every graph the export wrote is run, whatever its kind: a graph ORT refuses at run time (an operator's shape
     # condition that it checks only then) fails here, in its own line, instead of on a user's first prompt.
     for graph, spec in manifest.graphs.items():
+        if spec.slots is not None:  # a batched fused graph: against its one-sequence graph, bit for bit
+            role = graph.removesuffix("_ort_batch")
+            report.checks.extend(_running(graph, compare_batched, graph, artifacts, manifest, samples[role],
+                                          max_len))
+            continue
         module = modules.get(graph.removesuffix("_ort"))
         if module is None:
             report.checks.append(Check(f"{graph} graph", False, "not validated: no module of ours computes it"))

@@ -19,7 +19,7 @@ from hass_deploy.errors import ConfigError
 from hass_deploy.export.config import ExportConfig
 from hass_deploy.manifest import GraphSpec, read_manifest
 
-TARGET_GRAPHS = ("target", "target_ort")  # the standard and the fused ONNX Runtime target graph
+TARGET_GRAPHS = ("target", "target_ort", "target_ort_batch")  # standard, fused ONNX Runtime, its batched variant
 
 
 def target_settings(config: ExportConfig, max_seq_len: int, fused: bool) -> dict:
@@ -28,7 +28,7 @@ def target_settings(config: ExportConfig, max_seq_len: int, fused: bool) -> dict
     return {"dtype": config.dtype, "opset": config.opset, "max_seq_len": max_seq_len,
             "max_tree_tokens": config.max_tree_tokens,  # the fused graph's RoPE table covers S_max + the tree budget
             "attention": config.attention, "target_quantization": config.target_quantization, "fused": fused,
-            "external_data": config.external_data}
+            "external_data": config.external_data, "ort_batch": config.ort_batch}
 
 
 def shared_target_graphs(source: Path, identity: dict, settings: dict) -> dict[str, GraphSpec]:

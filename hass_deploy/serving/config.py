@@ -18,6 +18,11 @@ class EngineConfig:
                            "shared weights.")
     # Beyond it submit() fails fast (QueueFullError).
     max_queue: int = option(64, "Requests waiting for a slot before new ones get 429.")
+    # serving/batcher.py: a tick computes the waiting steps of every busy slot, oldest first, within both bounds.
+    max_batch: int | None = option(None, "Most sequences one batched step computes (default: every busy slot; 1: "
+                                   "one slot's step at a time, unbatched).")
+    max_batch_rows: int | None = option(None, "Most rows one batched step computes (default: no bound; a step "
+                                        "larger than it runs alone). Long prompts already run as chunks.")
     # draft and hybrid need a loaded draft; without one the default falls back.
     speculation: str = option("draft", "Per-request default (requests may override it): draft, lookup, hybrid "
                               "(draft + lookup in one tree) or off.")
@@ -30,6 +35,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         at_least(1, parallel=self.parallel)
         at_least(0, max_queue=self.max_queue)
+        at_least(1, max_batch=self.max_batch, max_batch_rows=self.max_batch_rows)
         if self.speculation not in SPECULATION:
             raise ConfigError(f"--speculation must be one of {', '.join(SPECULATION)}, got {self.speculation!r}")
         if self.request_timeout is not None and not self.request_timeout > 0:

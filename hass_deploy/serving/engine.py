@@ -8,10 +8,12 @@
     completion = handle.completion        # tokens, finish reason, tau, draft/accepted counts, timings
 
 A slot is a (target, draft) pair of step backends with KV buffers of its own, forked from the first one: the
-weights and ONNX Runtime sessions exist once, a slot costs its KV buffers. One worker thread runs every model
-step, one round of one slot at a time, in the order `scheduler.py` decides; callers (the HTTP server's event loop,
-or plain threads) only submit, iterate and cancel. So a request's tokens are computed exactly as offline
-`generate` computes them, whatever runs beside it (greedy: the same tokens; sampled: the same draws for a seed).
+weights and ONNX Runtime sessions exist once, a slot costs its KV buffers. Each slot has a thread that takes the
+oldest queued request (`scheduler.py`) and runs its decode loop; the slots' model steps meet in the step batcher
+(`batcher.py`), which computes every busy slot's waiting step in one batched step per model: continuous batching,
+new requests joining between ticks, long prompts in chunks. Callers (the HTTP server's event loop, or plain threads)
+only submit, iterate and cancel. Each sequence's step computes what it computes alone, so a request's tokens are
+offline `generate`'s whatever runs beside it (greedy: the same tokens; sampled: the same draws for a seed).
 
 Per request the decoder is built over the slot's backends: without the draft when speculation is off for that
 request, with prompt lookup when asked. Stop strings and incremental text are `text.py`'s; a request that stops
@@ -38,6 +40,7 @@ from hass_deploy.generation import Pipeline
 from hass_deploy.runtime.backends.base import DraftBackend, TargetBackend
 from hass_deploy.runtime.decoder import GenerationResult, SpeculativeDecoder, check_token_ids
 from hass_deploy.runtime.lookup import NgramCache, check_tree_budget
+from hass_deploy.serving.batcher import SlotDraft, SlotTarget, StepBatcher
 from hass_deploy.serving.config import SPECULATION, EngineConfig
 from hass_deploy.serving.scheduler import QueueFullError, Scheduler
 from hass_deploy.serving.text import TextStream
@@ -254,15 +257,18 @@ class Engine:
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_len, self.vocab_size = target.max_len, target.vocab_size
         self.has_draft = draft is not None
-        slots = [_Slot(target, draft)]
-        for _ in range(config.parallel - 1):
-            slots.append(_Slot(target.fork(), None if draft is None else draft.fork()))
+        self.batcher = StepBatcher(config.max_batch, config.max_batch_rows,
+                                   None if metrics is None else metrics.tick)
+        backends = [(target, draft)] + [(target.fork(), None if draft is None else draft.fork())
+                                        for _ in range(config.parallel - 1)]
+        slots = [_Slot(SlotTarget(t, self.batcher), None if d is None else SlotDraft(d, self.batcher))
+                 for t, d in backends]
         self.scheduler: Scheduler[_Slot, _Request] = Scheduler(slots, config.max_queue)
         self._lock = threading.Condition()
         self._ids = itertools.count()
         self._closed = False  # no new requests (draining or stopped)
         self._stopping = False  # the worker exits when idle
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
 
     @classmethod
     def load(cls, target_dir: str | Path, draft_dir: str | Path | None = None, config: EngineConfig = EngineConfig(),
@@ -282,9 +288,11 @@ class Engine:
     # -- the caller's side ------------------------------------------------------------------------------------
 
     def start(self) -> "Engine":
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._run, name="hass-deploy-engine", daemon=True)
-            self._worker.start()
+        if not self._workers:
+            self._workers = [threading.Thread(target=self._serve, args=(index,), name=f"hass-deploy-slot-{index}",
+                                              daemon=True) for index in range(len(self.scheduler.slots))]
+            for worker in self._workers:
+                worker.start()
         return self
 
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -398,39 +406,41 @@ class Engine:
             for request in [*self.scheduler.queue, *self.scheduler.running.values()]:
                 request.cancelled = True
             self._lock.notify_all()
-        if self._worker is not None:
-            self._worker.join()
-            self._worker = None
+        for worker in self._workers:
+            worker.join()
+        self._workers = []
 
     # -- the worker's side ------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _serve(self, index: int) -> None:
+        """Slot `index`'s thread: take the oldest queued request, run its rounds, repeat until the engine stops."""
         while True:
             with self._lock:
                 self._expire_queued()
-                for index, request in self.scheduler.admit():
-                    self._admit(index, request)
-                index = self.scheduler.next_slot()
-                if index is None:
+                request = self.scheduler.admit(index)
+                if request is None:
                     if self._stopping:
                         return
                     self._lock.wait(timeout=self._next_deadline())
                     continue
-                request = self.scheduler.running[index]
-            self._round(index, request)
+                self._admit(index, request)
+            with self.batcher.member():
+                while not self._round(index, request):
+                    pass
 
     def _admit(self, index: int, request: _Request) -> None:
         slot = self.scheduler.slots[index]
         request.admitted = time.perf_counter()
         draft = slot.draft if request.speculation in NEEDS_DRAFT else None
-        request.stream = SpeculativeDecoder(slot.target, draft, self.corpus).stream(request.handle.prompt_ids, request.config,
-                                                                         request.result)
+        decoder = SpeculativeDecoder(slot.target, draft, self.corpus)
+        request.stream = decoder.stream(request.handle.prompt_ids, request.config, request.result)
         if self.metrics is not None:
             self.metrics.admitted(len(request.handle.prompt_ids), request.admitted - request.arrival)
         self._report_load()
 
-    def _round(self, index: int, request: _Request) -> None:
-        """One round of one request (the first one includes the prefill), outside the lock."""
+    def _round(self, index: int, request: _Request) -> bool:
+        """One round of one request (the first one includes the prefill), outside the lock; True when the request
+        has ended."""
         now = time.perf_counter()
         if request.cancelled or (request.deadline is not None and now >= request.deadline):
             return self._end(index, request, "abort" if request.cancelled else "timeout")
@@ -465,9 +475,12 @@ class Engine:
         request.last_round = now
         request.handle._push(Delta(tokens, text))
         if reason is not None:
-            self._end(index, request, reason)
+            return self._end(index, request, reason)
+        with self._lock:  # between rounds: queued requests past their deadline end now, not when a slot frees
+            self._expire_queued()
+        return False
 
-    def _end(self, index: int, request: _Request, reason: str, error: str | None = None) -> None:
+    def _end(self, index: int, request: _Request, reason: str, error: str | None = None) -> bool:
         if request.stream is not None:
             request.stream.close()
         if reason == "timeout" and request.text is not None:  # what it did generate is the client's
@@ -479,6 +492,7 @@ class Engine:
             self._finish(request, reason, error)
             self._report_load()
             self._lock.notify_all()
+        return True
 
     def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
         """Build the completion and close the handle (under the lock)."""

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 # Buckets in seconds: per-round gaps on a CPU are milliseconds; whole requests are seconds to minutes.
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 
@@ -51,6 +53,10 @@ class EngineMetrics:
         self.tpot = histogram("time_per_output_token_seconds", "(e2e - ttft) / (tokens - 1), per request.", _FAST)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _SLOW)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to admission into a slot.", _SLOW)
+        self.batch_sequences = histogram("batch_sequences", "Sequences per batched target step (a tick).", _SIZES)
+        self.batch_rows = histogram("batch_rows", "Rows per batched target step: tree nodes, plain rows, prefill "
+                                    "pieces.", _ROWS)
+        self.draft_batch_rows = histogram("draft_batch_rows", "Rows per batched draft step.", _ROWS)
         self.running = gauge("num_requests_running", "Requests in a decoder slot.")
         self.waiting = gauge("num_requests_waiting", "Requests in the queue.")
 
@@ -67,6 +73,15 @@ class EngineMetrics:
         self.generation_tokens.labels(**labels).inc(tokens)
         if gap_s is not None:
             self.itl.labels(**labels).observe(gap_s)
+
+    def tick(self, tick) -> None:
+        """One tick of the step batcher (`batcher.Tick`): what its target and draft steps computed."""
+        labels = self._labels
+        if tick.model == "target":
+            self.batch_sequences.labels(**labels).observe(tick.sequences)
+            self.batch_rows.labels(**labels).observe(tick.rows)
+        else:
+            self.draft_batch_rows.labels(**labels).observe(tick.rows)
 
     def admitted(self, prompt_tokens: int, queue_s: float) -> None:
         self.prompt_tokens.labels(**self._labels).inc(prompt_tokens)

@@ -1,11 +1,8 @@
-"""Which request runs next: the one scheduling decision of the serving engine, kept in one place.
+"""Which request gets a slot: a bounded FIFO queue in front of N decoder slots, kept in one place.
 
-Today's policy is llama.cpp's without its batch: a bounded FIFO queue in front of N decoder slots, requests
-admitted in arrival order into free slots, and the busy slots advanced one speculative round each, in turn.
-A round is the unit of work (one draft tree, one verify step), so a long request never holds the others back by
-more than one round, and its tokens are exactly what it would produce alone. Verifying several slots' trees in
-one batched target step would replace `next_slot` (it would return a group of slots) without touching the
-engine's delivery or the HTTP layer.
+Requests are admitted in arrival order into free slots (llama.cpp's server and vLLM's policy); every busy slot then
+advances at once, its steps batched with the others' (`batcher.py`: which steps a tick computes is decided there),
+so a long request never holds the others back and its tokens are exactly what it would produce alone.
 
 Not thread-safe on its own: the engine calls it under its lock.
 """
@@ -35,7 +32,6 @@ class Scheduler(Generic[S, R]):
         self.max_queue = max_queue
         self.queue: deque[R] = deque()
         self.running: dict[int, R] = {}  # slot index -> its request
-        self._turn = 0  # the slot index the round-robin looks at first
 
     def enqueue(self, request: R) -> None:
         """Queue a request; fails fast when it could neither start now nor wait within the bound."""
@@ -53,26 +49,15 @@ class Scheduler(Generic[S, R]):
         except ValueError:
             return False
 
-    def admit(self) -> list[tuple[int, R]]:
-        """Move queued requests, oldest first, into free slots; returns (slot index, request) pairs."""
-        admitted = []
-        for index in range(len(self.slots)):
-            if not self.queue:
-                break
-            if index not in self.running:
-                request = self.queue.popleft()
-                self.running[index] = request
-                admitted.append((index, request))
-        return admitted
-
-    def next_slot(self) -> int | None:
-        """The busy slot whose round runs next (round robin), or None when no slot is busy."""
-        for offset in range(len(self.slots)):
-            index = (self._turn + offset) % len(self.slots)
-            if index in self.running:
-                self._turn = index + 1
-                return index
-        return None
+    def admit(self, index: int) -> R | None:
+        """Move the oldest queued request into free slot `index`; None when nothing is queued."""
+        if index in self.running:
+            raise HassDeployError(f"slot {index} is busy")
+        if not self.queue:
+            return None
+        request = self.queue.popleft()
+        self.running[index] = request
+        return request
 
     def release(self, index: int) -> R:
         return self.running.pop(index)

@@ -37,7 +37,8 @@ def test_every_head_dim_exports_and_decodes_like_transformers(head_dim, tmp_path
     manifest = export_onnx(target, draft, tmp_path / "out", CONFIG, log=notes.append)
 
     fusable = head_dim % 16 == 0
-    assert set(manifest.graphs) == ({"target", "draft", "target_ort", "draft_ort"} if fusable else {"target", "draft"})
+    fused = {"target_ort", "draft_ort", "target_ort_batch", "draft_ort_batch"}  # the last two: CONFIG's --ort-batch
+    assert set(manifest.graphs) == ({"target", "draft", *fused} if fusable else {"target", "draft"})
     fallback = [line for line in notes if "no fused ONNX Runtime graphs" in line]
     assert len(fallback) == (0 if fusable else 1)
     if not fusable:

@@ -116,6 +116,10 @@ def test_export_refuses_bad_configurations(targets, random_drafts, tmp_path):
         ExportConfig(dtype="int8")
     with pytest.raises(ConfigError, match="--engine trt builds TensorRT plans"):
         export_onnx(targets["llama"], None, tmp_path / "b", ExportConfig(engine="trt", ort_graphs=True))
+    with pytest.raises(ConfigError, match="--ort-batch must be 0"):
+        ExportConfig(ort_batch=1)
+    with pytest.raises(ConfigError, match="--ort-batch writes batched fused"):
+        ExportConfig(ort_batch=4, ort_graphs=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -115,7 +115,7 @@ def half_exports(targets, random_drafts, tmp_path_factory):
     def get(dtype: str):
         if dtype not in exported:
             out = tmp_path_factory.mktemp(f"precision-{dtype}") / "out"
-            export_onnx(targets["qwen3"], random_drafts["qwen3"], out, replace(CONFIG, dtype=dtype))
+            export_onnx(targets["qwen3"], random_drafts["qwen3"], out, replace(CONFIG, dtype=dtype, ort_batch=0))
             exported[dtype] = out
         return exported[dtype]
 
@@ -200,7 +200,7 @@ def test_the_check_catches_a_norm_softmax_or_log_softmax_left_in_half(targets, r
     monkeypatch.setattr(target_module, "blocked_attention", attention_in_half)
     monkeypatch.setattr(steps.DraftStep, "forward", log_softmax_in_half)
     target, draft = targets["qwen3"], random_drafts["qwen3"]
-    config = replace(CONFIG, dtype="fp16")
+    config = replace(CONFIG, dtype="fp16", ort_batch=0)
     lm_head = onnx_export._cast(target.module, torch.float16).lm_head  # cast as the export casts them
     path = tmp_path / "draft.onnx"
     onnx_export.export_draft_graph(onnx_export._cast(draft, torch.float16), lm_head, path, config, 256)
@@ -218,7 +218,7 @@ def test_fp16_decomposed_export_validates(targets, random_drafts, hf_dirs, tmp_p
     pytest.importorskip("polygraphy")
     target, draft = targets["qwen3"], random_drafts["qwen3"]
     out = tmp_path / "out"
-    export_onnx(target, draft, out, replace(CONFIG, dtype="fp16", attention="decomposed"))
+    export_onnx(target, draft, out, replace(CONFIG, dtype="fp16", attention="decomposed", ort_batch=0))
     for name in ("target", "draft"):
         model = onnx.load(str(out / f"{name}.onnx"))
         assert "RMSNormalization" not in {node.op_type for node in model.graph.node}

@@ -1,4 +1,4 @@
-"""The serving scheduler on its own: a bounded FIFO queue in front of slots, and round robin over the busy ones."""
+"""The serving scheduler on its own: a bounded FIFO queue in front of slots."""
 
 from __future__ import annotations
 
@@ -12,36 +12,29 @@ def scheduler(slots: int = 3, max_queue: int = 2) -> Scheduler[str, str]:
     return Scheduler([f"slot{i}" for i in range(slots)], max_queue)
 
 
+def admit_all(s: Scheduler) -> list[tuple[int, str]]:
+    """Every free slot, lowest first, takes the oldest queued request (as the engine's idle slot threads do)."""
+    admitted = []
+    for index in range(len(s.slots)):
+        if index not in s.running and s.queue:
+            admitted.append((index, s.admit(index)))
+    return admitted
+
+
 def test_admits_in_arrival_order_into_free_slots():
     s = scheduler(slots=3, max_queue=5)
     for name in "abcde":
         s.enqueue(name)
-    assert s.admit() == [(0, "a"), (1, "b"), (2, "c")]
-    assert list(s.queue) == ["d", "e"] and s.admit() == []  # no free slot: nothing moves
+    assert admit_all(s) == [(0, "a"), (1, "b"), (2, "c")]
+    assert list(s.queue) == ["d", "e"] and admit_all(s) == []  # no free slot: nothing moves
     assert s.release(1) == "b"
-    assert s.admit() == [(1, "d")]  # the oldest waiting request takes the freed slot
+    assert s.admit(1) == "d"  # the oldest waiting request takes the freed slot
     assert s.release(0) == "a" and s.release(2) == "c"
-    assert s.admit() == [(0, "e")]  # the lowest free slot; the queue is empty after it
-    assert s.running == {0: "e", 1: "d"} and not s.queue
-
-
-def test_round_robin_visits_every_busy_slot_in_turn_and_skips_free_ones():
-    s = scheduler(slots=4, max_queue=0)
-    assert s.next_slot() is None  # nothing busy
-    for name in "abcd":
-        s.enqueue(name)
-    s.admit()
-    assert [s.next_slot() for _ in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
-    s.release(1)
-    s.release(2)
-    assert [s.next_slot() for _ in range(4)] == [0, 3, 0, 3]
-    s.enqueue("e")
-    assert s.admit() == [(1, "e")]
-    # The turn goes on from where it was (after slot 3): slot 1 is not served ahead of its turn.
-    assert [s.next_slot() for _ in range(6)] == [0, 1, 3, 0, 1, 3]
-    for index in (0, 1, 3):
-        s.release(index)
-    assert s.next_slot() is None
+    assert s.admit(2) == "e"
+    assert s.admit(0) is None  # the queue is empty
+    assert s.running == {1: "d", 2: "e"} and not s.queue
+    with pytest.raises(HassDeployError, match="busy"):
+        s.admit(1)
 
 
 def test_the_bound_is_slots_plus_queue():
@@ -50,7 +43,7 @@ def test_the_bound_is_slots_plus_queue():
         s.enqueue(f"r{i}")
     with pytest.raises(QueueFullError, match="busy"):
         s.enqueue("r5")
-    s.admit()  # two run, three wait: still full
+    admit_all(s)  # two run, three wait: still full
     assert len(s.running) == 2 and len(s.queue) == 3
     with pytest.raises(QueueFullError):
         s.enqueue("r5")
@@ -59,7 +52,7 @@ def test_the_bound_is_slots_plus_queue():
     with pytest.raises(QueueFullError):
         s.enqueue("r6")
     assert list(s.queue) == ["r2", "r3", "r4", "r5"]
-    assert s.admit() == [(0, "r2")]
+    assert admit_all(s) == [(0, "r2")]
 
 
 def test_no_queue_means_fail_fast_once_every_slot_is_busy():
@@ -67,7 +60,7 @@ def test_no_queue_means_fail_fast_once_every_slot_is_busy():
     s.enqueue("a")  # a free slot: accepted even with no queue
     with pytest.raises(QueueFullError):
         s.enqueue("b")
-    s.admit()
+    admit_all(s)
     with pytest.raises(QueueFullError):
         s.enqueue("b")
     s.release(0)
@@ -78,13 +71,13 @@ def test_remove_a_queued_request():
     s = scheduler(slots=1, max_queue=3)
     for name in "abc":
         s.enqueue(name)
-    s.admit()
+    admit_all(s)
     assert s.remove("b") is True
     assert s.remove("b") is False  # no longer queued
     assert s.remove("a") is False  # running, not queued: remove leaves it alone
     assert s.running == {0: "a"} and list(s.queue) == ["c"]
     s.release(0)
-    assert s.admit() == [(0, "c")]
+    assert admit_all(s) == [(0, "c")]
 
 
 def test_release_returns_the_slots_request_and_idle():
@@ -92,7 +85,7 @@ def test_release_returns_the_slots_request_and_idle():
     assert s.idle
     s.enqueue("a")
     assert not s.idle  # waiting counts
-    s.admit()
+    admit_all(s)
     assert not s.idle  # running counts
     assert s.release(0) == "a"
     assert s.idle

@@ -1,6 +1,6 @@
-"""Losslessness under concurrency: many requests at once on a few slots, each answered exactly as offline
-`generate` answers it alone, on the torch backend and on ONNX Runtime (slots sharing one session); and the load
-test (`bench-serve --check`) against the real server.
+"""Losslessness under load: many requests at once on 8 slots, their steps batched (`serving/batcher.py`), each
+answered exactly as offline `generate` answers it alone, on the torch backend and on ONNX Runtime (slots sharing one
+session); and the load test (`bench-serve --check`) against the real server.
 
 The target is a tiny random Llama with a byte-level BPE tokenizer and a random draft: its outputs are arbitrary
 token streams (EOS included), so any cross-talk between slots would show.
@@ -15,11 +15,13 @@ import random
 import httpx
 import pytest
 
-from hass_deploy.config import GenerationConfig, RuntimeConfig, SamplingConfig
+from hass_deploy.config import GenerationConfig, LookupConfig, RuntimeConfig, SamplingConfig
 from hass_deploy.generation import Pipeline
 from hass_deploy.models.checkpoint import FORMAT_VERSION, DraftMetadata, init_draft, save_draft, target_identity
 from hass_deploy.models.loading import load_target
-from hass_deploy.serving.engine import EngineConfig
+from hass_deploy.runtime.decoder import SpeculativeDecoder
+from hass_deploy.serving.batcher import Tick
+from hass_deploy.serving.engine import Engine, EngineConfig, RequestOptions
 from serving.servers import engine_loader, running_server, url
 from training.chat_targets import BPE_VOCAB, bpe_tokenizer, write_target
 
@@ -36,15 +38,20 @@ def models(tmp_path_factory):
     return target, draft
 
 
-def mixed_requests(count: int, seed: int = 0) -> list[dict]:
-    """Prompts of 1-150 token ids and 1-64 new tokens, greedy; every fourth one without speculation."""
+SPECULATION = ("draft", "off", "lookup", "hybrid")
+
+
+def mixed_requests(count: int, seed: int = 0, sampled_every: int | None = None) -> list[dict]:
+    """Prompts of 1-150 token ids and 1-64 new tokens, the speculation modes in turn; greedy, or every
+    `sampled_every`-th one sampled with a seed of its own."""
     rng = random.Random(seed)
     requests = []
     for i in range(count):
         prompt = [rng.randrange(3, BPE_VOCAB) for _ in range(rng.choice([1, 5, 20, 60, 150]))]
-        requests.append({"prompt": prompt, "max_tokens": rng.choice([1, 7, 24, 64]), "temperature": 0,
-                         "return_token_ids": True, "speculation": "off" if i % 4 == 3 else "draft",
-                         "stream": i % 2 == 0})
+        sampled = sampled_every is not None and i % sampled_every == sampled_every - 1
+        requests.append({"prompt": prompt, "max_tokens": rng.choice([1, 7, 24, 64]),
+                         "temperature": 0.8 if sampled else 0, "seed": i, "return_token_ids": True,
+                         "speculation": SPECULATION[i % len(SPECULATION)], "stream": i % 2 == 0})
     return requests
 
 
@@ -69,52 +76,64 @@ async def send_all(base: str, bodies: list[dict]) -> list[list[int]]:
 
 
 def offline(pipe: Pipeline, bodies: list[dict]) -> list[list[int]]:
-    return [pipe.generate(body["prompt"], GenerationConfig(max_new_tokens=body["max_tokens"])).output_ids
-            for body in bodies]
+    """Each request alone, as `generate` runs it: its speculation mode, its sampling and seed."""
+    results = []
+    for body in bodies:
+        speculation = body.get("speculation", "draft")
+        config = GenerationConfig(max_new_tokens=body["max_tokens"], seed=body.get("seed", 0),
+                                  sampling=SamplingConfig(temperature=body["temperature"]),
+                                  lookup=LookupConfig() if speculation in ("lookup", "hybrid") else None,
+                                  eos_token_ids=pipe.target.eos_token_ids)
+        draft = pipe.decoder.draft if speculation in ("draft", "hybrid") else None
+        results.append(SpeculativeDecoder(pipe.decoder.target, draft).generate(body["prompt"], config).output_ids)
+    return results
 
 
-def test_32_requests_on_4_slots_are_each_the_offline_output(models):
-    bodies = mixed_requests(REQUESTS)
-    expected = offline(Pipeline.load(*models), bodies)
-    with running_server(engine_loader(*models, EngineConfig(parallel=4, max_queue=REQUESTS))) as server:
+@pytest.fixture(scope="module")
+def exports(models, tmp_path_factory):
+    """backend -> (RuntimeConfig, artifacts or None): torch, and ONNX Runtime on the export (prefill chunks of 8)."""
+    def ort():
+        from ort_artifacts import exported
+
+        from hass_deploy.models.checkpoint import load_draft
+
+        model = load_target(models[0], tokenizer=False)
+        return exported(tmp_path_factory.mktemp("ort"), "served", model, load_draft(models[1], model)[0])
+
+    return {"torch": lambda: (RuntimeConfig(), None), "onnxruntime": lambda: (RuntimeConfig(backend="onnxruntime"),
+                                                                               ort())}
+
+
+def batched_sequences(metrics: str) -> tuple[float, float]:
+    """(batched target steps, the sequences they computed) from the engine's /metrics."""
+    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("hass_deploy:batch_sequences_"))
+    count = next(float(v) for k, v in values.items() if k.startswith("hass_deploy:batch_sequences_count"))
+    total = next(float(v) for k, v in values.items() if k.startswith("hass_deploy:batch_sequences_sum"))
+    return count, total
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_32_mixed_requests_on_8_slots_are_each_the_offline_output(models, exports, backend):
+    """32 requests at once on 8 slots, their steps batched: greedy and seeded sampled requests, every speculation
+    mode, prompts from 1 to 150 tokens (chunked prefills); each response is what `generate` gives it alone."""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    runtime, artifacts = exports[backend]()
+    bodies = mixed_requests(REQUESTS, seed=4, sampled_every=5)  # a greedy and a sampled one end at EOS
+    expected = offline(Pipeline.load(*models, runtime, artifacts=artifacts), bodies)
+    load = engine_loader(*models, EngineConfig(parallel=8, max_queue=REQUESTS), runtime=runtime, artifacts=artifacts)
+    with running_server(load) as server:
+        slots = server.state.engine.scheduler.slots
+        if backend == "onnxruntime":  # the slots' forks share one session, each with KV buffers of its own
+            assert len({id(slot.target.backend.stepper.session) for slot in slots}) == 1
+            assert len({slot.target.backend.stepper.kv.storage.data_ptr() for slot in slots}) == 8
         got = asyncio.run(send_all(url(server), bodies))
         metrics = httpx.get(url(server) + "/metrics").text
     assert got == expected
     assert any(len(tokens) < body["max_tokens"] for tokens, body in zip(got, bodies))  # some stopped at EOS
     assert 'finished_reason="length"' in metrics and 'finished_reason="stop"' in metrics
-
-
-def test_seeded_sampling_is_reproducible_under_load(models):
-    body = {"prompt": [5, 6, 7, 8], "max_tokens": 40, "temperature": 0.9, "seed": 11, "return_token_ids": True,
-            "stream": False}
-    others = mixed_requests(6, seed=1)
-    pipe = Pipeline.load(*models)
-    config = GenerationConfig(max_new_tokens=40, sampling=SamplingConfig(temperature=0.9), seed=11)
-    expected = pipe.generate(body["prompt"], config).output_ids
-    with running_server(engine_loader(*models, EngineConfig(parallel=3, max_queue=16))) as server:
-        got = asyncio.run(send_all(url(server), [body, *others, body]))
-    assert got[0] == got[-1] == expected
-
-
-def test_onnxruntime_slots_share_one_session(models, tmp_path_factory):
-    """The ORT backend's forks run on the same InferenceSession with KV buffers of their own."""
-    from ort_artifacts import exported
-
-    target, draft = models
-    model = load_target(target, tokenizer=False)
-    from hass_deploy.models.checkpoint import load_draft
-
-    artifacts = exported(tmp_path_factory.mktemp("ort"), "served", model, load_draft(draft, model)[0])
-    runtime = RuntimeConfig(backend="onnxruntime")
-    bodies = mixed_requests(12, seed=2)
-    expected = offline(Pipeline.load(target, draft, runtime, artifacts=artifacts), bodies)
-    load = engine_loader(target, draft, EngineConfig(parallel=3, max_queue=12), runtime=runtime, artifacts=artifacts)
-    with running_server(load) as server:
-        slots = server.state.engine.scheduler.slots
-        assert len({id(slot.target.stepper.session) for slot in slots}) == 1
-        assert len({slot.target.stepper.kv.storage.data_ptr() for slot in slots}) == 3
-        got = asyncio.run(send_all(url(server), bodies))
-    assert got == expected
+    steps, sequences = batched_sequences(metrics)
+    assert sequences > 2 * steps  # target steps computed more than two sequences each, on average
 
 
 def test_bench_serve_check_passes_against_the_server(models, tmp_path):
@@ -135,3 +154,38 @@ def test_bench_serve_check_passes_against_the_server(models, tmp_path):
     assert report["completed"] == 8 and report["failed"] == 0
     assert report["check"]["identical"] and report["check"]["checked"] == 8
     assert report["speculation"]["draft_tokens"] > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_long_prompt_prefills_in_pieces_beside_running_requests(models, exports, backend):
+    """A 200-token prompt arrives while three requests decode: its prefill runs as the backend's chunks, each in a
+    tick shared with the others' steps (none stalls for the whole prompt), and nobody's tokens change."""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    runtime, artifacts = exports[backend]()
+    rng = random.Random(9)
+    running = [{"prompt": [rng.randrange(3, BPE_VOCAB) for _ in range(n)], "max_tokens": 64, "temperature": 0,
+                "speculation": mode} for n, mode in ((5, "draft"), (30, "off"), (12, "draft"))]
+    long = {"prompt": [rng.randrange(3, BPE_VOCAB) for _ in range(200)], "max_tokens": 16, "temperature": 0}
+    expected = offline(Pipeline.load(*models, runtime, artifacts=artifacts), [*running, long])
+    engine = Engine.load(*models, EngineConfig(parallel=4), runtime, artifacts)
+    ticks: list[Tick] = []
+    engine.batcher.on_tick = ticks.append
+    engine.start()
+    try:
+        handles = [engine.submit(body["prompt"], RequestOptions(max_tokens=64, speculation=body["speculation"]))
+                   for body in running]
+        streams = [iter(handle) for handle in handles]
+        for stream in streams:
+            next(stream)  # each has its first token: all three are decoding
+        during = len(ticks)
+        late = engine.submit(long["prompt"], RequestOptions(max_tokens=16))
+        got = [handle.wait().token_ids for handle in [*handles, late]]
+    finally:
+        engine.stop()
+    assert got == expected
+    chunk = engine.scheduler.slots[0].target.prefill_chunk
+    verify = [tick for tick in ticks[during:] if tick.model == "target"]
+    assert all(tick.rows < len(long["prompt"]) for tick in verify)  # never the whole prompt in one step
+    shared = [tick for tick in verify if tick.rows > chunk and tick.sequences > 1]  # a piece beside others' rows
+    assert len(shared) >= len(long["prompt"]) // chunk - 1

@@ -80,6 +80,10 @@ class TargetBackend(ABC):
     # to 0.5, and greedy output diverges (docs/RESULTS.md). Where False the decoder verifies chains, whose rows sit
     # where plain decoding's do and are its bit for bit (test_onnxruntime_fused.py).
     tree_rows_exact: bool = True
+    # A causal step longer than this runs as pieces of this many rows (`run_chunked`), so a prompt's prefill costs at
+    # most one chunk's step shape; the serving engine hands the pieces to separate ticks (`serving/batcher.py`), which
+    # computes what a step alone computes.
+    prefill_chunk: int | None = None
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,
              tree_mask: torch.Tensor | None, last_only: bool = False) -> TargetOutput:
@@ -137,6 +141,7 @@ class DraftBackend(ABC):
     device: torch.device
     max_len: int
     max_top_k: int | None = None  # the most children a step can rank (an export's in-graph top-k); None: any
+    prefill_chunk: int | None = None  # as TargetBackend's: a longer causal step (a context pass) runs in pieces
 
     def step(self, features: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_len: int,
              tree_mask: torch.Tensor | None, top_k: int) -> DraftOutput:

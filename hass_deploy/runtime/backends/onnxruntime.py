@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,11 @@ import torch
 
 from hass_deploy.errors import ConfigError, HassDeployError, ModelLoadError
 from hass_deploy.cache import json_key
-from hass_deploy.manifest import GraphSpec, Manifest, profile_shapes, profiles, runtime_graph
+from hass_deploy.manifest import GraphSpec, Manifest, batch_graph, profile_shapes, profiles, runtime_graph
 from hass_deploy.models.loading import parse_dtype
 from hass_deploy.models.target import causal_tree_mask
-from hass_deploy.runtime.backends.base import DraftBackend, DraftOutput, TargetBackend, TargetOutput, run_chunked
+from hass_deploy.runtime.backends.base import (DraftBackend, DraftOutput, DraftSequenceStep, SequenceStep, TargetBackend,
+                                               TargetOutput, run_chunked)
 from hass_deploy.runtime.kv import KVBuffers
 
 # ONNX TensorProto element types of the torch dtypes bound to the graphs (IO binding takes the int for bf16).
@@ -315,6 +317,97 @@ class _Stepper:
         return _INPUT_DTYPES.get(name, self.dtype)  # features (the draft's) are in the graph's precision
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One sequence's rows in a batched run: the feeds its own step would give its graph, and where its KV lives."""
+
+    stepper: _Stepper
+    cache_len: int
+    feeds: dict[str, torch.Tensor]  # input_ids, position_ids [1, T], tree_mask [1, T, M] (the draft's: features)
+    wanted: range = range(0)  # the target's: the part's rows whose logits are computed
+
+
+class _BatchGraph:
+    """A batched fused graph (`export/fused.py`, `slots` sequences a run), shared by a backend and its forks and
+    opened on first use: a process that never batches (offline `generate`) never loads its weights.
+
+    One run takes up to `slots` parts; a slot without a part computes one dummy row (ids 0, position 0) over a
+    two-row scratch buffer of its own, since GroupQueryAttention takes no empty sequence. The graph binds each
+    part's own KV buffers, at full length, in and out (the rows written in place, as a one-sequence run does).
+    """
+
+    def __init__(self, opener: Callable[[], object], spec: GraphSpec, dtype: torch.dtype, device: torch.device):
+        self.spec, self.slots, self.dtype, self.device = spec, spec.slots, dtype, device
+        self._opener, self._session, self._lock = opener, None, threading.Lock()
+        self.scratch = [KVBuffers(spec.num_layers, spec.num_kv_heads, spec.head_dim, 2, dtype, device)
+                        for _ in range(spec.slots)]
+
+    @property
+    def session(self):
+        with self._lock:
+            if self._session is None:
+                self._session = self._opener()
+            return self._session
+
+    def run(self, parts: list[_Part], outputs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+            logits_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One run of `parts` (at most `slots`); returns the named outputs over all the parts' rows, in order."""
+        session, device = self.session, self.device
+        dummy = {"input_ids": torch.zeros(1, 1, dtype=torch.int64), "position_ids": torch.zeros(1, 1, dtype=torch.int64),
+                 "tree_mask": torch.ones(1, 1, 1, dtype=torch.bool)}
+        if "features" in parts[0].feeds:
+            dummy["features"] = torch.zeros(1, 1, parts[0].feeds["features"].shape[-1])
+        slots = [(part.stepper.kv, part.cache_len, part.feeds) for part in parts]
+        slots += [(scratch, 0, dummy) for scratch in self.scratch[len(parts):]]
+        held = {}  # every bound tensor, alive until the run returns
+
+        def tensor(name: str, value: torch.Tensor) -> torch.Tensor:
+            dtype = self.dtype if value.is_floating_point() else value.dtype  # features: the graph's precision
+            held[name] = value.to(device=device, dtype=dtype).contiguous()
+            return held[name]
+
+        binding = session.io_binding()
+
+        def bind(method, name: str, value: torch.Tensor) -> None:
+            method(name, device.type, device.index or 0, _ONNX_TYPES[value.dtype], tuple(value.shape),
+                   value.data_ptr())
+
+        for name in ("input_ids", "position_ids", "features"):
+            if name in dummy:
+                bind(binding.bind_input, name, tensor(name, torch.cat([feeds[name] for _, _, feeds in slots], dim=1)))
+        bind(binding.bind_input, "slot_rows",
+             tensor("slot_rows", torch.tensor([feeds["input_ids"].shape[1] for _, _, feeds in slots])))
+        if logits_index is not None:
+            bind(binding.bind_input, "logits_index", tensor("logits_index", logits_index))
+        for i, (kv, cache_len, feeds) in enumerate(slots):
+            bind(binding.bind_input, f"cache_len_s{i}", tensor(f"cache_len_s{i}", torch.tensor([cache_len])))
+            bind(binding.bind_input, f"tree_mask_s{i}", tensor(f"tree_mask_s{i}", feeds["tree_mask"]))
+            view = kv.view()  # full length: the graph reads only the rows in use and writes its own
+            for layer in range(self.spec.num_layers):
+                for j, kind in enumerate(("key", "value")):
+                    bind(binding.bind_input, f"past_{kind}_{layer}_s{i}", view[layer, j])
+                    bind(binding.bind_output, f"present_{kind}_{layer}_s{i}", view[layer, j])
+        results = {name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype) in outputs.items()}
+        for name, value in results.items():
+            bind(binding.bind_output, name, value)
+        session.run_with_iobinding(binding)
+        return results
+
+
+def _batch(parts: list, slots: int, runs_alone: Callable) -> list[list]:
+    """Groups of at most `slots` parts, in order, with the parts `runs_alone` picks (a long prompt, which its
+    backend cuts into chunks) as groups of one."""
+    groups: list[list] = []
+    for part in parts:
+        if runs_alone(part):
+            groups.append([part])
+        elif groups and len(groups[-1]) < slots and not runs_alone(groups[-1][0]):
+            groups[-1].append(part)
+        else:
+            groups.append([part])
+    return groups
+
+
 class OrtTarget(TargetBackend):
     """`TargetBackend` over the exported target step graph.
 
@@ -328,49 +421,97 @@ class OrtTarget(TargetBackend):
     speculative decoding compute bit for bit the same quantised model.
     """
 
-    def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "target"):
+    def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "target",
+                 batch: _BatchGraph | None = None):
         spec = manifest.graphs[graph]
-        self.manifest, self.graph = manifest, graph
+        self.manifest, self.graph, self.batch = manifest, graph, batch
         self.dtype = parse_dtype(manifest.dtype)
         self.pad_single_rows = spec.quantization is not None
         self.tree_rows_exact = spec.quantization is None  # quantised rows: chains only (`TargetBackend`)
         # The padded copy's KV row may sit one past the last usable row.
+        self.prefill_chunk = manifest.prefill_chunk
         self.stepper = _Stepper(session, spec, self.dtype, device, max_len + self.pad_single_rows,
                                 manifest.prefill_chunk)
         self.device, self.max_len, self.max_tree_tokens = device, max_len, manifest.max_tree_tokens
         self.vocab_size = manifest.target["vocab_size"]
         self.hidden_size = manifest.target["hidden_size"]
 
+    def _feeds(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor | None,
+               last_only: bool) -> tuple[dict[str, torch.Tensor], range, bool]:
+        """The graph's feeds for a step of at most one chunk (a causal step gets its causal mask), the rows whose
+        logits it computes, and whether it is a padded one-row step (see the class docstring: [x] -> [x, x])."""
+        rows = input_ids.shape[1]
+        wanted = 1 if last_only else rows
+        padded = rows == 1 and self.pad_single_rows
+        if padded:
+            input_ids, position_ids, tree_mask, rows = input_ids.expand(1, 2), position_ids.expand(1, 2), None, 2
+        first = 0 if padded else rows - wanted
+        mask = causal_tree_mask(rows) if tree_mask is None else tree_mask
+        return {"input_ids": input_ids, "position_ids": position_ids, "tree_mask": mask}, range(first, first + wanted), padded
+
     @torch.no_grad()
     def _step(self, input_ids, position_ids, cache_len, tree_mask, last_only=False) -> TargetOutput:
         steps = input_ids.shape[1]
 
         def run(start: int, stop: int) -> dict:
-            rows = stop - start
             # Prefill wants the last row's logits only; an earlier chunk's row is computed and dropped.
-            wanted = 1 if last_only else rows
-            ids, positions, mask = input_ids[:, start:stop], position_ids[:, start:stop], tree_mask
-            padded = rows == 1 and self.pad_single_rows
-            if padded:  # see the class docstring: [x] -> [x, x], causal; row 0 is the step
-                ids, positions, mask, rows = ids.expand(1, 2), positions.expand(1, 2), None, 2
-            feeds = {"input_ids": ids, "position_ids": positions}
-            if mask is not None:
-                feeds["tree_mask"] = mask
+            feeds, wanted, padded = self._feeds(input_ids[:, start:stop], position_ids[:, start:stop], tree_mask,
+                                                last_only)
+            rows = feeds["input_ids"].shape[1]
+            causal = tree_mask is None or padded
+            if causal:
+                del feeds["tree_mask"]  # the plan's own constant
 
             def shape():
-                first = 0 if padded else rows - wanted
-                constants = {"logits_index": torch.arange(first, first + wanted)}
-                if mask is None:
+                constants = {"logits_index": torch.tensor(wanted)}
+                if causal:
                     constants["tree_mask"] = causal_tree_mask(rows)
-                return constants, {"logits": ((1, wanted, self.vocab_size), self.dtype),
+                return constants, {"logits": ((1, len(wanted), self.vocab_size), self.dtype),
                                    "hidden": ((1, rows, self.hidden_size), self.dtype)}
 
-            out = self.stepper.run((rows, wanted, mask is None, padded), feeds, shape, cache_len + start, rows)
+            out = self.stepper.run((rows, len(wanted), causal, padded), feeds, shape, cache_len + start, rows)
             return {"hidden": out["hidden"][:, :stop - start].clone(),
                     "logits": out["logits"].clone() if not last_only or stop == steps else None}
 
         out = run_chunked(steps, self.stepper.chunk, tree_mask is None, run)
         return TargetOutput(logits=out["logits"], hidden=out["hidden"])
+
+    @torch.no_grad()
+    def _step_batch(self, batch: Sequence[SequenceStep]) -> list[TargetOutput]:
+        """With a batched graph (--ort-batch), up to its `slots` parts a run, each fed exactly what its own step
+        would feed the one-sequence graph (a padded one-row step stays padded), so each row's arithmetic is its
+        own step's, bit for bit (`_BatchGraph`); a prompt longer than a chunk runs alone. Without one, in turn."""
+        if self.batch is None or len(batch) < 2:
+            return super()._step_batch(batch)
+        if any(not isinstance(p.backend, OrtTarget) or p.backend.batch is not self.batch for p in batch):
+            raise ValueError("a batched step's sequences must run on this backend or its forks (the same graphs)")
+
+        def alone(part: SequenceStep) -> bool:
+            return part.tree_mask is None and part.input_ids.shape[1] > self.stepper.chunk
+
+        outputs: dict[int, TargetOutput] = {}
+        for group in _batch(list(batch), self.batch.slots, alone):
+            if len(group) == 1:
+                part = group[0]
+                outputs[id(part)] = part.backend._step(part.input_ids, part.position_ids, part.cache_len,
+                                                       part.tree_mask, part.last_only)
+                continue
+            parts, index, offset = [], [], 0
+            for part in group:
+                feeds, wanted, _ = self._feeds(part.input_ids, part.position_ids, part.tree_mask, part.last_only)
+                parts.append(_Part(part.backend.stepper, part.cache_len, feeds, wanted))
+                index += [offset + row for row in wanted]
+                offset += feeds["input_ids"].shape[1]
+            rows = offset + self.batch.slots - len(group)  # a dummy row for each slot without a part
+            out = self.batch.run(parts, {"logits": ((1, len(index), self.vocab_size), self.dtype),
+                                         "hidden": ((1, rows, self.hidden_size), self.dtype)}, torch.tensor(index))
+            row, logit = 0, 0
+            for part, piece in zip(group, parts):
+                steps = piece.feeds["input_ids"].shape[1]
+                outputs[id(part)] = TargetOutput(logits=out["logits"][:, logit:logit + len(piece.wanted)],
+                                                 hidden=out["hidden"][:, row:row + part.input_ids.shape[1]])
+                row, logit = row + steps, logit + len(piece.wanted)
+        return [outputs[id(part)] for part in batch]
 
     @property
     def kv(self):
@@ -381,16 +522,18 @@ class OrtTarget(TargetBackend):
 
     def fork(self) -> "OrtTarget":
         """The same session (ORT runs one session from several threads), new KV buffers and run plans."""
-        return OrtTarget(self.stepper.session, self.manifest, self.device, self.max_len, self.graph)
+        return OrtTarget(self.stepper.session, self.manifest, self.device, self.max_len, self.graph, self.batch)
 
 
 class OrtDraft(DraftBackend):
     """`DraftBackend` over the exported draft step graph (the target's lm_head and top-k inside the graph)."""
 
-    def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "draft"):
+    def __init__(self, session, manifest: Manifest, device: torch.device, max_len: int, graph: str = "draft",
+                 batch: _BatchGraph | None = None):
         spec = manifest.graphs[graph]
-        self.manifest, self.graph = manifest, graph
+        self.manifest, self.graph, self.batch = manifest, graph, batch
         self.dtype = parse_dtype(manifest.dtype)
+        self.prefill_chunk = manifest.prefill_chunk
         self.stepper = _Stepper(session, spec, self.dtype, device, max_len, manifest.prefill_chunk)
         self.device, self.max_len, self.max_top_k = device, max_len, manifest.max_top_k
         self.hidden_size = manifest.target["hidden_size"]
@@ -419,12 +562,48 @@ class OrtDraft(DraftBackend):
         out = run_chunked(input_ids.shape[1], self.stepper.chunk, tree_mask is None, run)
         return DraftOutput(hidden=out["hidden"], logprobs=out["logprobs"], tokens=out["tokens"])
 
+    @torch.no_grad()
+    def _step_batch(self, batch: Sequence[DraftSequenceStep]) -> list[DraftOutput]:
+        """As `OrtTarget._step_batch`: up to the batched graph's `slots` parts a run (each its own top-k of the graph's
+        K columns), a context pass longer than a chunk alone; without a batched graph, in turn."""
+        if self.batch is None or len(batch) < 2:
+            return super()._step_batch(batch)
+        if any(not isinstance(p.backend, OrtDraft) or p.backend.batch is not self.batch for p in batch):
+            raise ValueError("a batched step's sequences must run on this backend or its forks (the same graphs)")
+
+        def alone(part: DraftSequenceStep) -> bool:
+            return part.tree_mask is None and part.input_ids.shape[1] > self.stepper.chunk
+
+        outputs: dict[int, DraftOutput] = {}
+        for group in _batch(list(batch), self.batch.slots, alone):
+            if len(group) == 1:
+                part = group[0]
+                outputs[id(part)] = part.backend._step(part.features, part.input_ids, part.position_ids,
+                                                       part.cache_len, part.tree_mask, part.top_k)
+                continue
+            parts = [_Part(part.backend.stepper, part.cache_len, {
+                "features": part.features, "input_ids": part.input_ids, "position_ids": part.position_ids,
+                "tree_mask": causal_tree_mask(part.input_ids.shape[1]) if part.tree_mask is None else part.tree_mask})
+                for part in group]
+            rows = sum(part.input_ids.shape[1] for part in group) + self.batch.slots - len(group)
+            out = self.batch.run(parts, {"hidden": ((1, rows, self.hidden_size), self.dtype),
+                                         "top_logprobs": ((1, rows, self.max_top_k), torch.float32),
+                                         "top_tokens": ((1, rows, self.max_top_k), torch.int64)})
+            row = 0
+            for part in group:
+                end = row + part.input_ids.shape[1]
+                outputs[id(part)] = DraftOutput(hidden=out["hidden"][:, row:end],
+                                                logprobs=out["top_logprobs"][:, row:end, :part.top_k],
+                                                tokens=out["top_tokens"][:, row:end, :part.top_k])
+                row = end
+        return [outputs[id(part)] for part in batch]
+
     @property
     def kv(self):
         return self.stepper.kv
 
     def fork(self) -> "OrtDraft":
-        return OrtDraft(self.stepper.session, self.manifest, self.device, self.max_len, self.graph)
+        return OrtDraft(self.stepper.session, self.manifest, self.device, self.max_len, self.graph, self.batch)
 
 
 def open_ort_backends(artifacts: Path, manifest: Manifest, with_draft: bool, max_len: int, draft_extra_rows: int,
@@ -441,10 +620,17 @@ def open_ort_backends(artifacts: Path, manifest: Manifest, with_draft: bool, max
             tensorrt = tensorrt_options(spec, shapes, artifacts / "cache")
         return open_session(artifacts / spec.file, device, config, tensorrt)
 
+    def batch(graph: str) -> _BatchGraph | None:
+        """The batched variant of a fused graph (--ort-batch), opened when a batched step first runs."""
+        name = batch_graph(manifest, graph) if config.provider != "tensorrt" else None
+        return None if name is None else _BatchGraph(lambda: session(name), manifest.graphs[name],
+                                                     parse_dtype(manifest.dtype), device)
+
     target_graph = runtime_graph(manifest, "target", config.graphs)
-    target = OrtTarget(session(target_graph), manifest, device, max_len, target_graph)
+    target = OrtTarget(session(target_graph), manifest, device, max_len, target_graph, batch(target_graph))
     if not with_draft:
         return target, None
     draft_graph = runtime_graph(manifest, "draft", config.graphs)
     draft_session = session(draft_graph)
-    return target, OrtDraft(draft_session, manifest, device, max_len + draft_extra_rows, draft_graph)
+    return target, OrtDraft(draft_session, manifest, device, max_len + draft_extra_rows, draft_graph,
+                            batch(draft_graph))

@@ -197,6 +197,7 @@ class _Steps:
 class TrtTarget(TargetBackend):
     def __init__(self, engine: _Engine, manifest: Manifest, max_len: int, steps: str = "auto"):
         self.manifest, self.steps = manifest, _Steps(engine, manifest.graphs["target"], manifest, max_len, steps)
+        self.prefill_chunk = manifest.prefill_chunk
         self.device, self.max_len, self.max_tree_tokens = engine.device, max_len, manifest.max_tree_tokens
         self.vocab_size = manifest.target["vocab_size"]
 
@@ -234,6 +235,7 @@ class TrtTarget(TargetBackend):
 class TrtDraft(DraftBackend):
     def __init__(self, engine: _Engine, manifest: Manifest, max_len: int, steps: str = "auto"):
         self.manifest, self.steps = manifest, _Steps(engine, manifest.graphs["draft"], manifest, max_len, steps)
+        self.prefill_chunk = manifest.prefill_chunk
         self.device, self.max_len, self.max_top_k = engine.device, max_len, manifest.max_top_k
 
     @property

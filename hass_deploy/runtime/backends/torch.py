@@ -15,11 +15,12 @@ from itertools import accumulate
 
 import torch
 
+from hass_deploy.config import PREFILL_CHUNK
 from hass_deploy.models.draft import DraftHead
 from hass_deploy.models.target import PackedKV, Transformer
 from hass_deploy.runtime.backends import graphs
 from hass_deploy.runtime.backends.base import (DraftBackend, DraftOutput, DraftSequenceStep, SequenceStep,
-                                               TargetBackend, TargetOutput)
+                                               TargetBackend, TargetOutput, run_chunked)
 from hass_deploy.runtime.kv import KVBuffers
 
 def _kv_for(module: torch.nn.Module, num_layers: int, max_len: int) -> KVBuffers:
@@ -45,11 +46,11 @@ def _rows(outputs: dict[str, torch.Tensor], steps: int) -> dict[str, torch.Tenso
 
 
 class TorchTarget(TargetBackend):
-    def __init__(self, module: Transformer, max_len: int, steps: str = "auto"):
+    def __init__(self, module: Transformer, max_len: int, steps: str = "auto", prefill_chunk: int = PREFILL_CHUNK):
         self.module = module
         self.device = module.embed_tokens.weight.device
         self.vocab_size = module.config.vocab_size
-        self.max_len, self.mode = max_len, steps
+        self.max_len, self.mode, self.prefill_chunk = max_len, steps, prefill_chunk
         self.kv = _kv_for(module, module.config.num_layers, max_len)
         self.graphs = graphs.step_graphs(steps, self.device)
 
@@ -58,9 +59,15 @@ class TorchTarget(TargetBackend):
         steps = input_ids.shape[1]
         shape = None if self.graphs is None or last_only else _static_shape(steps, cache_len, self.max_len)
         if shape is None:
-            hidden = self.module(input_ids, position_ids, tree_mask, self.kv, cache_len)  # [1, T, H]
-            logits = self.module.logits(hidden[:, -1:] if last_only else hidden)
-            return TargetOutput(logits=logits, hidden=hidden)
+            def run(start: int, stop: int) -> dict:
+                hidden = self.module(input_ids[:, start:stop], position_ids[:, start:stop], tree_mask, self.kv,
+                                     cache_len + start)  # [1, rows, H]
+                wanted = not last_only or stop == steps  # a prefill's earlier pieces give no logits
+                return {"hidden": hidden,
+                        "logits": self.module.logits(hidden[:, -1:] if last_only else hidden) if wanted else None}
+
+            out = run_chunked(steps, self.prefill_chunk, tree_mask is None, run)
+            return TargetOutput(logits=out["logits"], hidden=out["hidden"])
         rows, kv_len = shape
         feeds = {"input_ids": graphs.pad_rows(input_ids, rows), "position_ids": graphs.pad_rows(position_ids, rows),
                  "tree_mask": graphs.pad_tree_mask(tree_mask, steps, rows, self.device),
@@ -97,14 +104,15 @@ class TorchTarget(TargetBackend):
         self.kv.compact(cache_len, keep)
 
     def fork(self) -> "TorchTarget":
-        return TorchTarget(self.module, self.max_len, self.mode)
+        return TorchTarget(self.module, self.max_len, self.mode, self.prefill_chunk)
 
 
 class TorchDraft(DraftBackend):
     """The draft head with the target's lm_head (shared, not copied; a reduced draft vocabulary's rows of it are)."""
 
-    def __init__(self, head: DraftHead, lm_head: torch.nn.Linear, max_len: int, steps: str = "auto"):
-        self.head = head
+    def __init__(self, head: DraftHead, lm_head: torch.nn.Linear, max_len: int, steps: str = "auto",
+                 prefill_chunk: int = PREFILL_CHUNK):
+        self.head, self.prefill_chunk = head, prefill_chunk
         self.lm_head = lm_head
         self.scorer = head.scoring_head(lm_head)  # [V or N, H]
         self.device = head.fc.weight.device
@@ -130,9 +138,14 @@ class TorchDraft(DraftBackend):
         steps = input_ids.shape[1]
         shape = None if self.graphs is None else _static_shape(steps, cache_len, self.max_len)
         if shape is None:
-            hidden = self.head(features, input_ids, position_ids, tree_mask, self.kv, cache_len)
-            logprobs, tokens = self._rank(hidden, top_k)
-            return DraftOutput(hidden=hidden, logprobs=logprobs, tokens=tokens)
+            def run(start: int, stop: int) -> dict:
+                hidden = self.head(features[:, start:stop], input_ids[:, start:stop], position_ids[:, start:stop],
+                                   tree_mask, self.kv, cache_len + start)  # [1, rows, H]
+                logprobs, tokens = self._rank(hidden, top_k)
+                return {"hidden": hidden, "logprobs": logprobs, "tokens": tokens}
+
+            out = run_chunked(steps, self.prefill_chunk, tree_mask is None, run)
+            return DraftOutput(hidden=out["hidden"], logprobs=out["logprobs"], tokens=out["tokens"])
         rows, kv_len = shape
         mask = graphs.pad_tree_mask(tree_mask, steps, rows, self.device)  # [1, T_b, M_b]
         feeds = {"features": graphs.pad_rows(features, rows), "input_ids": graphs.pad_rows(input_ids, rows),
@@ -165,4 +178,4 @@ class TorchDraft(DraftBackend):
                 for part, part_hidden, part_logprobs in parts]
 
     def fork(self) -> "TorchDraft":
-        return TorchDraft(self.head, self.lm_head, self.max_len, self.mode)
+        return TorchDraft(self.head, self.lm_head, self.max_len, self.mode, self.prefill_chunk)

@@ -289,14 +289,19 @@ def test_a_batched_step_gives_each_sequence_what_its_step_alone_gives(backend, a
     solo, batched = prefilled(), prefilled()
     alone = [p.backend.step(p.input_ids, p.position_ids, p.cache_len, p.tree_mask, p.last_only) for p in parts(solo)]
     together = target_backend.step_batch(parts(batched))
+    if backend == "onnxruntime-fused":  # the export's batched graph computed them, in one run
+        assert target_backend.batch is not None and target_backend.batch._session is not None
     assert [tuple(out.logits.shape) for out in together] == [tuple(out.logits.shape) for out in alone]
+    # The PyTorch backend's packed forward rounds a row with the rows beside it (CPU GEMM); the others are bit for bit
+    # (in turn, or ONNX Runtime's batched graph: `export/fused.py`).
+    tolerance = dict(atol=1e-5, rtol=1e-5) if backend.startswith("torch") else dict(atol=0, rtol=0)
     for one, many in zip(alone, together):
         assert torch.equal(many.logits.argmax(-1), one.logits.argmax(-1))
-        torch.testing.assert_close(many.logits.cpu(), one.logits.cpu(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(many.hidden.cpu(), one.hidden.cpu(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(many.logits.cpu(), one.logits.cpu(), **tolerance)
+        torch.testing.assert_close(many.hidden.cpu(), one.hidden.cpu(), **tolerance)
     for lone, packed, used in zip(solo, batched, (16, 12, 7)):
         for got, want in zip(packed.kv.rows_in_use(used), lone.kv.rows_in_use(used)):
-            torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.cpu(), want.cpu(), **tolerance)
     with pytest.raises(ValueError, match="their own backend"):
         target_backend.step_batch([parts(batched)[0]] * 2)
     with pytest.raises(CacheCapacityError):
@@ -340,10 +345,13 @@ def test_a_batched_draft_step_gives_each_sequence_what_its_step_alone_gives(back
     alone = [p.backend.step(p.features, p.input_ids, p.position_ids, p.cache_len, p.tree_mask, p.top_k)
              for p in parts(solo)]
     together = draft_backend.step_batch(parts(batched))
+    if backend == "onnxruntime-fused":
+        assert draft_backend.batch is not None and draft_backend.batch._session is not None
+    tolerance = dict(atol=1e-5, rtol=1e-5) if backend.startswith("torch") else dict(atol=0, rtol=0)  # as the target's
     for one, many in zip(alone, together):
         assert many.tokens.shape == one.tokens.shape and torch.equal(many.tokens, one.tokens)
-        torch.testing.assert_close(many.logprobs.cpu(), one.logprobs.cpu(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(many.hidden.cpu(), one.hidden.cpu(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(many.logprobs.cpu(), one.logprobs.cpu(), **tolerance)
+        torch.testing.assert_close(many.hidden.cpu(), one.hidden.cpu(), **tolerance)
     for lone, packed, used in zip(solo, batched, (13, 10)):
         for got, want in zip(packed.kv.rows_in_use(used), lone.kv.rows_in_use(used)):
-            torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.cpu(), want.cpu(), **tolerance)

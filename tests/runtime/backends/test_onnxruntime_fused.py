@@ -30,7 +30,8 @@ def ort(target, draft, artifacts_dir, graphs="fused", max_len=256, tree=TreeConf
 
 def test_fused_graphs_are_written_where_ort_can_run_them(targets, fusable_targets, fused_artifacts, tmp_path):
     manifest = read_manifest(fused_artifacts["qwen3"])
-    assert set(manifest.graphs) == {"target", "draft", "target_ort", "draft_ort"}
+    assert set(manifest.graphs) == {"target", "draft", "target_ort", "draft_ort", "target_ort_batch", "draft_ort_batch"}
+    assert manifest.graphs["target_ort_batch"].slots == 3 and manifest.graphs["target_ort"].slots is None
     standard, fused = manifest.graphs["target"], manifest.graphs["target_ort"]
     assert fused.kv_update == "in_graph" and standard.kv_update == "runtime"
     assert "com.microsoft::GroupQueryAttention" in fused.operators and fused.quantization is None
